@@ -1,0 +1,169 @@
+//! The CPU device: f32 everywhere, rows in parallel with rayon, matrix products
+//! through the `gemm` crate. It is the reference every other device is tested
+//! against, so its code stays plain.
+
+mod attention;
+mod matmul;
+mod ops;
+
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// The elements a tensor's shape covers (its buffer may be longer).
+fn view(t: &Tensor<Cpu>) -> &[f32] {
+    &t.buf[..t.numel()]
+}
+
+fn view_mut(t: &mut Tensor<Cpu>) -> &mut [f32] {
+    let n = t.numel();
+    &mut t.buf[..n]
+}
+
+impl Backend for Cpu {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn zeros_with_capacity(&self, shape: &[usize], capacity: usize) -> Result<Tensor<Self>> {
+        let numel: usize = shape.iter().product();
+        assert!(capacity >= numel, "capacity {capacity} < shape {shape:?}");
+        Ok(Tensor {
+            buf: vec![0.0; capacity],
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor<Self>> {
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
+        Ok(Tensor {
+            buf: data,
+            shape: shape.to_vec(),
+        })
+    }
+
+    fn download_rows(&self, t: &Tensor<Self>, row: usize, rows: usize) -> Result<Vec<f32>> {
+        let (n, d) = t.rows_cols();
+        assert!(row + rows <= n, "rows {row}+{rows} of {n}");
+        Ok(t.buf[row * d..(row + rows) * d].to_vec())
+    }
+
+    fn copy_rows(
+        &self,
+        dst: &mut Tensor<Self>,
+        dst_row: usize,
+        src: &Tensor<Self>,
+        src_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let (dn, d) = dst.rows_cols();
+        let (sn, sd) = src.rows_cols();
+        assert_eq!(d, sd, "row widths differ");
+        assert!(dst_row + rows <= dn && src_row + rows <= sn);
+        dst.buf[dst_row * d..(dst_row + rows) * d]
+            .copy_from_slice(&src.buf[src_row * d..(src_row + rows) * d]);
+        Ok(())
+    }
+
+    fn embedding(&self, out: &mut Tensor<Self>, ids: &[u32], table: &Tensor<Self>) -> Result<()> {
+        let (vocab, d) = table.rows_cols();
+        assert_eq!(out.shape, [ids.len(), d]);
+        for (row, &id) in view_mut(out).chunks_exact_mut(d).zip(ids) {
+            let id = id as usize;
+            assert!(id < vocab, "token id {id} outside vocabulary {vocab}");
+            row.copy_from_slice(&table.buf[id * d..(id + 1) * d]);
+        }
+        Ok(())
+    }
+
+    fn rmsnorm(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        assert_eq!(out.shape, x.shape);
+        let (_, d) = x.rows_cols();
+        assert_eq!(weight.numel(), d);
+        ops::rmsnorm(view_mut(out), view(x), view(weight), d, eps);
+        Ok(())
+    }
+
+    fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
+        let (n, k) = x.rows_cols();
+        let (m, wk) = w.rows_cols();
+        assert_eq!(k, wk, "inner dims {:?} · {:?}ᵀ", x.shape, w.shape);
+        assert_eq!(out.rows_cols(), (n, m));
+        matmul::matmul_nt(view_mut(out), view(x), view(w), n, m, k);
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
+        let (_, width) = x.rows_cols();
+        assert_eq!(width % heads, 0);
+        ops::rope(view_mut(x), width, heads, pos0, theta);
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        kv_heads: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let (n, width) = q.rows_cols();
+        let (capacity, kv_width) = k.rows_cols();
+        assert_eq!(out.shape, q.shape);
+        assert_eq!(k.shape, v.shape);
+        assert!(heads % kv_heads == 0 && width % heads == 0);
+        let hd = width / heads;
+        assert_eq!(kv_width, kv_heads * hd);
+        assert!(pos0 + n <= capacity, "cache of {capacity} rows holds {}", pos0 + n);
+        let dims = attention::Dims {
+            n,
+            heads,
+            kv_heads,
+            hd,
+            pos0,
+        };
+        attention::causal(view_mut(out), view(q), &k.buf, &v.buf, dims);
+        Ok(())
+    }
+
+    fn swiglu(
+        &self,
+        out: &mut Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<()> {
+        assert_eq!(out.shape, gate.shape);
+        assert_eq!(gate.shape, up.shape);
+        ops::swiglu(view_mut(out), view(gate), view(up));
+        Ok(())
+    }
+
+    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()> {
+        assert_eq!(x.shape, y.shape);
+        for (a, b) in view_mut(x).iter_mut().zip(view(y)) {
+            *a += b;
+        }
+        Ok(())
+    }
+
+    fn log_softmax(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()> {
+        assert_eq!(out.shape, x.shape);
+        let (_, d) = x.rows_cols();
+        ops::log_softmax(view_mut(out), view(x), d);
+        Ok(())
+    }
+}

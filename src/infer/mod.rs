@@ -1,0 +1,10 @@
+//! Inference jobs over a loaded model: sampling, generation and scoring.
+
+pub mod generate;
+pub mod sampler;
+pub mod score;
+pub mod stream;
+
+/// Tokens per forward call while prefilling: bounds activation memory for
+/// long prompts without costing speed (the matrix products are already large).
+pub const PREFILL_CHUNK: usize = 256;

@@ -1,0 +1,13 @@
+//! engine: fine-tune, retrieve and serve transformers with one binary.
+//!
+//! The arrows point one way: jobs (`convert`, `infer`) → `model` → `backend`.
+
+pub mod backend;
+pub mod convert;
+pub mod error;
+pub mod infer;
+pub mod model;
+pub mod tensor;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,209 @@
+//! The `engine` command line: one subcommand per job, each a thin layer over
+//! the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use engine::backend::cpu::Cpu;
+use engine::infer::generate::{generate, GenerateOptions};
+use engine::infer::sampler::SamplerConfig;
+use engine::infer::score::score;
+use engine::infer::stream::TextStream;
+use engine::model::llama::Llama;
+use engine::model::weights::SafetensorsFiles;
+use engine::tensor::DType;
+use engine::tokenizer::{Message, Tokenizer};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "engine", version, about = "Fine-tune, retrieve and serve transformers with one binary")]
+struct Cli {
+    /// Worker threads for the CPU device (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text after a prompt, streamed to stdout.
+    Generate {
+        /// Model folder (config.json, *.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Treat the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (default: whatever the template uses).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// 0 picks the most likely token every time (greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Sample among the K most likely tokens only (0: all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Sample within the smallest set of tokens whose probability reaches P.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Log-probability of each token of a text given the ones before it.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        text: Option<String>,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Print one JSON object: token_ids, logprobs, nll, ppl.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe a model folder.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+    },
+    /// Convert a GGUF file into an HF model folder (safetensors, config, tokenizer).
+    Convert {
+        input: PathBuf,
+        out_dir: PathBuf,
+        /// Element type of the written weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(err) = run(cli) {
+        // One line: the error and its causes, as ripgrep prints them.
+        let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    match cli.command {
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        } => {
+            if !(temperature >= 0.0 && temperature.is_finite()) {
+                bail!("--temperature must be a number ≥ 0, got {temperature}");
+            }
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            let tokenizer = Tokenizer::load(&model)?;
+            let llm = Llama::load(Cpu, &model)?;
+            let ids = if chat {
+                let mut messages = Vec::new();
+                if let Some(system) = system {
+                    messages.push(Message { role: "system".into(), content: system });
+                }
+                messages.push(Message { role: "user".into(), content: prompt });
+                let text = tokenizer.apply_chat_template(&messages, true)?;
+                tokenizer.encode(&text, false)?
+            } else {
+                tokenizer.encode(&prompt, true)?
+            };
+            let opts = GenerateOptions {
+                max_tokens,
+                sampler: SamplerConfig { temperature, top_k, top_p, seed },
+                stop_ids: tokenizer.stop_ids(&llm.config.eos_token_ids),
+            };
+            let mut stream = TextStream::new(&tokenizer);
+            let mut stdout = std::io::stdout().lock();
+            let gen = generate(&llm, &ids, &opts, |id| {
+                let text = stream.push(id)?;
+                // A closed pipe (`| head`) ends the generation quietly.
+                if stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()).is_err() {
+                    return Err(engine::Error::Invalid("stdout closed".into()));
+                }
+                Ok(())
+            })?;
+            writeln!(stdout).ok();
+            let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+            eprintln!(
+                "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s]",
+                gen.prompt_tokens,
+                rate(gen.prompt_tokens, gen.prefill),
+                gen.ids.len(),
+                rate(gen.ids.len().saturating_sub(1), gen.decode),
+            );
+        }
+        Command::Score { model, text, file, json } => {
+            let text = match (text, file) {
+                (Some(t), _) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+                (None, None) => unreachable!("clap requires --text or --file"),
+            };
+            let tokenizer = Tokenizer::load(&model)?;
+            let llm = Llama::load(Cpu, &model)?;
+            let ids = tokenizer.encode(&text, false)?;
+            let s = score(&llm, &ids)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                for (i, lp) in s.logprobs.iter().enumerate() {
+                    let id = s.token_ids[i + 1];
+                    let piece = tokenizer.decode(&[id])?;
+                    println!("{:>6} {:>8} {:>10.4}  {:?}", i + 1, id, lp, piece);
+                }
+                println!("tokens {}  nll {:.4}  ppl {:.4}", s.token_ids.len(), s.nll, s.ppl);
+            }
+        }
+        Command::Info { model } => info(&model)?,
+        Command::Convert { input, out_dir, dtype } => {
+            let dtype: DType = dtype.parse()?;
+            let _ = (input, out_dir, dtype);
+            bail!("TODO(convert) wired when src/convert.rs lands");
+        }
+    }
+    Ok(())
+}
+
+fn info(dir: &std::path::Path) -> Result<()> {
+    let config = engine::model::config::LlamaConfig::from_file(&dir.join("config.json"))?;
+    let files = SafetensorsFiles::open_dir(dir)?;
+    let tokenizer = Tokenizer::load(dir)?;
+    let c = &config;
+    println!("architecture      llama (LlamaForCausalLM)");
+    println!("parameters        {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    println!("stored dtypes     {}", files.dtypes().join(", "));
+    println!("layers            {}", c.num_layers);
+    println!("hidden / ffn      {} / {}", c.hidden_size, c.intermediate_size);
+    println!("heads / kv heads  {} / {} (head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
+    println!("vocabulary        {} (tokenizer: {})", c.vocab_size, tokenizer.vocab_size());
+    println!("context length    {}", c.max_position_embeddings);
+    println!("rope theta        {}", c.rope_theta);
+    println!("tied embeddings   {}", c.tie_word_embeddings);
+    println!("chat template     {}", if tokenizer.has_chat_template() { "yes" } else { "no" });
+    Ok(())
+}

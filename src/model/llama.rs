@@ -1,0 +1,252 @@
+//! The Llama-family decoder (SmolLM2, TinyLlama, Llama-3 style), written once
+//! against `Backend`.
+//!
+//! Per layer, with x the residual stream [n, d]:
+//!   h = rmsnorm(x) · w_attn_norm
+//!   q, k, v = h·Wqᵀ, h·Wkᵀ, h·Wvᵀ;  rope(q), rope(k);  cache k, v
+//!   x += attention(q, k_cache, v_cache) · Woᵀ
+//!   h = rmsnorm(x) · w_ffn_norm
+//!   x += (silu(h·Wgateᵀ) ∘ h·Wupᵀ) · Wdownᵀ
+//! then logits = rmsnorm(x) · w_norm · Wembᵀ (tied) or · Wlm_headᵀ.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
+use crate::model::weights::SafetensorsFiles;
+use crate::tensor::Tensor;
+use std::path::Path;
+
+pub struct LayerWeights<B: Backend> {
+    pub attn_norm: Tensor<B>, // [d]
+    pub wq: Tensor<B>,        // [heads·hd, d]
+    pub wk: Tensor<B>,        // [kv_heads·hd, d]
+    pub wv: Tensor<B>,        // [kv_heads·hd, d]
+    pub wo: Tensor<B>,        // [d, heads·hd]
+    pub ffn_norm: Tensor<B>,  // [d]
+    pub w_gate: Tensor<B>,    // [f, d]
+    pub w_up: Tensor<B>,      // [f, d]
+    pub w_down: Tensor<B>,    // [d, f]
+}
+
+pub struct LlamaWeights<B: Backend> {
+    pub embed: Tensor<B>, // [vocab, d]
+    pub layers: Vec<LayerWeights<B>>,
+    pub norm: Tensor<B>,            // [d]
+    pub lm_head: Option<Tensor<B>>, // [vocab, d]; None when tied to `embed`
+}
+
+/// Keys and values of every layer for the positions seen so far.
+pub struct KvCache<B: Backend> {
+    pub k: Vec<Tensor<B>>, // per layer [capacity, kv_heads·hd]
+    pub v: Vec<Tensor<B>>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+/// Activations of one forward call, allocated once for up to `max_rows` tokens
+/// and reshaped to the rows of each call.
+pub struct Activations<B: Backend> {
+    max_rows: usize,
+    x: Tensor<B>,    // residual stream [n, d]
+    h: Tensor<B>,    // normed input of a block [n, d]
+    q: Tensor<B>,    // [n, heads·hd]
+    k: Tensor<B>,    // [n, kv_heads·hd]
+    v: Tensor<B>,    // [n, kv_heads·hd]
+    att: Tensor<B>,  // attention output [n, heads·hd]
+    proj: Tensor<B>, // a block's output before the residual add [n, d]
+    gate: Tensor<B>, // [n, f]
+    up: Tensor<B>,   // [n, f]
+    act: Tensor<B>,  // silu(gate) ∘ up [n, f]
+}
+
+impl<B: Backend> Activations<B> {
+    fn set_rows(&mut self, n: usize) {
+        assert!(n <= self.max_rows, "{n} rows > capacity {}", self.max_rows);
+        for t in [
+            &mut self.x,
+            &mut self.h,
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.att,
+            &mut self.proj,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.act,
+        ] {
+            t.shape[0] = n;
+        }
+    }
+}
+
+pub struct Llama<B: Backend> {
+    pub config: LlamaConfig,
+    pub weights: LlamaWeights<B>,
+    pub backend: B,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads `config.json` and the safetensors weights of an HF model folder.
+    pub fn load(backend: B, dir: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let files = SafetensorsFiles::open_dir(dir)?;
+        let weights = load_weights(&backend, &config, &files, dir)?;
+        Ok(Llama {
+            config,
+            weights,
+            backend,
+        })
+    }
+
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
+        let c = &self.config;
+        let kv_width = c.num_kv_heads * c.head_dim;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..c.num_layers {
+            k.push(self.backend.zeros(&[capacity, kv_width])?);
+            v.push(self.backend.zeros(&[capacity, kv_width])?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    pub fn new_activations(&self, max_rows: usize) -> Result<Activations<B>> {
+        let c = &self.config;
+        let (d, f) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let t = |cols: usize| self.backend.zeros_with_capacity(&[max_rows, cols], max_rows * cols);
+        Ok(Activations {
+            max_rows,
+            x: t(d)?,
+            h: t(d)?,
+            q: t(qw)?,
+            k: t(kvw)?,
+            v: t(kvw)?,
+            att: t(qw)?,
+            proj: t(d)?,
+            gate: t(f)?,
+            up: t(f)?,
+            act: t(f)?,
+        })
+    }
+
+    /// Runs `ids` (the tokens after the `cache.len` already cached) through the
+    /// decoder, appends their keys and values to the cache, and leaves the
+    /// final normed hidden states [n, d] in `out`.
+    pub fn forward(
+        &self,
+        out: &mut Tensor<B>,
+        ids: &[u32],
+        cache: &mut KvCache<B>,
+        a: &mut Activations<B>,
+    ) -> Result<()> {
+        let (c, w, be) = (&self.config, &self.weights, &self.backend);
+        let n = ids.len();
+        let pos0 = cache.len;
+        if pos0 + n > cache.capacity {
+            return Err(Error::Invalid(format!(
+                "{} tokens do not fit the context of {} (max_position_embeddings {})",
+                pos0 + n,
+                cache.capacity,
+                c.max_position_embeddings
+            )));
+        }
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        a.set_rows(n);
+        be.embedding(&mut a.x, ids, &w.embed)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            // attention block
+            be.rmsnorm(&mut a.h, &a.x, &lw.attn_norm, c.rms_norm_eps)?;
+            be.matmul_nt(&mut a.q, &a.h, &lw.wq)?;
+            be.matmul_nt(&mut a.k, &a.h, &lw.wk)?;
+            be.matmul_nt(&mut a.v, &a.h, &lw.wv)?;
+            be.rope(&mut a.q, c.num_heads, pos0, c.rope_theta)?;
+            be.rope(&mut a.k, c.num_kv_heads, pos0, c.rope_theta)?;
+            be.copy_rows(&mut cache.k[l], pos0, &a.k, 0, n)?;
+            be.copy_rows(&mut cache.v[l], pos0, &a.v, 0, n)?;
+            be.attention(
+                &mut a.att,
+                &a.q,
+                &cache.k[l],
+                &cache.v[l],
+                c.num_heads,
+                c.num_kv_heads,
+                pos0,
+            )?;
+            be.matmul_nt(&mut a.proj, &a.att, &lw.wo)?;
+            be.add_assign(&mut a.x, &a.proj)?;
+            // feed-forward block
+            be.rmsnorm(&mut a.h, &a.x, &lw.ffn_norm, c.rms_norm_eps)?;
+            be.matmul_nt(&mut a.gate, &a.h, &lw.w_gate)?;
+            be.matmul_nt(&mut a.up, &a.h, &lw.w_up)?;
+            be.swiglu(&mut a.act, &a.gate, &a.up)?;
+            be.matmul_nt(&mut a.proj, &a.act, &lw.w_down)?;
+            be.add_assign(&mut a.x, &a.proj)?;
+        }
+        out.shape[0] = n;
+        be.rmsnorm(out, &a.x, &w.norm, c.rms_norm_eps)?;
+        cache.len += n;
+        Ok(())
+    }
+
+    /// logits [n, vocab] = hidden [n, d] · Wᵀ of the output projection.
+    pub fn logits(&self, out: &mut Tensor<B>, hidden: &Tensor<B>) -> Result<()> {
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        self.backend.matmul_nt(out, hidden, head)
+    }
+}
+
+fn load_weights<B: Backend>(
+    be: &B,
+    c: &LlamaConfig,
+    files: &SafetensorsFiles,
+    dir: &Path,
+) -> Result<LlamaWeights<B>> {
+    let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+    let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let load = |name: &str, shape: &[usize]| -> Result<Tensor<B>> {
+        be.upload(files.load_f32(name, shape)?, shape)
+    };
+    let mut layers = Vec::with_capacity(c.num_layers);
+    for i in 0..c.num_layers {
+        let p = format!("model.layers.{i}");
+        layers.push(LayerWeights {
+            attn_norm: load(&format!("{p}.input_layernorm.weight"), &[d])?,
+            wq: load(&format!("{p}.self_attn.q_proj.weight"), &[qw, d])?,
+            wk: load(&format!("{p}.self_attn.k_proj.weight"), &[kvw, d])?,
+            wv: load(&format!("{p}.self_attn.v_proj.weight"), &[kvw, d])?,
+            wo: load(&format!("{p}.self_attn.o_proj.weight"), &[d, qw])?,
+            ffn_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
+            w_gate: load(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
+            w_up: load(&format!("{p}.mlp.up_proj.weight"), &[f, d])?,
+            w_down: load(&format!("{p}.mlp.down_proj.weight"), &[d, f])?,
+        });
+    }
+    // A tied model may still ship lm_head.weight (a copy); use it only if untied.
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else if files.contains("lm_head.weight") {
+        Some(load("lm_head.weight", &[v, d])?)
+    } else {
+        return Err(Error::format(
+            dir,
+            "tie_word_embeddings is false but there is no lm_head.weight",
+        ));
+    };
+    Ok(LlamaWeights {
+        embed: load("model.embed_tokens.weight", &[v, d])?,
+        layers,
+        norm: load("model.norm.weight", &[d])?,
+        lm_head,
+    })
+}

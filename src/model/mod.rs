@@ -1,0 +1,7 @@
+//! Model definitions and the file formats their weights come in.
+
+pub mod config;
+pub mod dequant;
+pub mod gguf;
+pub mod llama;
+pub mod weights;

@@ -1,0 +1,66 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use safetensors::SafeTensors;
+use std::path::{Path, PathBuf};
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Tensors of a safetensors file as f32 (int32 widened), by name.
+pub struct Golden {
+    bytes: Vec<u8>,
+}
+
+impl Golden {
+    pub fn open(path: &Path) -> Self {
+        Golden {
+            bytes: std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+        }
+    }
+
+    pub fn f32(&self, name: &str) -> Vec<f32> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden tensor {name} missing"));
+        match t.dtype() {
+            safetensors::Dtype::F32 => t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            safetensors::Dtype::I32 => self.i32(name).into_iter().map(|v| v as f32).collect(),
+            d => panic!("{name}: dtype {d:?}"),
+        }
+    }
+
+    pub fn i32(&self, name: &str) -> Vec<i32> {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        assert_eq!(t.dtype(), safetensors::Dtype::I32, "{name}");
+        t.data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+}
+
+/// Largest |a − b| relative to the largest |b|; NaN never passes.
+pub fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
+    let mut worst = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        let e = (x - y).abs() / scale;
+        if e.is_nan() {
+            return f32::INFINITY;
+        }
+        worst = worst.max(e);
+    }
+    worst
+}
+
+pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    let err = max_rel_err(got, want);
+    assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
+}

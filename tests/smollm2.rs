@@ -1,0 +1,89 @@
+//! End to end on the real SmolLM2-135M-Instruct (models/fetch.sh), against
+//! transformers loading the same GGUF (tests/fixtures/make_smollm2_reference.py).
+//! Skipped when the model is absent, unless ENGINE_REQUIRE_MODELS=1 (CI).
+
+mod common;
+
+use common::fixture;
+use engine::tokenizer::{Message, Tokenizer};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct");
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing: run models/fetch.sh", dir.display());
+    }
+    eprintln!("skipped: {} is missing (run models/fetch.sh)", dir.display());
+    None
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn engine(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "engine {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn u32s(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn greedy_chat_answer() {
+    let Some(dir) = model_dir() else { return };
+    let answer = engine(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "32",
+    ]);
+    assert_eq!(answer.trim(), "The capital of France is Paris.");
+}
+
+#[test]
+fn chat_prompt_tokens_match_transformers() {
+    let Some(dir) = model_dir() else { return };
+    let chat = &reference()["chat"];
+    let tok = Tokenizer::load(&dir).unwrap();
+    let messages = [Message {
+        role: "user".into(),
+        content: chat["question"].as_str().unwrap().into(),
+    }];
+    let text = tok.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(text, chat["prompt_text"].as_str().unwrap());
+    assert_eq!(tok.encode(&text, false).unwrap(), u32s(&chat["chat_prompt_ids"]));
+}
+
+#[test]
+fn score_matches_transformers() {
+    let Some(dir) = model_dir() else { return };
+    for case in reference()["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let out = engine(&["score", "--model", dir.to_str().unwrap(), "--json", "--text", text]);
+        let got: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(u32s(&got["token_ids"]), u32s(&case["token_ids"]), "token ids of {text:?}");
+        let (nll, want) = (got["nll"].as_f64().unwrap(), case["nll"].as_f64().unwrap());
+        let rel = (nll - want).abs() / want;
+        assert!(rel <= 5e-3, "nll {nll} vs transformers {want} (rel {rel:e}) for {text:?}");
+        let n = got["logprobs"].as_array().unwrap().len();
+        assert_eq!(n, case["logprobs"].as_array().unwrap().len());
+        let ppl = got["ppl"].as_f64().unwrap();
+        assert!((ppl - (nll / n as f64).exp()).abs() < 1e-9 * ppl);
+    }
+}
