@@ -25,6 +25,13 @@ pub fn score<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<Score> {
         )));
     }
     let c = &model.config;
+    if ids.len() > c.max_position_embeddings {
+        return Err(Error::Invalid(format!(
+            "the text has {} tokens; the model's context is {} (max_position_embeddings)",
+            ids.len(),
+            c.max_position_embeddings
+        )));
+    }
     let be = &model.backend;
     let chunk = PREFILL_CHUNK.min(ids.len());
     let mut cache = model.new_cache(ids.len())?;

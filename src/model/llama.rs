@@ -148,14 +148,14 @@ impl<B: Backend> Llama<B> {
         let (c, w, be) = (&self.config, &self.weights, &self.backend);
         let n = ids.len();
         let pos0 = cache.len;
-        if pos0 + n > cache.capacity {
+        if pos0 + n > c.max_position_embeddings {
             return Err(Error::Invalid(format!(
-                "{} tokens do not fit the context of {} (max_position_embeddings {})",
+                "{} tokens do not fit the model's context of {} (max_position_embeddings)",
                 pos0 + n,
-                cache.capacity,
                 c.max_position_embeddings
             )));
         }
+        assert!(pos0 + n <= cache.capacity, "KV cache of {} rows is full", cache.capacity);
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {}",
