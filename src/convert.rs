@@ -88,21 +88,21 @@ impl Hparams {
         let opt_usize = |key: &str| g.get(key).map(|_| g.get_usize(key)).transpose();
         let n_kv_head = opt_usize(&format!("{a}.attention.head_count_kv"))?.unwrap_or(n_head);
         let bad = |msg: String| Error::format(g.path(), msg);
-        if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 {
+        if n_head == 0 || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
             return Err(bad(format!(
                 "head counts {n_head} (query) / {n_kv_head} (key-value) are not valid"
             )));
         }
         let head_dim = match opt_usize(&format!("{a}.attention.key_length"))? {
             Some(d) => d,
-            None if hidden % n_head == 0 => hidden / n_head,
+            None if hidden.is_multiple_of(n_head) => hidden / n_head,
             None => {
                 return Err(bad(format!(
                     "embedding length {hidden} is not a multiple of the head count {n_head}"
                 )))
             }
         };
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head dimension {head_dim} is odd")));
         }
         if let Some(v) = g.get(&format!("{a}.rope.scaling.type")) {
@@ -159,19 +159,44 @@ fn plan(g: &Gguf, hp: &Hparams, vocab: usize) -> Result<Vec<Plan>> {
         let l = |s: &str| format!("model.layers.{i}.{s}.weight");
         out.extend([
             p(b("attn_norm"), l("input_layernorm"), vec![h], None),
-            p(b("attn_q"), l("self_attn.q_proj"), vec![q_rows, h], Some(hp.n_head)),
-            p(b("attn_k"), l("self_attn.k_proj"), vec![kv_rows, h], Some(hp.n_kv_head)),
+            p(
+                b("attn_q"),
+                l("self_attn.q_proj"),
+                vec![q_rows, h],
+                Some(hp.n_head),
+            ),
+            p(
+                b("attn_k"),
+                l("self_attn.k_proj"),
+                vec![kv_rows, h],
+                Some(hp.n_kv_head),
+            ),
             p(b("attn_v"), l("self_attn.v_proj"), vec![kv_rows, h], None),
-            p(b("attn_output"), l("self_attn.o_proj"), vec![h, q_rows], None),
+            p(
+                b("attn_output"),
+                l("self_attn.o_proj"),
+                vec![h, q_rows],
+                None,
+            ),
             p(b("ffn_norm"), l("post_attention_layernorm"), vec![h], None),
             p(b("ffn_gate"), l("mlp.gate_proj"), vec![f, h], None),
             p(b("ffn_up"), l("mlp.up_proj"), vec![f, h], None),
             p(b("ffn_down"), l("mlp.down_proj"), vec![h, f], None),
         ]);
     }
-    out.push(p("output_norm.weight".into(), "model.norm.weight".into(), vec![h], None));
+    out.push(p(
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        vec![h],
+        None,
+    ));
     if g.tensor_info("output.weight").is_some() {
-        out.push(p("output.weight".into(), "lm_head.weight".into(), vec![vocab, h], None));
+        out.push(p(
+            "output.weight".into(),
+            "lm_head.weight".into(),
+            vec![vocab, h],
+            None,
+        ));
     }
     // Every tensor must be accounted for, with the shape the config implies:
     // a tensor we would drop (rope_freqs, biases, …) means a model we would
@@ -210,10 +235,13 @@ fn plan(g: &Gguf, hp: &Hparams, vocab: usize) -> Result<Vec<Plan>> {
 /// .swapaxes(1, 2)`: within each head, stored row `2i + j` is original row
 /// `j * half + i` (half = head_dim / 2). So original row `h*hd + j*half + i`
 /// is stored row `h*hd + 2i + j`.
+///
+/// Panics unless `w` is `rows * cols` long and `rows` splits into `n_head`
+/// heads of even size ([`convert`] checks the shapes before calling it).
 pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
     assert_eq!(w.len(), rows * cols, "unpermute_rows: size");
     assert!(
-        n_head > 0 && rows % (2 * n_head) == 0,
+        n_head > 0 && rows.is_multiple_of(2 * n_head),
         "unpermute_rows: {rows} rows do not split into {n_head} heads of pairs"
     );
     let hd = rows / n_head;
@@ -237,10 +265,18 @@ pub fn unpermute_rows(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec
 ///
 /// Crash safety: everything is written into a temporary sibling folder
 /// (`.NAME.convert-tmp-PID`), which is renamed to `out_dir` only when
-/// complete; on error it is removed. An existing `out_dir` is replaced only
-/// if it is empty or was written by a previous convert (it holds the
-/// [`MARKER`] file); any other non-empty folder is refused, so a convert
-/// never deletes files it did not make.
+/// complete; on error it is removed. A crash can leave that temporary folder
+/// behind, never a half-written `out_dir`.
+///
+/// Overwriting: an existing `out_dir` is replaced only if it is empty or was
+/// written by a previous convert (it holds the [`MARKER`] file); any other
+/// non-empty folder is refused with [`Error::Invalid`], so a convert never
+/// deletes files it did not make.
+///
+/// Refused inputs: architectures other than `llama`, tokenizers other than
+/// byte-level BPE (`tokenizer.ggml.model == "gpt2"`), RoPE scaling, and any
+/// tensor without an HF Llama counterpart (e.g. Llama 3.1's `rope_freqs`),
+/// each as [`Error::Unsupported`] naming it.
 pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSummary> {
     let g = Gguf::open(input)?;
     let arch = g.get_str("general.architecture")?.to_string();
@@ -318,13 +354,18 @@ pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSumm
 
     let mut source_types = BTreeMap::new();
     for t in g.tensors() {
-        *source_types.entry(t.ggml_type.name().to_string()).or_insert(0) += 1;
+        *source_types
+            .entry(t.ggml_type.name().to_string())
+            .or_insert(0) += 1;
     }
     Ok(ConvertSummary {
         input: input.to_path_buf(),
         out_dir: out_dir.to_path_buf(),
         arch,
-        name: g.get("general.name").and_then(|v| v.as_str()).map(String::from),
+        name: g
+            .get("general.name")
+            .and_then(|v| v.as_str())
+            .map(String::from),
         dtype,
         n_tensors: plan.len(),
         n_params,
@@ -425,13 +466,14 @@ fn write_safetensors(g: &Gguf, plan: &[Plan], dtype: DType, path: &Path) -> Resu
     }
     let mut header = serde_json::to_string(&header).expect("JSON values serialize");
     // The data that follows starts 8-byte aligned, as safetensors writes it.
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let io = |e| Error::io(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     w.write_all(header.as_bytes()).map_err(io)?;
     let mut bytes = Vec::new();
     for p in plan {
@@ -445,9 +487,7 @@ fn write_safetensors(g: &Gguf, plan: &[Plan], dtype: DType, path: &Path) -> Resu
             DType::BF16 => {
                 bytes.extend(values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()))
             }
-            DType::F16 => {
-                bytes.extend(values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()))
-            }
+            DType::F16 => bytes.extend(values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())),
         }
         w.write_all(&bytes).map_err(io)?;
     }
@@ -505,7 +545,10 @@ impl TokenizerFiles {
             if id as usize >= tokens.len() {
                 return Err(Error::format(
                     path,
-                    format!("{key} is {id}, past the vocabulary of {} tokens", tokens.len()),
+                    format!(
+                        "{key} is {id}, past the vocabulary of {} tokens",
+                        tokens.len()
+                    ),
                 ));
             }
             Ok(Some(id))
@@ -525,9 +568,7 @@ impl TokenizerFiles {
             .get("tokenizer.ggml.pre")
             .and_then(|v| v.as_str())
             .unwrap_or("default");
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let (pre_tokenizer, ignore_merges) = match pre {
             "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
             "smollm" | "starcoder" | "refact" | "codeshell" => (
@@ -583,8 +624,7 @@ impl TokenizerFiles {
             })
             .collect::<Result<_>>()?;
 
-        let byte_level_post =
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
+        let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true});
         let post_processor = if add_bos || add_eos {
             let tok_of = |id: Option<u32>, what: &str| {
                 id.map(|id| tokens[id as usize].to_string()).ok_or_else(|| {
@@ -602,7 +642,11 @@ impl TokenizerFiles {
             }
             single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
             pair.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
-            let eos = if add_eos { Some(tok_of(eos_id, "eos")?) } else { None };
+            let eos = if add_eos {
+                Some(tok_of(eos_id, "eos")?)
+            } else {
+                None
+            };
             if let Some(t) = &eos {
                 specials.insert(t.clone(), json!({"id": t, "ids": [eos_id], "tokens": [t]}));
                 single.push(special(t));

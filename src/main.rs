@@ -16,7 +16,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "engine", version, about = "Fine-tune, retrieve and serve transformers with one binary")]
+#[command(
+    name = "engine",
+    version,
+    about = "Fine-tune, retrieve and serve transformers with one binary"
+)]
 struct Cli {
     /// Worker threads for the CPU device (default: all cores).
     #[arg(long, global = true)]
@@ -124,9 +128,15 @@ fn run(cli: Cli) -> Result<()> {
             let ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(system) = system {
-                    messages.push(Message { role: "system".into(), content: system });
+                    messages.push(Message {
+                        role: "system".into(),
+                        content: system,
+                    });
                 }
-                messages.push(Message { role: "user".into(), content: prompt });
+                messages.push(Message {
+                    role: "user".into(),
+                    content: prompt,
+                });
                 let text = tokenizer.apply_chat_template(&messages, true)?;
                 tokenizer.encode(&text, false)?
             } else {
@@ -134,7 +144,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let opts = GenerateOptions {
                 max_tokens,
-                sampler: SamplerConfig { temperature, top_k, top_p, seed },
+                sampler: SamplerConfig {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed,
+                },
                 stop_ids: tokenizer.stop_ids(&llm.config.eos_token_ids),
             };
             let mut stream = TextStream::new(&tokenizer);
@@ -142,7 +157,11 @@ fn run(cli: Cli) -> Result<()> {
             let gen = generate(&llm, &ids, &opts, |id| {
                 let text = stream.push(id)?;
                 // A closed pipe (`| head`) ends the generation quietly.
-                if stdout.write_all(text.as_bytes()).and_then(|_| stdout.flush()).is_err() {
+                if stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
                     return Err(engine::Error::Invalid("stdout closed".into()));
                 }
                 Ok(())
@@ -157,7 +176,12 @@ fn run(cli: Cli) -> Result<()> {
                 rate(gen.ids.len().saturating_sub(1), gen.decode),
             );
         }
-        Command::Score { model, text, file, json } => {
+        Command::Score {
+            model,
+            text,
+            file,
+            json,
+        } => {
             let text = match (text, file) {
                 (Some(t), _) => t,
                 (None, Some(f)) => std::fs::read_to_string(&f)
@@ -176,14 +200,23 @@ fn run(cli: Cli) -> Result<()> {
                     let piece = tokenizer.decode(&[id])?;
                     println!("{:>6} {:>8} {:>10.4}  {:?}", i + 1, id, lp, piece);
                 }
-                println!("tokens {}  nll {:.4}  ppl {:.4}", s.token_ids.len(), s.nll, s.ppl);
+                println!(
+                    "tokens {}  nll {:.4}  ppl {:.4}",
+                    s.token_ids.len(),
+                    s.nll,
+                    s.ppl
+                );
             }
         }
         Command::Info { model } => info(&model)?,
-        Command::Convert { input, out_dir, dtype } => {
+        Command::Convert {
+            input,
+            out_dir,
+            dtype,
+        } => {
             let dtype: DType = dtype.parse()?;
-            let _ = (input, out_dir, dtype);
-            bail!("TODO(convert) wired when src/convert.rs lands");
+            let summary = engine::convert::convert(&input, &out_dir, dtype)?;
+            println!("{summary}");
         }
     }
     Ok(())
@@ -195,15 +228,36 @@ fn info(dir: &std::path::Path) -> Result<()> {
     let tokenizer = Tokenizer::load(dir)?;
     let c = &config;
     println!("architecture      llama (LlamaForCausalLM)");
-    println!("parameters        {} ({:.1} M)", c.num_parameters(), c.num_parameters() as f64 / 1e6);
+    println!(
+        "parameters        {} ({:.1} M)",
+        c.num_parameters(),
+        c.num_parameters() as f64 / 1e6
+    );
     println!("stored dtypes     {}", files.dtypes().join(", "));
     println!("layers            {}", c.num_layers);
-    println!("hidden / ffn      {} / {}", c.hidden_size, c.intermediate_size);
-    println!("heads / kv heads  {} / {} (head dim {})", c.num_heads, c.num_kv_heads, c.head_dim);
-    println!("vocabulary        {} (tokenizer: {})", c.vocab_size, tokenizer.vocab_size());
+    println!(
+        "hidden / ffn      {} / {}",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads / kv heads  {} / {} (head dim {})",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!(
+        "vocabulary        {} (tokenizer: {})",
+        c.vocab_size,
+        tokenizer.vocab_size()
+    );
     println!("context length    {}", c.max_position_embeddings);
     println!("rope theta        {}", c.rope_theta);
     println!("tied embeddings   {}", c.tie_word_embeddings);
-    println!("chat template     {}", if tokenizer.has_chat_template() { "yes" } else { "no" });
+    println!(
+        "chat template     {}",
+        if tokenizer.has_chat_template() {
+            "yes"
+        } else {
+            "no"
+        }
+    );
     Ok(())
 }

@@ -104,7 +104,11 @@ impl Tokenizer {
     /// token, and the end-of-turn markers of common chat formats.
     pub fn stop_ids(&self, config_eos: &[u32]) -> Vec<u32> {
         let mut ids = config_eos.to_vec();
-        let named = [self.eos_token.as_deref(), Some("<|im_end|>"), Some("<|eot_id|>")];
+        let named = [
+            self.eos_token.as_deref(),
+            Some("<|im_end|>"),
+            Some("<|eot_id|>"),
+        ];
         ids.extend(named.into_iter().flatten().filter_map(|t| self.token_id(t)));
         ids.sort_unstable();
         ids.dedup();
@@ -124,9 +128,15 @@ impl Tokenizer {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         let bad = |e: minijinja::Error| Error::Invalid(format!("chat template: {e}"));
         env.add_template("chat", template).map_err(bad)?;
         env.get_template("chat")

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// A copy of a tiny model folder with the test tokenizer, for tests that break it.
@@ -21,7 +24,11 @@ fn model_copy(variant: &str) -> (tempfile::TempDir, PathBuf) {
         let entry = entry.unwrap();
         std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
     }
-    std::fs::copy(fixture("tiny_llama/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(
+        fixture("tiny_llama/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
     (tmp, dir)
 }
 
@@ -47,11 +54,25 @@ const TEXT: &str = "w11 w250 w3 w77 w77 w140 w9 w319 w0 w42";
 fn score_json_matches_library_and_golden_model() {
     let (_tmp, dir) = model_copy("model");
     let out = engine(&["score", "--model", s(&dir), "--json", "--text", TEXT]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<u64> = v["token_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    let ids: Vec<u64> = v["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert_eq!(ids, [11, 250, 3, 77, 77, 140, 9, 319, 0, 42]);
-    let lps: Vec<f64> = v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let lps: Vec<f64> = v["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     assert_eq!(lps.len(), 9);
     assert!(lps.iter().all(|&l| l < 0.0 && l.is_finite()));
     let nll = v["nll"].as_f64().unwrap();
@@ -74,16 +95,37 @@ fn score_file_equals_score_text() {
 fn greedy_generation_is_deterministic_and_seeded_sampling_reproducible() {
     let (_tmp, dir) = model_copy("untied");
     let run = |extra: &[&str]| {
-        let mut args = vec!["generate", "--model", s(&dir), "--prompt", "w1 w2 w3", "--max-tokens", "12"];
+        let mut args = vec![
+            "generate",
+            "--model",
+            s(&dir),
+            "--prompt",
+            "w1 w2 w3",
+            "--max-tokens",
+            "12",
+        ];
         args.extend_from_slice(extra);
         let out = engine(&args);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let greedy = run(&[]);
     assert_eq!(greedy.split_whitespace().count(), 12, "{greedy:?}");
     assert_eq!(greedy, run(&["--temperature", "0"]));
-    let sampled = ["--temperature", "1.5", "--top-k", "50", "--top-p", "0.95", "--seed", "3"];
+    let sampled = [
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "3",
+    ];
     assert_eq!(run(&sampled), run(&sampled));
 }
 
@@ -93,7 +135,13 @@ fn info_describes_the_model() {
     let out = engine(&["info", "--model", s(&dir)]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for want in ["parameters        106816", "bf16", "/ 2 (head dim 16)", "context length    128", "chat template     no"] {
+    for want in [
+        "parameters        106816",
+        "bf16",
+        "/ 2 (head dim 16)",
+        "context length    128",
+        "chat template     no",
+    ] {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }
 }
@@ -121,9 +169,19 @@ fn tensor_with_the_wrong_shape() {
     let (_tmp, dir) = model_copy("model");
     let cfg = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161"),
+    )
+    .unwrap();
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-    assert_fails_with(&out, &["model.safetensors", "gate_proj.weight has shape [160, 64], expected [161, 64]"]);
+    assert_fails_with(
+        &out,
+        &[
+            "model.safetensors",
+            "gate_proj.weight has shape [160, 64], expected [161, 64]",
+        ],
+    );
 }
 
 #[test]
@@ -131,16 +189,27 @@ fn missing_tensor() {
     let (_tmp, dir) = model_copy("untied");
     let cfg = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(&cfg, text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
+    )
+    .unwrap();
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-    assert_fails_with(&out, &["model.safetensors", "tensor model.layers.2.input_layernorm.weight is missing"]);
+    assert_fails_with(
+        &out,
+        &[
+            "model.safetensors",
+            "tensor model.layers.2.input_layernorm.weight is missing",
+        ],
+    );
 }
 
 #[test]
 fn missing_config_field() {
     let (_tmp, dir) = model_copy("model");
     let cfg = dir.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v.as_object_mut().unwrap().remove("hidden_size");
     std::fs::write(&cfg, v.to_string()).unwrap();
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
@@ -152,7 +221,9 @@ fn unknown_architecture() {
     let (_tmp, dir) = model_copy("model");
     let cfg = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text.replace("\"llama\"", "\"gpt2\"").replace("LlamaForCausalLM", "GPT2LMHeadModel");
+    let text = text
+        .replace("\"llama\"", "\"gpt2\"")
+        .replace("LlamaForCausalLM", "GPT2LMHeadModel");
     std::fs::write(&cfg, text).unwrap();
     let out = engine(&["info", "--model", s(&dir)]);
     assert_fails_with(&out, &[s(&cfg), "unsupported architecture GPT2LMHeadModel"]);
@@ -170,7 +241,15 @@ fn corrupt_config_json() {
 #[test]
 fn bad_flags_and_text() {
     let (tmp, dir) = model_copy("model");
-    let out = engine(&["generate", "--model", s(&dir), "--prompt", "w1", "--top-p", "1.5"]);
+    let out = engine(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "w1",
+        "--top-p",
+        "1.5",
+    ]);
     assert_fails_with(&out, &["--top-p"]);
     let out = engine(&["score", "--model", s(&dir), "--text", "w1"]);
     assert_fails_with(&out, &["at least 2 tokens"]);
@@ -192,9 +271,21 @@ fn golden_fixture_is_consistent_with_cli_ids() {
     let ids = g.i32("model.input_ids");
     let text: Vec<String> = ids.iter().map(|i| format!("w{i}")).collect();
     let (_tmp, dir) = model_copy("model");
-    let out = engine(&["score", "--model", s(&dir), "--json", "--text", &text.join(" ")]);
+    let out = engine(&[
+        "score",
+        "--model",
+        s(&dir),
+        "--json",
+        "--text",
+        &text.join(" "),
+    ]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let got: Vec<f32> = v["logprobs"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+    let got: Vec<f32> = v["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
     common::assert_close("cli logprobs", &got, &g.f32("model.logprobs"), 1e-5);
 }

@@ -15,7 +15,10 @@ fn golden() -> Golden {
 }
 
 fn ids(g: &Golden, variant: &str) -> Vec<u32> {
-    g.i32(&format!("{variant}.input_ids")).into_iter().map(|v| v as u32).collect()
+    g.i32(&format!("{variant}.input_ids"))
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
 }
 
 /// Logits of every position, feeding the tokens in the given chunk sizes.
@@ -30,7 +33,9 @@ fn logits(model: &Llama<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
     for &n in chunks {
         let part = &ids[start..start + n];
         start += n;
-        model.forward(&mut hidden, part, &mut cache, &mut acts).unwrap();
+        model
+            .forward(&mut hidden, part, &mut cache, &mut acts)
+            .unwrap();
         let mut logits = Cpu.zeros(&[n, c.vocab_size]).unwrap();
         model.logits(&mut logits, &hidden).unwrap();
         out.extend(Cpu.download(&logits).unwrap());
@@ -44,14 +49,29 @@ fn check_variant(variant: &str) {
     let model = Llama::load(Cpu, &fixture(&format!("tiny_llama/{variant}"))).unwrap();
     let ids = ids(&g, variant);
     let want = g.f32(&format!("{variant}.logits"));
-    assert_close(&format!("{variant} full"), &logits(&model, &ids, &[ids.len()]), &want, 1e-5);
+    assert_close(
+        &format!("{variant} full"),
+        &logits(&model, &ids, &[ids.len()]),
+        &want,
+        1e-5,
+    );
     // Prefill 10, then decode one token at a time through the KV cache.
     let mut chunks = vec![10];
     chunks.extend(std::iter::repeat_n(1, ids.len() - 10));
     let want_inc = g.f32(&format!("{variant}.logits_incremental"));
-    assert_close(&format!("{variant} incremental"), &logits(&model, &ids, &chunks), &want_inc, 1e-5);
+    assert_close(
+        &format!("{variant} incremental"),
+        &logits(&model, &ids, &chunks),
+        &want_inc,
+        1e-5,
+    );
     let s = score(&model, &ids).unwrap();
-    assert_close(&format!("{variant} logprobs"), &s.logprobs, &g.f32(&format!("{variant}.logprobs")), 1e-5);
+    assert_close(
+        &format!("{variant} logprobs"),
+        &s.logprobs,
+        &g.f32(&format!("{variant}.logprobs")),
+        1e-5,
+    );
 }
 
 #[test]

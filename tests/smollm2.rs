@@ -17,7 +17,10 @@ fn model_dir() -> Option<PathBuf> {
     if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
         panic!("{} is missing: run models/fetch.sh", dir.display());
     }
-    eprintln!("skipped: {} is missing (run models/fetch.sh)", dir.display());
+    eprintln!(
+        "skipped: {} is missing (run models/fetch.sh)",
+        dir.display()
+    );
     None
 }
 
@@ -27,7 +30,10 @@ fn reference() -> serde_json::Value {
 }
 
 fn engine(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_engine")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "engine {args:?} failed: {}",
@@ -37,7 +43,11 @@ fn engine(args: &[&str]) -> String {
 }
 
 fn u32s(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -67,7 +77,10 @@ fn chat_prompt_tokens_match_transformers() {
     }];
     let text = tok.apply_chat_template(&messages, true).unwrap();
     assert_eq!(text, chat["prompt_text"].as_str().unwrap());
-    assert_eq!(tok.encode(&text, false).unwrap(), u32s(&chat["chat_prompt_ids"]));
+    assert_eq!(
+        tok.encode(&text, false).unwrap(),
+        u32s(&chat["chat_prompt_ids"])
+    );
 }
 
 #[test]
@@ -75,12 +88,26 @@ fn score_matches_transformers() {
     let Some(dir) = model_dir() else { return };
     for case in reference()["texts"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        let out = engine(&["score", "--model", dir.to_str().unwrap(), "--json", "--text", text]);
+        let out = engine(&[
+            "score",
+            "--model",
+            dir.to_str().unwrap(),
+            "--json",
+            "--text",
+            text,
+        ]);
         let got: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(u32s(&got["token_ids"]), u32s(&case["token_ids"]), "token ids of {text:?}");
+        assert_eq!(
+            u32s(&got["token_ids"]),
+            u32s(&case["token_ids"]),
+            "token ids of {text:?}"
+        );
         let (nll, want) = (got["nll"].as_f64().unwrap(), case["nll"].as_f64().unwrap());
         let rel = (nll - want).abs() / want;
-        assert!(rel <= 5e-3, "nll {nll} vs transformers {want} (rel {rel:e}) for {text:?}");
+        assert!(
+            rel <= 5e-3,
+            "nll {nll} vs transformers {want} (rel {rel:e}) for {text:?}"
+        );
         let n = got["logprobs"].as_array().unwrap().len();
         assert_eq!(n, case["logprobs"].as_array().unwrap().len());
         let ppl = got["ppl"].as_f64().unwrap();

@@ -89,8 +89,7 @@ pub trait Backend: Sized + Send + Sync {
     ) -> Result<()>;
 
     /// out = silu(gate) * up; all [n, f].
-    fn swiglu(&self, out: &mut Tensor<Self>, gate: &Tensor<Self>, up: &Tensor<Self>)
-        -> Result<()>;
+    fn swiglu(&self, out: &mut Tensor<Self>, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<()>;
 
     /// x += y (the residual stream).
     fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()>;

@@ -118,11 +118,17 @@ impl LlamaConfig {
                 format!("num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"),
             ));
         }
-        if head_dim % 2 != 0 {
-            return Err(Error::format(path, format!("head_dim {head_dim} is odd; RoPE needs pairs")));
+        if !head_dim.is_multiple_of(2) {
+            return Err(Error::format(
+                path,
+                format!("head_dim {head_dim} is odd; RoPE needs pairs"),
+            ));
         }
         let unsupported = |what: String| Err(Error::format(path, format!("unsupported: {what}")));
-        for scaling in [&raw.rope_scaling, &raw.rope_parameters].into_iter().flatten() {
+        for scaling in [&raw.rope_scaling, &raw.rope_parameters]
+            .into_iter()
+            .flatten()
+        {
             let kind = scaling.get("rope_type").or(scaling.get("type"));
             let default = kind.is_none_or(|k| k == "default");
             if !scaling.is_null() && !default {

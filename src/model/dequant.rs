@@ -125,7 +125,7 @@ impl GgmlType {
     /// Bytes taken by `n` values, or `None` when `n` is not a whole number of
     /// blocks (or the size overflows).
     pub fn bytes_for(self, n: usize) -> Option<usize> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return None;
         }
         (n / self.block_size()).checked_mul(self.type_size())
@@ -138,20 +138,20 @@ impl std::fmt::Display for GgmlType {
     }
 }
 
-/// The error for a type [`dequantize`] does not handle, naming it.
-pub fn unsupported(ty: GgmlType) -> Error {
+/// Why [`dequantize`] refuses type `ty`, naming it and what it does handle.
+pub fn unsupported_msg(ty: GgmlType) -> String {
     let names: Vec<&str> = SUPPORTED.iter().map(|t| t.name()).collect();
-    Error::Unsupported(format!(
+    format!(
         "dequantizing ggml type {ty} is not supported (supported: {})",
         names.join(", ")
-    ))
+    )
 }
 
 /// Dequantizes `data` (whole blocks of type `ty`) into `out`, which must hold
 /// exactly the number of values the blocks encode.
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<()> {
     if !ty.can_dequantize() {
-        return Err(unsupported(ty));
+        return Err(Error::Unsupported(unsupported_msg(ty)));
     }
     if ty.bytes_for(out.len()) != Some(data.len()) {
         return Err(Error::Invalid(format!(

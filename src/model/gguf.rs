@@ -220,12 +220,10 @@ impl Gguf {
     pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
         let t = self.require_tensor(name)?;
         if !t.ggml_type.can_dequantize() {
-            let Error::Unsupported(msg) = dequant::unsupported(t.ggml_type) else {
-                unreachable!()
-            };
             return Err(Error::Unsupported(format!(
-                "{}: tensor '{name}': {msg}",
-                self.path.display()
+                "{}: tensor '{name}': {}",
+                self.path.display(),
+                dequant::unsupported_msg(t.ggml_type)
             )));
         }
         let values = dequant::dequantize_vec(t.ggml_type, self.tensor_bytes(name)?, t.numel())?;
@@ -270,23 +268,15 @@ impl Gguf {
     /// An integer value (of any stored integer type) that fits in a u32.
     pub fn get_u32(&self, key: &str) -> Result<u32> {
         let n = self.get_u64(key)?;
-        u32::try_from(n).map_err(|_| {
-            Error::format(
-                &self.path,
-                format!("metadata key {key} is too large: {n}"),
-            )
-        })
+        u32::try_from(n)
+            .map_err(|_| Error::format(&self.path, format!("metadata key {key} is too large: {n}")))
     }
 
     /// An integer value (of any stored integer type) that fits in a usize.
     pub fn get_usize(&self, key: &str) -> Result<usize> {
         let n = self.get_u64(key)?;
-        usize::try_from(n).map_err(|_| {
-            Error::format(
-                &self.path,
-                format!("metadata key {key} is too large: {n}"),
-            )
-        })
+        usize::try_from(n)
+            .map_err(|_| Error::format(&self.path, format!("metadata key {key} is too large: {n}")))
     }
 
     /// A float value (f32, or f64 narrowed).
@@ -297,7 +287,8 @@ impl Gguf {
 
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.require(key)?;
-        v.as_str().ok_or_else(|| self.wrong_type(key, v, "a string"))
+        v.as_str()
+            .ok_or_else(|| self.wrong_type(key, v, "a string"))
     }
 
     pub fn get_bool(&self, key: &str) -> Result<bool> {
@@ -307,7 +298,8 @@ impl Gguf {
 
     pub fn get_array(&self, key: &str) -> Result<&[Value]> {
         let v = self.require(key)?;
-        v.as_array().ok_or_else(|| self.wrong_type(key, v, "an array"))
+        v.as_array()
+            .ok_or_else(|| self.wrong_type(key, v, "an array"))
     }
 
     /// An array of strings.
@@ -385,13 +377,13 @@ fn parse(buf: &[u8]) -> std::result::Result<Header, String> {
     let rest = r.remaining() as u64;
     if n_kv > rest / 13 {
         return Err(format!(
-            "header: metadata count {n_kv} cannot fit in a file of {} bytes",
+            "header: metadata count {n_kv} cannot fit in a file of {} bytes; the file is truncated or corrupt",
             buf.len()
         ));
     }
     if n_tensors > rest / 24 {
         return Err(format!(
-            "header: tensor count {n_tensors} cannot fit in a file of {} bytes",
+            "header: tensor count {n_tensors} cannot fit in a file of {} bytes; the file is truncated or corrupt",
             buf.len()
         ));
     }
@@ -431,7 +423,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Header, String> {
     let file_len = buf.len() as u64;
     for t in &tensors {
         let offset = t.offset as u64;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return Err(format!(
                 "tensor '{}': data offset {offset} is not a multiple of the alignment {alignment}",
                 t.name
@@ -472,15 +464,15 @@ fn tensor_info(r: &mut Reader) -> std::result::Result<TensorInfo, String> {
         ne.push(usize::try_from(d).map_err(|_| ctx(format!("dimension {d} is too large")))?);
     }
     let type_id = r.u32().map_err(ctx)?;
-    let ggml_type = GgmlType::from_id(type_id)
-        .ok_or_else(|| ctx(format!("unknown ggml type {type_id}")))?;
+    let ggml_type =
+        GgmlType::from_id(type_id).ok_or_else(|| ctx(format!("unknown ggml type {type_id}")))?;
     let offset = r.u64().map_err(ctx)?;
     let numel = ne
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .ok_or_else(|| ctx(format!("dimensions {ne:?} overflow")))?;
     let row = ne[0];
-    if row % ggml_type.block_size() != 0 {
+    if !row.is_multiple_of(ggml_type.block_size()) {
         return Err(ctx(format!(
             "row length {row} is not a multiple of the {ggml_type} block size {}",
             ggml_type.block_size()
@@ -490,7 +482,8 @@ fn tensor_info(r: &mut Reader) -> std::result::Result<TensorInfo, String> {
         .bytes_for(numel)
         .ok_or_else(|| ctx(format!("dimensions {ne:?} overflow")))?;
     Ok(TensorInfo {
-        offset: usize::try_from(offset).map_err(|_| ctx(format!("offset {offset} is too large")))?,
+        offset: usize::try_from(offset)
+            .map_err(|_| ctx(format!("offset {offset} is too large")))?,
         name,
         ne,
         ggml_type,
@@ -561,7 +554,12 @@ impl<'a> Reader<'a> {
             7 => match self.take(1)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => return Err(format!("bool at offset {} is {b}, not 0 or 1", self.pos - 1)),
+                b => {
+                    return Err(format!(
+                        "bool at offset {} is {b}, not 0 or 1",
+                        self.pos - 1
+                    ))
+                }
             },
             8 => Value::String(self.string()?),
             9 => {

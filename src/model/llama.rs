@@ -119,7 +119,10 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let t = |cols: usize| self.backend.zeros_with_capacity(&[max_rows, cols], max_rows * cols);
+        let t = |cols: usize| {
+            self.backend
+                .zeros_with_capacity(&[max_rows, cols], max_rows * cols)
+        };
         Ok(Activations {
             max_rows,
             x: t(d)?,
@@ -155,7 +158,11 @@ impl<B: Backend> Llama<B> {
                 c.max_position_embeddings
             )));
         }
-        assert!(pos0 + n <= cache.capacity, "KV cache of {} rows is full", cache.capacity);
+        assert!(
+            pos0 + n <= cache.capacity,
+            "KV cache of {} rows is full",
+            cache.capacity
+        );
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {}",

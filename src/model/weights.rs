@@ -91,7 +91,11 @@ impl SafetensorsFiles {
     /// weights once, not twice.
     pub fn load_f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let entry = self.tensors.get(name).ok_or_else(|| {
-            let path = self.shards.first().map(|s| s.path.as_path()).unwrap_or(Path::new(""));
+            let path = self
+                .shards
+                .first()
+                .map(|s| s.path.as_path())
+                .unwrap_or(Path::new(""));
             Error::format(path, format!("tensor {name} is missing"))
         })?;
         let shard = &self.shards[entry.shard];
@@ -99,7 +103,10 @@ impl SafetensorsFiles {
         if info.shape != shape {
             return Err(Error::format(
                 &shard.path,
-                format!("tensor {name} has shape {:?}, expected {shape:?}", info.shape),
+                format!(
+                    "tensor {name} has shape {:?}, expected {shape:?}",
+                    info.shape
+                ),
             ));
         }
         let (start, end) = info.data_offsets;
@@ -128,9 +135,10 @@ impl SafetensorsFiles {
         // SAFETY: the mapping is private and read-only, so dropping its pages
         // loses nothing: a later access reads them from the file again.
         unsafe {
-            let _ = shard
-                .mmap
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
+            let _ =
+                shard
+                    .mmap
+                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start);
         }
         Ok(out)
     }
@@ -148,9 +156,9 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
     for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| Error::format(index, format!("weight_map entry {name} is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| {
+            Error::format(index, format!("weight_map entry {name} is not a file name"))
+        })?;
         let path = dir.join(file);
         if !files.contains(&path) {
             files.push(path);

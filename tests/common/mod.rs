@@ -5,7 +5,9 @@ use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
 }
 
 /// Tensors of a safetensors file as f32 (int32 widened), by name.
@@ -22,7 +24,9 @@ impl Golden {
 
     pub fn f32(&self, name: &str) -> Vec<f32> {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("golden tensor {name} missing"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("golden tensor {name} missing"));
         match t.dtype() {
             safetensors::Dtype::F32 => t
                 .data()

@@ -1,5 +1,6 @@
 //! Causal grouped-query attention over a KV cache, on the CPU.
 
+use super::matmul::dot;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
@@ -29,9 +30,9 @@ pub fn causal(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
     let scale = 1.0 / (hd as f32).sqrt();
     let kv_width = kv_heads * hd;
     // One task per (query row, head): each owns hd outputs.
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, o)| {
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (task, o)| {
             let (i, h) = (task / heads, task % heads);
             let g = h / group;
             let qh = &q[task * hd..(task + 1) * hd];
@@ -55,20 +56,6 @@ pub fn causal(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                     *o += p * v;
                 }
             }
-        });
-}
-
-/// Dot product with independent partial sums, so the compiler can vectorise it.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 8;
-    let mut acc = [0.0f32; L];
-    let (ac, at) = a.split_at(a.len() / L * L);
-    let (bc, bt) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(L).zip(bc.chunks_exact(L)) {
-        for l in 0..L {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = at.iter().zip(bt).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
+        },
+    );
 }

@@ -1,10 +1,20 @@
-//! Matrix products on the CPU, through the `gemm` crate.
+//! Matrix products on the CPU: the `gemm` crate for real matrices, and a
+//! bandwidth-bound matrix-vector loop for the few rows of a decode step,
+//! where streaming the weights once is all that matters.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Up to this many rows of x go through `matvec_nt`: each weight row is read
+/// once from memory and used for every x row while it is in cache.
+const MATVEC_MAX_ROWS: usize = 4;
 
 /// out[n, m] = x[n, k] · w[m, k]ᵀ, all row-major.
 pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: usize) {
     assert!(out.len() >= n * m && x.len() >= n * k && w.len() >= m * k);
+    if n <= MATVEC_MAX_ROWS {
+        return matvec_nt(&mut out[..n * m], &x[..n * k], &w[..m * k], n, m, k);
+    }
     let threads = rayon::current_num_threads();
     let parallelism = if n * m * k < 1 << 15 || threads == 1 {
         Parallelism::None
@@ -37,4 +47,60 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: u
             parallelism,
         );
     }
+}
+
+/// out[r, j] = x[r] · w[j] for a few rows r; weight rows split across threads.
+fn matvec_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: usize) {
+    // Output columns per task: ~64 KiB of weights, enough to amortise a task.
+    let cols = (16384 / k.max(1)).clamp(1, m.max(1));
+    // Each task computes a block of columns for all rows into a local buffer.
+    let blocks: Vec<Vec<f32>> = w
+        .par_chunks(cols * k)
+        .map(|wb| {
+            let mut res = Vec::with_capacity(n * wb.len() / k);
+            for r in 0..n {
+                let xr = &x[r * k..(r + 1) * k];
+                res.extend(wb.chunks_exact(k).map(|wj| dot(xr, wj)));
+            }
+            res
+        })
+        .collect();
+    for (b, res) in blocks.iter().enumerate() {
+        let width = res.len() / n;
+        for r in 0..n {
+            out[r * m + b * cols..][..width].copy_from_slice(&res[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// Dot product, with AVX2 where the processor has it.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor supports AVX2, checked just above.
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+/// Independent partial sums in 32 lanes, so the compiler can keep several
+/// vector registers busy (floating-point addition is not reassociated for us).
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 32;
+    let mut acc = [0.0f32; L];
+    let split = a.len() / L * L;
+    for (x, y) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = a[split..].iter().zip(&b[split..]).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }

@@ -125,10 +125,14 @@ impl Backend for Cpu {
         let (capacity, kv_width) = k.rows_cols();
         assert_eq!(out.shape, q.shape);
         assert_eq!(k.shape, v.shape);
-        assert!(heads % kv_heads == 0 && width % heads == 0);
+        assert!(heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads));
         let hd = width / heads;
         assert_eq!(kv_width, kv_heads * hd);
-        assert!(pos0 + n <= capacity, "cache of {capacity} rows holds {}", pos0 + n);
+        assert!(
+            pos0 + n <= capacity,
+            "cache of {capacity} rows holds {}",
+            pos0 + n
+        );
         let dims = attention::Dims {
             n,
             heads,
@@ -140,12 +144,7 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn swiglu(
-        &self,
-        out: &mut Tensor<Self>,
-        gate: &Tensor<Self>,
-        up: &Tensor<Self>,
-    ) -> Result<()> {
+    fn swiglu(&self, out: &mut Tensor<Self>, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<()> {
         assert_eq!(out.shape, gate.shape);
         assert_eq!(gate.shape, up.shape);
         ops::swiglu(view_mut(out), view(gate), view(up));
