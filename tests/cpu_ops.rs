@@ -489,7 +489,7 @@ fn attention() {
     for (heads, kv_heads) in [(4, 4), (4, 2), (9, 3), (6, 1)] {
         for hd in [8, 64] {
             for pos0 in [0, 5] {
-                for n in [1, 7] {
+                for n in [1, 7, 33] {
                     let what = format!("heads {heads}/{kv_heads}, hd {hd}, pos0 {pos0}, n {n}");
                     let (width, kv_width) = (heads * hd, kv_heads * hd);
                     // The cache has rows past pos0 + n; they hold NaN, as the

@@ -1,6 +1,11 @@
 //! Causal grouped-query attention over a KV cache, on the CPU.
+//!
+//! Two paths compute the same thing: a loop of dot products for the few
+//! queries of a decode step (bound by reading the cache), and per-head matrix
+//! products for prefill, where S = Q·Kᵀ and O = P·V are real GEMMs.
 
 use super::matmul::dot;
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 #[derive(Clone, Copy)]
@@ -15,17 +20,29 @@ pub struct Dims {
     pub pos0: usize,
 }
 
+/// From this many queries on, the GEMM path is faster.
+const GEMM_MIN_QUERIES: usize = 8;
+
 /// out[i, h] = Σ_j softmax_j(q[i,h]·k[j,g] / sqrt(hd)) v[j,g], j ≤ pos0 + i,
 /// with g = h / (heads / kv_heads) the key/value head that head h shares.
 pub fn causal(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
+    assert_eq!(out.len(), dims.n * dims.heads * dims.hd);
+    assert!(k.len() >= (dims.pos0 + dims.n) * dims.kv_heads * dims.hd);
+    if dims.n >= GEMM_MIN_QUERIES {
+        causal_gemm(out, q, k, v, dims)
+    } else {
+        causal_loop(out, q, k, v, dims)
+    }
+}
+
+fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
     let Dims {
-        n,
         heads,
         kv_heads,
         hd,
         pos0,
+        ..
     } = dims;
-    assert_eq!(out.len(), n * heads * hd);
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let kv_width = kv_heads * hd;
@@ -42,20 +59,113 @@ pub fn causal(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                 let kj = &k[j * kv_width + g * hd..][..hd];
                 dot(qh, kj) * scale
             }));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
+            softmax_in_place(scores);
             o.fill(0.0);
             for (j, p) in scores.iter().enumerate() {
                 let vj = &v[j * kv_width + g * hd..][..hd];
-                let p = p / sum;
                 for (o, v) in o.iter_mut().zip(vj) {
                     *o += p * v;
                 }
             }
         },
     );
+}
+
+fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
+    let Dims {
+        n,
+        heads,
+        kv_heads,
+        hd,
+        pos0,
+    } = dims;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (width, kv_width) = (heads * hd, kv_heads * hd);
+    let len = pos0 + n; // keys visible to the last query
+                        // One task per head, each producing its [n, hd] output block.
+    let blocks: Vec<Vec<f32>> = (0..heads)
+        .into_par_iter()
+        .map(|h| {
+            let g = h / group;
+            let mut s = vec![0.0f32; n * len];
+            // SAFETY: S is n×len (row stride len); Q_h is n×hd read at
+            // q[i·width + h·hd + c] (i < n, c < hd, inside q's n·width);
+            // K_gᵀ is hd×len read at k[j·kv_width + g·hd + c] (j < len, inside
+            // the asserted valid cache rows).
+            unsafe {
+                gemm::gemm(
+                    n,
+                    len,
+                    hd,
+                    s.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    q.as_ptr().add(h * hd),
+                    1,
+                    width as isize,
+                    k.as_ptr().add(g * hd),
+                    kv_width as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for (i, row) in s.chunks_exact_mut(len).enumerate() {
+                let visible = pos0 + i + 1;
+                softmax_in_place(&mut row[..visible]);
+                row[visible..].fill(0.0);
+            }
+            let mut o = vec![0.0f32; n * hd];
+            // SAFETY: O_h is n×hd (row stride hd); P is n×len as written
+            // above; V_g is len×hd read at v[j·kv_width + g·hd + c], inside
+            // the valid cache rows.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    hd,
+                    len,
+                    o.as_mut_ptr(),
+                    1,
+                    hd as isize,
+                    false,
+                    s.as_ptr(),
+                    1,
+                    len as isize,
+                    v.as_ptr().add(g * hd),
+                    1,
+                    kv_width as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            o
+        })
+        .collect();
+    for (h, o) in blocks.iter().enumerate() {
+        for (dst, src) in out.chunks_exact_mut(width).zip(o.chunks_exact(hd)) {
+            dst[h * hd..(h + 1) * hd].copy_from_slice(src);
+        }
+    }
+}
+
+/// p = exp(s − max) / Σ exp(s − max).
+fn softmax_in_place(s: &mut [f32]) {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in s.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|x| *x *= inv);
 }

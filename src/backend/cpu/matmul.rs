@@ -15,23 +15,73 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: u
     if n <= MATVEC_MAX_ROWS {
         return matvec_nt(&mut out[..n * m], &x[..n * k], &w[..m * k], n, m, k);
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if n * m * k < 1 << 15 || threads == 1 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(threads)
-    };
-    // SAFETY: the assertion above bounds every index gemm touches: dst is n×m
-    // with row stride m, lhs n×k with row stride k, and rhs = wᵀ is k×m read
-    // as w[j·k + i] (row stride 1, column stride k).
+    // gemm's own threading leaves a core idle at these sizes (a 128×576
+    // output ran no faster on 2 threads than on 1), so split the columns of
+    // the output (rows of w) into blocks ourselves: each task packs and
+    // multiplies only its block of the weights. The blocks do not depend on
+    // the thread count, so neither do the results, bit for bit.
+    let dst = SendPtr(out.as_mut_ptr());
+    (0..m.div_ceil(COL_BLOCK)).into_par_iter().for_each(|b| {
+        let j0 = b * COL_BLOCK;
+        let width = COL_BLOCK.min(m - j0);
+        // SAFETY: task b writes only columns j0..j0+width of each of the n
+        // rows of out (row stride m), disjoint from every other task's, and
+        // reads rows j0..j0+width of w; the assertion above bounds both.
+        unsafe {
+            gemm_nt(
+                dst.get().add(j0),
+                m,
+                x,
+                &w[j0 * k..(j0 + width) * k],
+                n,
+                width,
+                k,
+            )
+        };
+    });
+}
+
+/// Output columns per task: a multiple of the widest micro-kernel (64 floats),
+/// small enough to balance two or more threads on 576-wide layers.
+const COL_BLOCK: usize = 128;
+
+/// A pointer the tasks of one matmul share, each writing its own columns.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Single-threaded dst[n, m] (row stride `dst_rs`) = x[n, k] · w[m, k]ᵀ
+/// through the gemm crate.
+///
+/// # Safety
+/// dst must be valid for writes at dst[i·dst_rs + j] for i < n, j < m.
+unsafe fn gemm_nt(
+    dst: *mut f32,
+    dst_rs: usize,
+    x: &[f32],
+    w: &[f32],
+    n: usize,
+    m: usize,
+    k: usize,
+) {
+    assert!(x.len() >= n * k && w.len() >= m * k);
+    // SAFETY: dst is the caller's promise; lhs is n×k with row stride k and
+    // rhs = wᵀ is k×m read as w[j·k + i] (row stride 1, column stride k),
+    // both inside the asserted lengths.
     unsafe {
         gemm::gemm(
             n,
             m,
             k,
-            out.as_mut_ptr(),
+            dst,
             1,
-            m as isize,
+            dst_rs as isize,
             false,
             x.as_ptr(),
             1,
@@ -44,7 +94,7 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: u
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         );
     }
 }
