@@ -289,3 +289,71 @@ fn golden_fixture_is_consistent_with_cli_ids() {
         .collect();
     common::assert_close("cli logprobs", &got, &g.f32("model.logprobs"), 1e-5);
 }
+
+fn score_nll(dir: &Path, text: &str) -> f64 {
+    let out = engine(&["score", "--model", s(dir), "--json", "--text", text]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["nll"].as_f64().unwrap()
+}
+
+#[test]
+fn convert_each_dtype_then_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = fixture("gguf/tiny_llama.gguf");
+    let text = "hello world, the model reads 42 tokens";
+    let mut nll = Vec::new();
+    for dtype in ["f32", "bf16", "f16"] {
+        let dir = tmp.path().join(dtype);
+        let out = engine(&["convert", s(&gguf), s(&dir), "--dtype", dtype]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info = engine(&["info", "--model", s(&dir)]);
+        let info = String::from_utf8(info.stdout).unwrap();
+        assert!(
+            info.contains(&format!("stored dtypes     {dtype}")),
+            "{info}"
+        );
+        nll.push(score_nll(&dir, text));
+    }
+    // Half-precision storage rounds each weight by at most 2⁻⁸ (bf16) or
+    // 2⁻¹¹ (f16) relative; the score moves a little, never wildly.
+    assert!((nll[1] - nll[0]).abs() < 0.01 * nll[0], "{nll:?}");
+    assert!((nll[2] - nll[0]).abs() < 0.002 * nll[0], "{nll:?}");
+}
+
+#[test]
+fn convert_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("gguf/tiny_llama.gguf")).unwrap();
+    let trunc = tmp.path().join("trunc.gguf");
+    std::fs::write(&trunc, &bytes[..1000]).unwrap();
+    let out_dir = tmp.path().join("out");
+    let out = engine(&["convert", s(&trunc), s(&out_dir)]);
+    assert_fails_with(&out, &[s(&trunc), "truncated"]);
+    assert!(
+        !out_dir.exists(),
+        "a failed convert left {}",
+        out_dir.display()
+    );
+
+    let missing = tmp.path().join("missing.gguf");
+    let out = engine(&["convert", s(&missing), s(&out_dir)]);
+    assert_fails_with(&out, &[s(&missing), "No such file"]);
+
+    let out = engine(&[
+        "convert",
+        s(&fixture("gguf/tiny_llama.gguf")),
+        s(&out_dir),
+        "--dtype",
+        "f64",
+    ]);
+    assert_fails_with(&out, &["unknown dtype 'f64'"]);
+}

@@ -12,6 +12,7 @@
 //! ops read and write only the first `numel()` elements.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::error::Result;
 use crate::tensor::Tensor;
