@@ -12,6 +12,7 @@ use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
 use engine::infer::sampler::argmax;
 use engine::model::llama::Llama;
+use engine::tensor::DType::F32;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -76,9 +77,9 @@ fn main() {
     let c = &model.config;
     let n = ids.len();
     let mut acts = model.new_activations(n).unwrap();
-    let mut hidden = Cpu.zeros(&[n, c.hidden_size]).unwrap();
-    let mut last = Cpu.zeros(&[1, c.hidden_size]).unwrap();
-    let mut logits = Cpu.zeros(&[1, c.vocab_size]).unwrap();
+    let mut hidden = Cpu.zeros(&[n, c.hidden_size], F32).unwrap();
+    let mut last = Cpu.zeros(&[1, c.hidden_size], F32).unwrap();
+    let mut logits = Cpu.zeros(&[1, c.vocab_size], F32).unwrap();
 
     let mut run = |timings: Option<(&mut Vec<f64>, &mut Vec<f64>)>| {
         let t0 = Instant::now();

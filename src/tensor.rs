@@ -56,10 +56,12 @@ impl FromStr for DType {
     }
 }
 
-/// A buffer on a device with a row-major shape.
+/// A buffer on a device with a row-major shape and the element type the
+/// buffer holds.
 pub struct Tensor<B: Backend> {
     pub buf: B::Buf,
     pub shape: Vec<usize>,
+    pub dtype: DType,
 }
 
 impl<B: Backend> Tensor<B> {

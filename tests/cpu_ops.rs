@@ -13,6 +13,7 @@
 
 use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
+use engine::tensor::DType::F32;
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -41,7 +42,9 @@ fn random_vec(rng: &mut StdRng, len: usize, bound: f32) -> Vec<f32> {
 
 /// An input tensor holding `data`, with NaN in its spare capacity.
 fn input(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
-    let mut t = Cpu.zeros_with_capacity(shape, data.len() + SPARE).unwrap();
+    let mut t = Cpu
+        .zeros_with_capacity(shape, data.len() + SPARE, F32)
+        .unwrap();
     assert_eq!(t.numel(), data.len(), "{shape:?}");
     t.buf[..data.len()].copy_from_slice(data);
     t.buf[data.len()..].fill(f32::NAN);
@@ -51,7 +54,7 @@ fn input(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
 /// An output tensor: NaN where the op must write, the sentinel past the shape.
 fn output(shape: &[usize]) -> Tensor<Cpu> {
     let numel: usize = shape.iter().product();
-    let mut t = Cpu.zeros_with_capacity(shape, numel + SPARE).unwrap();
+    let mut t = Cpu.zeros_with_capacity(shape, numel + SPARE, F32).unwrap();
     t.buf[..numel].fill(f32::NAN);
     t.buf[numel..].fill(SENTINEL);
     t
@@ -255,19 +258,19 @@ fn memory_upload_download_zeros() {
         let what = format!("{shape:?}");
         let numel: usize = shape.iter().product();
 
-        let z = Cpu.zeros_with_capacity(&shape, numel + SPARE).unwrap();
+        let z = Cpu.zeros_with_capacity(&shape, numel + SPARE, F32).unwrap();
         assert_eq!(
             (z.shape.as_slice(), z.buf.len()),
             (shape.as_slice(), numel + SPARE)
         );
         assert_eq!(Cpu.download(&z).unwrap(), vec![0.0; numel], "zeros {what}");
         assert_eq!(
-            Cpu.download(&Cpu.zeros(&shape).unwrap()).unwrap(),
+            Cpu.download(&Cpu.zeros(&shape, F32).unwrap()).unwrap(),
             vec![0.0; numel]
         );
 
         let data = random_vec(&mut rng, numel, 10.0);
-        let t = Cpu.upload(data.clone(), &shape).unwrap();
+        let t = Cpu.upload(data.clone(), &shape, F32).unwrap();
         assert_eq!(Cpu.download(&t).unwrap(), data, "upload/download {what}");
 
         // A tensor with spare capacity downloads exactly its shape.

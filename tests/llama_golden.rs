@@ -9,6 +9,7 @@ use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
 use engine::infer::score::score;
 use engine::model::llama::Llama;
+use engine::tensor::DType::F32;
 
 fn golden() -> Golden {
     Golden::open(&fixture("tiny_llama/golden.safetensors"))
@@ -27,7 +28,7 @@ fn logits(model: &Llama<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
     let mut cache = model.new_cache(ids.len()).unwrap();
     let max = *chunks.iter().max().unwrap();
     let mut acts = model.new_activations(max).unwrap();
-    let mut hidden = Cpu.zeros(&[max, c.hidden_size]).unwrap();
+    let mut hidden = Cpu.zeros(&[max, c.hidden_size], F32).unwrap();
     let mut out = Vec::new();
     let mut start = 0;
     for &n in chunks {
@@ -36,7 +37,7 @@ fn logits(model: &Llama<Cpu>, ids: &[u32], chunks: &[usize]) -> Vec<f32> {
         model
             .forward(&mut hidden, part, &mut cache, &mut acts)
             .unwrap();
-        let mut logits = Cpu.zeros(&[n, c.vocab_size]).unwrap();
+        let mut logits = Cpu.zeros(&[n, c.vocab_size], F32).unwrap();
         model.logits(&mut logits, &hidden).unwrap();
         out.extend(Cpu.download(&logits).unwrap());
     }

@@ -15,27 +15,37 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 pub trait Backend: Sized + Send + Sync {
-    /// Device memory holding f32 elements (other dtypes come with the CUDA device).
+    /// Device memory.
     type Buf: Send + Sync;
 
     fn name(&self) -> &'static str;
 
+    /// The element type of weights and activations on this device (f32 on the
+    /// CPU, bf16 on a GPU). Outputs that need full precision — logits,
+    /// log-probabilities — are asked for as f32 explicitly.
+    fn dtype(&self) -> DType;
+
     // ----- memory -----
 
     /// A zero-filled tensor with room for `capacity` elements (≥ the shape's).
-    fn zeros_with_capacity(&self, shape: &[usize], capacity: usize) -> Result<Tensor<Self>>;
+    fn zeros_with_capacity(
+        &self,
+        shape: &[usize],
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<Tensor<Self>>;
 
-    fn zeros(&self, shape: &[usize]) -> Result<Tensor<Self>> {
-        self.zeros_with_capacity(shape, shape.iter().product())
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        self.zeros_with_capacity(shape, shape.iter().product(), dtype)
     }
 
-    /// Moves host data to the device.
-    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// Moves host data to the device, stored as `dtype`.
+    fn upload(&self, data: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
 
-    /// Copies `rows` rows starting at `row` back to the host.
+    /// Copies `rows` rows starting at `row` back to the host, as f32.
     fn download_rows(&self, t: &Tensor<Self>, row: usize, rows: usize) -> Result<Vec<f32>>;
 
     fn download(&self, t: &Tensor<Self>) -> Result<Vec<f32>> {

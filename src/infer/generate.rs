@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::infer::sampler::{Sampler, SamplerConfig};
 use crate::infer::PREFILL_CHUNK;
 use crate::model::llama::Llama;
+use crate::tensor::DType;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -49,9 +50,12 @@ pub fn generate<B: Backend>(
     let be = &model.backend;
     let mut cache = model.new_cache(capacity.max(prompt.len()))?;
     let mut acts = model.new_activations(PREFILL_CHUNK.min(prompt.len()))?;
-    let mut hidden = be.zeros(&[PREFILL_CHUNK.min(prompt.len()), c.hidden_size])?;
-    let mut last = be.zeros(&[1, c.hidden_size])?;
-    let mut logits = be.zeros(&[1, c.vocab_size])?;
+    let mut hidden = be.zeros(
+        &[PREFILL_CHUNK.min(prompt.len()), c.hidden_size],
+        be.dtype(),
+    )?;
+    let mut last = be.zeros(&[1, c.hidden_size], be.dtype())?;
+    let mut logits = be.zeros(&[1, c.vocab_size], DType::F32)?;
     let mut sampler = Sampler::new(opts.sampler);
 
     let start = Instant::now();

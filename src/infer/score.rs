@@ -4,6 +4,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::infer::PREFILL_CHUNK;
 use crate::model::llama::Llama;
+use crate::tensor::DType;
 use serde::Serialize;
 
 #[derive(Debug, Serialize)]
@@ -36,9 +37,9 @@ pub fn score<B: Backend>(model: &Llama<B>, ids: &[u32]) -> Result<Score> {
     let chunk = PREFILL_CHUNK.min(ids.len());
     let mut cache = model.new_cache(ids.len())?;
     let mut acts = model.new_activations(chunk)?;
-    let mut hidden = be.zeros(&[chunk, c.hidden_size])?;
-    let mut logits = be.zeros(&[chunk, c.vocab_size])?;
-    let mut logp = be.zeros(&[chunk, c.vocab_size])?;
+    let mut hidden = be.zeros(&[chunk, c.hidden_size], be.dtype())?;
+    let mut logits = be.zeros(&[chunk, c.vocab_size], DType::F32)?;
+    let mut logp = be.zeros(&[chunk, c.vocab_size], DType::F32)?;
     let mut logprobs = Vec::with_capacity(ids.len() - 1);
     for (i, part) in ids.chunks(chunk).enumerate() {
         model.forward(&mut hidden, part, &mut cache, &mut acts)?;

@@ -99,13 +99,13 @@ impl<B: Backend> Llama<B> {
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
-        let c = &self.config;
+        let (c, be) = (&self.config, &self.backend);
         let kv_width = c.num_kv_heads * c.head_dim;
         let mut k = Vec::new();
         let mut v = Vec::new();
         for _ in 0..c.num_layers {
-            k.push(self.backend.zeros(&[capacity, kv_width])?);
-            v.push(self.backend.zeros(&[capacity, kv_width])?);
+            k.push(be.zeros(&[capacity, kv_width], be.dtype())?);
+            v.push(be.zeros(&[capacity, kv_width], be.dtype())?);
         }
         Ok(KvCache {
             k,
@@ -119,10 +119,8 @@ impl<B: Backend> Llama<B> {
         let c = &self.config;
         let (d, f) = (c.hidden_size, c.intermediate_size);
         let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let t = |cols: usize| {
-            self.backend
-                .zeros_with_capacity(&[max_rows, cols], max_rows * cols)
-        };
+        let be = &self.backend;
+        let t = |cols: usize| be.zeros(&[max_rows, cols], be.dtype());
         Ok(Activations {
             max_rows,
             x: t(d)?,
@@ -222,7 +220,7 @@ fn load_weights<B: Backend>(
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let load = |name: &str, shape: &[usize]| -> Result<Tensor<B>> {
-        be.upload(files.load_f32(name, shape)?, shape)
+        be.upload(files.load_f32(name, shape)?, shape, be.dtype())
     };
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {

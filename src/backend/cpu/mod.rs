@@ -7,11 +7,21 @@ mod matmul;
 mod ops;
 
 use crate::backend::Backend;
-use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
+
+/// The CPU computes in f32 only: half-precision weights are widened at load.
+fn f32_only(dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 => Ok(()),
+        other => Err(Error::Unsupported(format!(
+            "the CPU device stores f32 tensors, not {other}"
+        ))),
+    }
+}
 
 /// The elements a tensor's shape covers (its buffer may be longer).
 fn view(t: &Tensor<Cpu>) -> &[f32] {
@@ -30,20 +40,33 @@ impl Backend for Cpu {
         "cpu"
     }
 
-    fn zeros_with_capacity(&self, shape: &[usize], capacity: usize) -> Result<Tensor<Self>> {
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
+    fn zeros_with_capacity(
+        &self,
+        shape: &[usize],
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<Tensor<Self>> {
+        f32_only(dtype)?;
         let numel: usize = shape.iter().product();
         assert!(capacity >= numel, "capacity {capacity} < shape {shape:?}");
         Ok(Tensor {
             buf: vec![0.0; capacity],
             shape: shape.to_vec(),
+            dtype,
         })
     }
 
-    fn upload(&self, data: Vec<f32>, shape: &[usize]) -> Result<Tensor<Self>> {
+    fn upload(&self, data: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        f32_only(dtype)?;
         assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
         Ok(Tensor {
             buf: data,
             shape: shape.to_vec(),
+            dtype,
         })
     }
 
