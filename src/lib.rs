@@ -6,6 +6,7 @@ pub mod backend;
 pub mod convert;
 pub mod error;
 pub mod infer;
+pub mod kernels_check;
 pub mod model;
 pub mod tensor;
 pub mod tokenizer;

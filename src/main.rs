@@ -4,6 +4,10 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use engine::backend::cpu::Cpu;
+use engine::backend::cuda::driver::GpuDriver;
+use engine::backend::cuda::real::Real;
+use engine::backend::cuda::Cuda;
+use engine::backend::Backend;
 use engine::infer::generate::{generate, GenerateOptions};
 use engine::infer::sampler::SamplerConfig;
 use engine::infer::score::score;
@@ -32,44 +36,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate text after a prompt, streamed to stdout.
-    Generate {
-        /// Model folder (config.json, *.safetensors, tokenizer.json).
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        prompt: String,
-        /// Treat the prompt as a user message in the model's chat template.
-        #[arg(long)]
-        chat: bool,
-        /// System message for --chat (default: whatever the template uses).
-        #[arg(long, requires = "chat")]
-        system: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_tokens: usize,
-        /// 0 picks the most likely token every time (greedy).
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        /// Sample among the K most likely tokens only (0: all).
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        /// Sample within the smallest set of tokens whose probability reaches P.
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
+    Generate(GenerateArgs),
     /// Log-probability of each token of a text given the ones before it.
-    Score {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
-        text: Option<String>,
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Print one JSON object: token_ids, logprobs, nll, ppl.
-        #[arg(long)]
-        json: bool,
-    },
+    Score(ScoreArgs),
     /// Describe a model folder.
     Info {
         #[arg(long)]
@@ -83,6 +52,129 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// The CUDA kernels (kernels/*.cu).
+    Kernels {
+        #[command(subcommand)]
+        command: KernelsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KernelsCommand {
+    /// Compile every kernel with NVRTC and ptxas (no GPU needed) and print
+    /// registers, shared memory and spills; fails on a compile error or a spill.
+    Check {
+        /// GPU architectures, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "sm_80,sm_90")]
+        arch: Vec<String>,
+    },
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DeviceArg {
+    /// The first CUDA GPU if one can be used, else the CPU (says which, and why).
+    Auto,
+    Cpu,
+    Cuda,
+    /// The CUDA kernels in the CPU emulator (a build with `--features emu`).
+    Emu,
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    /// Treat the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat (default: whatever the template uses).
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 picks the most likely token every time (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Sample among the K most likely tokens only (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sample within the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+struct ScoreArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    text: Option<String>,
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Print one JSON object: token_ids, logprobs, nll, ppl.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+/// An opened device (one per process, so its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Device {
+    Cpu,
+    Cuda(Real),
+    #[cfg(feature = "emu")]
+    Emu,
+}
+
+fn open_device(arg: DeviceArg) -> Result<Device> {
+    Ok(match arg {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda(Real::new(0).context("--device cuda")?),
+        #[cfg(feature = "emu")]
+        DeviceArg::Emu => Device::Emu,
+        #[cfg(not(feature = "emu"))]
+        DeviceArg::Emu => bail!("--device emu needs engine built with `--features emu`"),
+        DeviceArg::Auto => match Real::new(0) {
+            Ok(gpu) => {
+                eprintln!("device: {}", gpu.name());
+                Device::Cuda(gpu)
+            }
+            Err(why) => {
+                eprintln!("device: cpu (no CUDA GPU: {why})");
+                Device::Cpu
+            }
+        },
+    })
+}
+
+/// Runs `$body` with `$be` bound to the backend of `$device`.
+macro_rules! on_device {
+    ($device:expr, |$be:ident| $body:expr) => {
+        match $device {
+            Device::Cpu => {
+                let $be = Cpu;
+                $body
+            }
+            Device::Cuda(gpu) => {
+                let $be = Cuda::new(gpu);
+                $body
+            }
+            #[cfg(feature = "emu")]
+            Device::Emu => {
+                let $be = Cuda::new(engine::backend::cuda::driver::Emu::new());
+                $body
+            }
+        }
+    };
 }
 
 fn main() {
@@ -106,108 +198,10 @@ fn run(cli: Cli) -> Result<()> {
             .context("cannot start the thread pool")?;
     }
     match cli.command {
-        Command::Generate {
-            model,
-            prompt,
-            chat,
-            system,
-            max_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-        } => {
-            if !(temperature >= 0.0 && temperature.is_finite()) {
-                bail!("--temperature must be a number ≥ 0, got {temperature}");
-            }
-            if !(top_p > 0.0 && top_p <= 1.0) {
-                bail!("--top-p must be in (0, 1], got {top_p}");
-            }
-            let tokenizer = Tokenizer::load(&model)?;
-            let llm = Llama::load(Cpu, &model)?;
-            let ids = if chat {
-                let mut messages = Vec::new();
-                if let Some(system) = system {
-                    messages.push(Message {
-                        role: "system".into(),
-                        content: system,
-                    });
-                }
-                messages.push(Message {
-                    role: "user".into(),
-                    content: prompt,
-                });
-                let text = tokenizer.apply_chat_template(&messages, true)?;
-                tokenizer.encode(&text, false)?
-            } else {
-                tokenizer.encode(&prompt, true)?
-            };
-            let opts = GenerateOptions {
-                max_tokens,
-                sampler: SamplerConfig {
-                    temperature,
-                    top_k,
-                    top_p,
-                    seed,
-                },
-                stop_ids: tokenizer.stop_ids(&llm.config.eos_token_ids),
-            };
-            let mut stream = TextStream::new(&tokenizer);
-            let mut stdout = std::io::stdout().lock();
-            let gen = generate(&llm, &ids, &opts, |id| {
-                let text = stream.push(id)?;
-                // A closed pipe (`| head`) ends the generation quietly.
-                if stdout
-                    .write_all(text.as_bytes())
-                    .and_then(|_| stdout.flush())
-                    .is_err()
-                {
-                    return Err(engine::Error::Invalid("stdout closed".into()));
-                }
-                Ok(())
-            })?;
-            writeln!(stdout).ok();
-            let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
-            eprintln!(
-                "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s]",
-                gen.prompt_tokens,
-                rate(gen.prompt_tokens, gen.prefill),
-                gen.ids.len(),
-                rate(gen.ids.len().saturating_sub(1), gen.decode),
-            );
+        Command::Generate(args) => {
+            on_device!(open_device(args.device)?, |be| generate_cmd(be, &args))?
         }
-        Command::Score {
-            model,
-            text,
-            file,
-            json,
-        } => {
-            let text = match (text, file) {
-                (Some(t), _) => t,
-                (None, Some(f)) => std::fs::read_to_string(&f)
-                    .with_context(|| format!("cannot read {}", f.display()))?,
-                (None, None) => unreachable!("clap requires --text or --file"),
-            };
-            let tokenizer = Tokenizer::load(&model)?;
-            let llm = Llama::load(Cpu, &model)?;
-            let ids = tokenizer.encode(&text, false)?;
-            let s = score(&llm, &ids)?;
-            if json {
-                println!("{}", serde_json::to_string(&s)?);
-            } else {
-                for (i, lp) in s.logprobs.iter().enumerate() {
-                    let id = s.token_ids[i + 1];
-                    let piece = tokenizer.decode(&[id])?;
-                    println!("{:>6} {:>8} {:>10.4}  {:?}", i + 1, id, lp, piece);
-                }
-                println!(
-                    "tokens {}  nll {:.4}  ppl {:.4}",
-                    s.token_ids.len(),
-                    s.nll,
-                    s.ppl
-                );
-            }
-        }
+        Command::Score(args) => on_device!(open_device(args.device)?, |be| score_cmd(be, &args))?,
         Command::Info { model } => info(&model)?,
         Command::Convert {
             input,
@@ -218,6 +212,105 @@ fn run(cli: Cli) -> Result<()> {
             let summary = engine::convert::convert(&input, &out_dir, dtype)?;
             println!("{summary}");
         }
+        Command::Kernels {
+            command: KernelsCommand::Check { arch },
+        } => {
+            let report = engine::kernels_check::inspect(&arch)?;
+            println!("{report}");
+            report.ensure_no_spills()?;
+        }
+    }
+    Ok(())
+}
+
+fn generate_cmd<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature must be a number ≥ 0, got {}", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    let tokenizer = Tokenizer::load(&a.model)?;
+    let llm = Llama::load(be, &a.model)?;
+    let ids = if a.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = &a.system {
+            messages.push(Message {
+                role: "system".into(),
+                content: system.clone(),
+            });
+        }
+        messages.push(Message {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
+        let text = tokenizer.apply_chat_template(&messages, true)?;
+        tokenizer.encode(&text, false)?
+    } else {
+        tokenizer.encode(&a.prompt, true)?
+    };
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        stop_ids: tokenizer.stop_ids(&llm.config.eos_token_ids),
+    };
+    let mut stream = TextStream::new(&tokenizer);
+    let mut stdout = std::io::stdout().lock();
+    let gen = generate(&llm, &ids, &opts, |id| {
+        let text = stream.push(id)?;
+        // A closed pipe (`| head`) ends the generation quietly.
+        if stdout
+            .write_all(text.as_bytes())
+            .and_then(|_| stdout.flush())
+            .is_err()
+        {
+            return Err(engine::Error::Invalid("stdout closed".into()));
+        }
+        Ok(())
+    })?;
+    writeln!(stdout).ok();
+    let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    eprintln!(
+        "[prompt {} tokens, {:.1} tok/s | generated {} tokens, {:.1} tok/s]",
+        gen.prompt_tokens,
+        rate(gen.prompt_tokens, gen.prefill),
+        gen.ids.len(),
+        rate(gen.ids.len().saturating_sub(1), gen.decode),
+    );
+    Ok(())
+}
+
+fn score_cmd<B: Backend>(be: B, a: &ScoreArgs) -> Result<()> {
+    let text = match (&a.text, &a.file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?
+        }
+        (None, None) => unreachable!("clap requires --text or --file"),
+    };
+    let tokenizer = Tokenizer::load(&a.model)?;
+    let llm = Llama::load(be, &a.model)?;
+    let ids = tokenizer.encode(&text, false)?;
+    let s = score(&llm, &ids)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        for (i, lp) in s.logprobs.iter().enumerate() {
+            let id = s.token_ids[i + 1];
+            let piece = tokenizer.decode(&[id])?;
+            println!("{:>6} {:>8} {:>10.4}  {:?}", i + 1, id, lp, piece);
+        }
+        println!(
+            "tokens {}  nll {:.4}  ppl {:.4}",
+            s.token_ids.len(),
+            s.nll,
+            s.ppl
+        );
     }
     Ok(())
 }

@@ -8,7 +8,19 @@ use common::{fixture, Golden};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Runs engine; model commands get `--device cpu`, so that stderr holds only
+/// what the test is about (`auto` adds a line naming the device it chose).
 fn engine(args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
+    cmd.args(args);
+    if matches!(args.first(), Some(&"generate" | &"score")) {
+        cmd.args(["--device", "cpu"]);
+    }
+    cmd.output().unwrap()
+}
+
+/// Runs engine exactly as given.
+fn engine_raw(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_engine"))
         .args(args)
         .output()
@@ -356,4 +368,35 @@ fn convert_bad_input() {
         "f64",
     ]);
     assert_fails_with(&out, &["unknown dtype 'f64'"]);
+}
+
+#[test]
+fn device_choice() {
+    let (_tmp, dir) = model_copy("model");
+    // auto: a GPU if one can be used, else the CPU, saying which and why.
+    let out = engine_raw(&[
+        "score",
+        "--model",
+        s(&dir),
+        "--text",
+        TEXT,
+        "--device",
+        "auto",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("device: "), "{err}");
+    if engine::backend::cuda::real::unavailable_reason().is_some() {
+        assert!(err.contains("device: cpu (no CUDA GPU: "), "{err}");
+        let out = engine_raw(&[
+            "score",
+            "--model",
+            s(&dir),
+            "--text",
+            TEXT,
+            "--device",
+            "cuda",
+        ]);
+        assert_fails_with(&out, &["--device cuda", "libcuda"]);
+    }
 }

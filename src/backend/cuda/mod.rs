@@ -1,5 +1,416 @@
-//! The CUDA device (being built): kernels from kernels/*.cu, compiled by NVRTC
-//! for a real GPU or by the host C++ compiler for the CPU emulator.
+//! The CUDA device: weights and activations in bf16, f32 accumulation, one
+//! launcher per kernel of kernels/*.cu. The kernels run on a real GPU or in
+//! the CPU emulator, behind the `GpuDriver` seam; this file is the same for both.
 
+pub mod driver;
 #[cfg(feature = "emu")]
 pub mod emu;
+pub mod nvrtc;
+pub mod real;
+pub mod sources;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+use driver::{DevicePtr, GpuDriver};
+use half::{bf16, f16};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+/// Device memory, freed when dropped.
+pub struct DeviceBuffer<D: GpuDriver> {
+    pub ptr: DevicePtr,
+    pub bytes: usize,
+    driver: Arc<D>,
+}
+
+impl<D: GpuDriver> Drop for DeviceBuffer<D> {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from this driver's alloc and dies here.
+        unsafe { self.driver.free(self.ptr) };
+    }
+}
+
+pub struct Cuda<D: GpuDriver> {
+    driver: Arc<D>,
+}
+
+impl<D: GpuDriver> Clone for Cuda<D> {
+    fn clone(&self) -> Self {
+        Cuda {
+            driver: self.driver.clone(),
+        }
+    }
+}
+
+/// Kernel arguments in cuLaunchKernel's form: each value in its own 8-byte
+/// slot (little-endian, so a 4-byte int or float sits at the slot's start).
+#[derive(Default)]
+struct Args(Vec<u64>);
+
+impl Args {
+    fn ptr(mut self, p: DevicePtr) -> Self {
+        self.0.push(p);
+        self
+    }
+    fn int(mut self, v: usize) -> Self {
+        let v = i32::try_from(v).expect("size exceeds a kernel's int argument");
+        self.0.push(v as u32 as u64);
+        self
+    }
+    fn float(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits() as u64);
+        self
+    }
+}
+
+const THREADS: u32 = 256;
+
+/// Blocks for a grid-stride loop over `n` elements.
+fn blocks_for(n: usize) -> u32 {
+    n.div_ceil(THREADS as usize).clamp(1, 65535) as u32
+}
+
+fn expect_dtype<D: GpuDriver>(what: &str, t: &Tensor<Cuda<D>>, dtype: DType) {
+    assert_eq!(
+        t.dtype, dtype,
+        "{what} is {}, the kernel takes {dtype}",
+        t.dtype
+    );
+}
+
+impl<D: GpuDriver> Cuda<D> {
+    pub fn new(driver: D) -> Self {
+        Cuda {
+            driver: Arc::new(driver),
+        }
+    }
+
+    pub fn driver(&self) -> &D {
+        &self.driver
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DeviceBuffer<D>> {
+        Ok(DeviceBuffer {
+            ptr: self.driver.alloc(bytes)?,
+            bytes,
+            driver: self.driver.clone(),
+        })
+    }
+
+    fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        args: Args,
+    ) -> Result<()> {
+        let mut slots = args.0;
+        let mut ptrs: Vec<*mut c_void> = slots
+            .iter_mut()
+            .map(|s| s as *mut u64 as *mut c_void)
+            .collect();
+        // SAFETY: every launcher below passes the kernel's parameters in order
+        // with their types (device pointers, int, float), and sizes the grid so
+        // the kernel stays inside the tensors whose shapes it asserted.
+        unsafe { self.driver.launch(name, grid, block, 0, &mut ptrs) }
+    }
+}
+
+impl<D: GpuDriver> Backend for Cuda<D> {
+    type Buf = DeviceBuffer<D>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn dtype(&self) -> DType {
+        DType::BF16
+    }
+
+    fn zeros_with_capacity(
+        &self,
+        shape: &[usize],
+        capacity: usize,
+        dtype: DType,
+    ) -> Result<Tensor<Self>> {
+        let numel: usize = shape.iter().product();
+        assert!(capacity >= numel, "capacity {capacity} < shape {shape:?}");
+        let buf = self.alloc(capacity * dtype.size())?;
+        // SAFETY: the whole fresh allocation.
+        unsafe { self.driver.zero(buf.ptr, buf.bytes)? };
+        Ok(Tensor {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    fn upload(&self, data: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => bytemuck::cast_slice(&data).to_vec(),
+            DType::BF16 => data
+                .iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            DType::F16 => data
+                .iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+        };
+        let buf = self.alloc(bytes.len())?;
+        // SAFETY: the allocation holds exactly these bytes.
+        unsafe { self.driver.upload(buf.ptr, &bytes)? };
+        Ok(Tensor {
+            buf,
+            shape: shape.to_vec(),
+            dtype,
+        })
+    }
+
+    fn download_rows(&self, t: &Tensor<Self>, row: usize, rows: usize) -> Result<Vec<f32>> {
+        let (n, d) = t.rows_cols();
+        assert!(row + rows <= n, "rows {row}+{rows} of {n}");
+        let size = t.dtype.size();
+        let mut bytes = vec![0u8; rows * d * size];
+        // SAFETY: rows row..row+rows lie inside the tensor's buffer.
+        unsafe {
+            self.driver
+                .download(&mut bytes, t.buf.ptr + (row * d * size) as u64)?
+        };
+        Ok(match t.dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        })
+    }
+
+    fn copy_rows(
+        &self,
+        dst: &mut Tensor<Self>,
+        dst_row: usize,
+        src: &Tensor<Self>,
+        src_row: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let (dn, d) = dst.rows_cols();
+        let (sn, sd) = src.rows_cols();
+        assert_eq!(d, sd, "row widths differ");
+        assert_eq!(dst.dtype, src.dtype);
+        assert!(dst_row + rows <= dn && src_row + rows <= sn);
+        let row_bytes = (d * dst.dtype.size()) as u64;
+        // SAFETY: both row ranges lie inside their tensors (asserted above),
+        // and two tensors never share a buffer.
+        unsafe {
+            self.driver.copy(
+                dst.buf.ptr + dst_row as u64 * row_bytes,
+                src.buf.ptr + src_row as u64 * row_bytes,
+                rows * row_bytes as usize,
+            )
+        }
+    }
+
+    fn embedding(&self, out: &mut Tensor<Self>, ids: &[u32], table: &Tensor<Self>) -> Result<()> {
+        let (vocab, d) = table.rows_cols();
+        assert_eq!(out.shape, [ids.len(), d]);
+        expect_dtype("embedding out", out, DType::BF16);
+        expect_dtype("embedding table", table, DType::BF16);
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} outside vocabulary {vocab}"
+            )));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = self.alloc(ids.len() * 4)?;
+        // SAFETY: the allocation holds exactly the ids.
+        unsafe { self.driver.upload(dev_ids.ptr, bytemuck::cast_slice(ids))? };
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(dev_ids.ptr)
+            .ptr(table.buf.ptr)
+            .int(d);
+        self.launch(
+            "embedding_fwd_bf16",
+            (ids.len() as u32, 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )?;
+        // The ids must outlive the kernel.
+        self.driver.synchronize()
+    }
+
+    fn rmsnorm(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        assert_eq!(out.shape, x.shape);
+        let (n, d) = x.rows_cols();
+        assert_eq!(weight.numel(), d);
+        for (what, t) in [("out", &*out), ("x", x), ("weight", weight)] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(weight.buf.ptr)
+            .int(d)
+            .float(eps);
+        self.launch("rmsnorm_fwd_bf16", (n as u32, 1, 1), (THREADS, 1, 1), args)
+    }
+
+    fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
+        let (n, k) = x.rows_cols();
+        let (m, wk) = w.rows_cols();
+        assert_eq!(k, wk, "inner dims {:?} · {:?}ᵀ", x.shape, w.shape);
+        assert_eq!(out.rows_cols(), (n, m));
+        expect_dtype("matmul x", x, DType::BF16);
+        expect_dtype("matmul w", w, DType::BF16);
+        let kernel = match out.dtype {
+            DType::BF16 => "matmul_nt_bf16",
+            DType::F32 => "matmul_nt_bf16_f32",
+            other => panic!("matmul output {other}"),
+        };
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(w.buf.ptr)
+            .int(n)
+            .int(m)
+            .int(k);
+        let grid = (m.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
+        self.launch(kernel, grid, (THREADS, 1, 1), args)
+    }
+
+    fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
+        let (n, width) = x.rows_cols();
+        assert_eq!(width % heads, 0);
+        expect_dtype("rope x", x, DType::BF16);
+        let hd = width / heads;
+        let args = Args::default()
+            .ptr(x.buf.ptr)
+            .int(n)
+            .int(heads)
+            .int(hd)
+            .int(pos0)
+            .float(theta);
+        let grid = (blocks_for(n * heads * hd / 2), 1, 1);
+        self.launch("rope_fwd_bf16", grid, (THREADS, 1, 1), args)
+    }
+
+    fn attention(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        kv_heads: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let (n, width) = q.rows_cols();
+        let (capacity, kv_width) = k.rows_cols();
+        assert_eq!(out.shape, q.shape);
+        assert_eq!(k.shape, v.shape);
+        assert!(heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads));
+        let hd = width / heads;
+        assert_eq!(kv_width, kv_heads * hd);
+        assert!(
+            pos0 + n <= capacity,
+            "cache of {capacity} rows holds {}",
+            pos0 + n
+        );
+        if hd > 256 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {hd} (the attention kernel takes up to 256)"
+            )));
+        }
+        for (what, t) in [("out", &*out), ("q", q), ("k", k), ("v", v)] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(q.buf.ptr)
+            .ptr(k.buf.ptr)
+            .ptr(v.buf.ptr)
+            .int(heads)
+            .int(kv_heads)
+            .int(hd)
+            .int(pos0);
+        self.launch(
+            "attention_fwd_bf16",
+            (n as u32, heads as u32, 1),
+            (128, 1, 1),
+            args,
+        )
+    }
+
+    fn swiglu(&self, out: &mut Tensor<Self>, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<()> {
+        assert_eq!(out.shape, gate.shape);
+        assert_eq!(gate.shape, up.shape);
+        for (what, t) in [("out", &*out), ("gate", gate), ("up", up)] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        let n = out.numel();
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(gate.buf.ptr)
+            .ptr(up.buf.ptr)
+            .int(n);
+        self.launch(
+            "swiglu_fwd_bf16",
+            (blocks_for(n), 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
+    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()> {
+        assert_eq!(x.shape, y.shape);
+        expect_dtype("x", x, DType::BF16);
+        expect_dtype("y", y, DType::BF16);
+        let n = x.numel();
+        let args = Args::default().ptr(x.buf.ptr).ptr(y.buf.ptr).int(n);
+        self.launch(
+            "add_assign_bf16",
+            (blocks_for(n), 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
+    fn log_softmax(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()> {
+        assert_eq!(out.shape, x.shape);
+        expect_dtype("out", out, DType::F32);
+        expect_dtype("x", x, DType::F32);
+        let (n, d) = x.rows_cols();
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::default().ptr(out.buf.ptr).ptr(x.buf.ptr).int(d);
+        self.launch("log_softmax_f32", (n as u32, 1, 1), (THREADS, 1, 1), args)
+    }
+}

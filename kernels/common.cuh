@@ -1,0 +1,193 @@
+// Small device helpers shared by every kernel family.
+//
+// Compiles two ways:
+//   - under NVRTC for a real GPU (the include path holds the cuda-runtime
+//     wheel's headers): inline PTX for mma / ldmatrix / cp.async;
+//   - as host C++ under the CPU emulator (`-DCUDA_EMU`, kernels/emu/emu.h):
+//     plain C++ fallbacks that compute the same thing lane by lane.
+//
+// Contents:
+//   FULL_MASK, WARP_SIZE
+//   warp_sum, warp_max                 butterfly reductions, every lane gets the result
+//   to_float / from_float<T>           float <-> float, __nv_bfloat16, __half
+//   mma_m16n8k16_bf16(d, a, b, c)      d = a·b + c on one warp (tensor cores)
+//   ldmatrix_x4(r, p)                  four 8x8 b16 matrices from shared memory
+//   cp_async_16, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
+//
+// Fragment layout of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for
+// mma.m16n8k16"), with g = lane / 4 and t = lane % 4; each 32-bit register
+// holds two bf16, the lower column / row index in the low half:
+//   A (16x16, row-major) a[0] = A[g][2t..2t+1]     a[1] = A[g+8][2t..2t+1]
+//                        a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]
+//   B (16x8, "col")      b[0] = B[2t..2t+1][g]     b[1] = B[2t+8..2t+9][g]
+//   C, D (16x8, f32)     c[0..1] = C[g][2t..2t+1]  c[2..3] = C[g+8][2t..2t+1]
+#pragma once
+
+#if defined(CUDA_EMU)
+#include "emu/emu.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+#define WARP_SIZE 32
+#define FULL_MASK 0xffffffffu
+
+// ---------------------------------------------------------------- reductions
+
+// Sum of v over the 32 lanes of a full warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+// Maximum of v over the 32 lanes of a full warp; every lane gets the result.
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// ---------------------------------------------------------------- conversions
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// Round to nearest even, as the CPU device's `half` crate does.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Two bf16 packed into one 32-bit register (low half = lo), as mma wants them.
+__device__ __forceinline__ unsigned pack_bf16x2(__nv_bfloat16 lo, __nv_bfloat16 hi) {
+    unsigned short l = *reinterpret_cast<unsigned short*>(&lo);
+    unsigned short h = *reinterpret_cast<unsigned short*>(&hi);
+    return (unsigned)l | ((unsigned)h << 16);
+}
+
+// ---------------------------------------------------------------- tensor cores
+
+#if defined(CUDA_EMU)
+namespace emu_detail {
+__device__ __forceinline__ float bf16_lo(unsigned r) {
+    return __uint_as_float(r << 16);
+}
+__device__ __forceinline__ float bf16_hi(unsigned r) {
+    return __uint_as_float(r & 0xffff0000u);
+}
+}  // namespace emu_detail
+#endif
+
+// d = a·b + c for one 16x8x16 tile, f32 accumulate. All 32 lanes of the warp
+// must call it together (as mma.sync requires). d may alias c.
+__device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4],
+                                                  const unsigned b[2], const float c[4]) {
+#if defined(CUDA_EMU)
+    // Each lane stages its fragments in the warp's staging area, then computes
+    // its own four outputs from the whole tiles.
+    float* A = reinterpret_cast<float*>(emu_warp_scratch());  // [16][16]
+    float* B = A + 16 * 16;                                    // [16][8], k-major
+    const int lane = emu_lane_id();
+    const int g = lane / 4, t = lane % 4;
+    using emu_detail::bf16_hi;
+    using emu_detail::bf16_lo;
+    A[g * 16 + 2 * t] = bf16_lo(a[0]);
+    A[g * 16 + 2 * t + 1] = bf16_hi(a[0]);
+    A[(g + 8) * 16 + 2 * t] = bf16_lo(a[1]);
+    A[(g + 8) * 16 + 2 * t + 1] = bf16_hi(a[1]);
+    A[g * 16 + 2 * t + 8] = bf16_lo(a[2]);
+    A[g * 16 + 2 * t + 9] = bf16_hi(a[2]);
+    A[(g + 8) * 16 + 2 * t + 8] = bf16_lo(a[3]);
+    A[(g + 8) * 16 + 2 * t + 9] = bf16_hi(a[3]);
+    B[(2 * t) * 8 + g] = bf16_lo(b[0]);
+    B[(2 * t + 1) * 8 + g] = bf16_hi(b[0]);
+    B[(2 * t + 8) * 8 + g] = bf16_lo(b[1]);
+    B[(2 * t + 9) * 8 + g] = bf16_hi(b[1]);
+    __syncwarp();
+    float out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+        float s = c[i];
+        for (int k = 0; k < 16; k++) s += A[row * 16 + k] * B[k * 8 + col];
+        out[i] = s;
+    }
+    __syncwarp();
+    for (int i = 0; i < 4; i++) d[i] = out[i];
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+          "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// Loads four 8x8 matrices of 16-bit elements from shared memory. Lanes
+// 8i..8i+7 give the addresses of the 8 rows (16 bytes each, 16-byte aligned)
+// of matrix i; lane l receives in r[i] the elements (l/4, 2(l%4)) and
+// (l/4, 2(l%4)+1) of matrix i. All 32 lanes must call it together.
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* smem_row) {
+#if defined(CUDA_EMU)
+    const unsigned char** rows = reinterpret_cast<const unsigned char**>(emu_warp_scratch());
+    const int lane = emu_lane_id();
+    rows[lane] = static_cast<const unsigned char*>(smem_row);
+    __syncwarp();
+    unsigned out[4];
+    for (int i = 0; i < 4; i++) {
+        const unsigned char* p = rows[8 * i + lane / 4] + 4 * (lane % 4);
+        unsigned v;
+        memcpy(&v, p, 4);
+        out[i] = v;
+    }
+    __syncwarp();
+    for (int i = 0; i < 4; i++) r[i] = out[i];
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(smem_row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+#endif
+}
+
+// ---------------------------------------------------------------- async copies
+
+// Copies 16 bytes global -> shared without going through registers (sm_80+).
+// Both addresses 16-byte aligned. On the emulator: a plain copy.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+#if defined(CUDA_EMU)
+    memcpy(smem_dst, gmem_src, 16);
+#else
+    unsigned addr = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem_src));
+#endif
+}
+
+// Closes the group of cp_async_16 issued so far by this thread.
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(CUDA_EMU)
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most N committed groups of this thread are still in flight.
+// (Other threads' copies need a __syncthreads as well.)
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if !defined(CUDA_EMU)
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if !defined(CUDA_EMU)
+    asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}

@@ -1,0 +1,60 @@
+// Element-wise and row-gather kernels of the forward pass.
+//
+// Conventions: activations and weights are bf16 in memory, arithmetic is f32.
+// Sizes are ints (tensors here stay far below 2^31 elements).
+// Grid-stride loops, so any grid size is correct; launchers size the grid to
+// the data.
+
+#include "common.cuh"
+
+// x += y, element-wise over n elements.
+extern "C" __global__ void add_assign_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(y[i]));
+    }
+}
+
+// out = silu(gate) * up, element-wise over n elements.
+extern "C" __global__ void swiglu_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* gate,
+                                           const __nv_bfloat16* up, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = __bfloat162float(gate[i]);
+        float silu = g / (1.0f + expf(-g));
+        out[i] = __float2bfloat16(silu * __bfloat162float(up[i]));
+    }
+}
+
+// out[r] = table[ids[r]]: one block per row r of out [n, d]; table [vocab, d].
+// Ids are checked on the host before the launch.
+extern "C" __global__ void embedding_fwd_bf16(__nv_bfloat16* out, const unsigned* ids,
+                                              const __nv_bfloat16* table, int d) {
+    const __nv_bfloat16* src = table + (size_t)ids[blockIdx.x] * d;
+    __nv_bfloat16* dst = out + (size_t)blockIdx.x * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        dst[c] = src[c];
+    }
+}
+
+// Rotary position embedding in place, HF "rotate half" layout: in each head of
+// width hd, element i < hd/2 pairs with i + hd/2 and turns by the angle
+// (pos0 + row) * theta^(-2i/hd). One thread per (row, head, i); x [n, heads*hd].
+extern "C" __global__ void rope_fwd_bf16(__nv_bfloat16* x, int n, int heads, int hd, int pos0,
+                                         float theta) {
+    int half = hd / 2;
+    int total = n * heads * half;
+    for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+        int i = t % half;
+        int head = (t / half) % heads;
+        int row = t / (half * heads);
+        // Same f32 arithmetic as the CPU device (and HF): inv_freq, then pos * inv_freq.
+        float inv_freq = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
+        float angle = (float)(pos0 + row) * inv_freq;
+        float s, c;
+        sincosf(angle, &s, &c);
+        __nv_bfloat16* p = x + (size_t)row * heads * hd + head * hd;
+        float x1 = __bfloat162float(p[i]);
+        float x2 = __bfloat162float(p[i + half]);
+        p[i] = __float2bfloat16(x1 * c - x2 * s);
+        p[i + half] = __float2bfloat16(x2 * c + x1 * s);
+    }
+}

@@ -1,0 +1,67 @@
+// Row reductions: RMSNorm and log-softmax.
+//
+// One block per row; the block's threads stride over the row's columns, then
+// reduce through warp shuffles and one shared-memory slot per warp. Launchers
+// use 256 threads (8 warps), any multiple of 32 up to 1024 works.
+
+#include "common.cuh"
+
+// The largest finite float, negated: the start of a running maximum (NVRTC has
+// no INFINITY macro, and exp(-FLT_MAX_F - m) is exactly 0 as -inf would give).
+#define FLT_MAX_F 3.402823466e+38f
+
+// Sum of v over the block; every thread gets the result. `scratch` holds one
+// float per warp. Ends with a barrier, so scratch can be reused right away.
+__device__ float block_sum(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+    for (int w = 0; w < warps; w++) total += scratch[w];
+    __syncthreads();
+    return total;
+}
+
+// Maximum of v over the block; as block_sum.
+__device__ float block_max(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float m = -FLT_MAX_F;
+    for (int w = 0; w < warps; w++) m = fmaxf(m, scratch[w]);
+    __syncthreads();
+    return m;
+}
+
+// out = x / sqrt(mean(x^2) + eps) * w, per row; x, out [rows, d], w [d].
+extern "C" __global__ void rmsnorm_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x,
+                                            const __nv_bfloat16* w, int d, float eps) {
+    __shared__ float scratch[32];
+    const __nv_bfloat16* xr = x + (size_t)blockIdx.x * d;
+    __nv_bfloat16* outr = out + (size_t)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = __bfloat162float(xr[c]);
+        ss += v * v;
+    }
+    float inv = rsqrtf(block_sum(ss, scratch) / (float)d + eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        outr[c] = __float2bfloat16(__bfloat162float(xr[c]) * inv * __bfloat162float(w[c]));
+    }
+}
+
+// out = x - logsumexp(x), per row of width d, in f32 (logits stay f32).
+extern "C" __global__ void log_softmax_f32(float* out, const float* x, int d) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    float* outr = out + (size_t)blockIdx.x * d;
+    float m = -FLT_MAX_F;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) m = fmaxf(m, xr[c]);
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) s += expf(xr[c] - m);
+    float lse = m + logf(block_sum(s, scratch));
+    for (int c = threadIdx.x; c < d; c += blockDim.x) outr[c] = xr[c] - lse;
+}

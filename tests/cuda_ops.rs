@@ -1,0 +1,199 @@
+//! Every kernel of the CUDA device, run in the CPU emulator, against the CPU
+//! device's op on the same (bf16-rounded) inputs. Outputs are poisoned before
+//! each launch. Shapes include ragged ones that fit no tile.
+#![cfg(feature = "emu")]
+
+mod common;
+
+use common::max_rel_err;
+use engine::backend::cpu::Cpu;
+use engine::backend::cuda::driver::Emu;
+use engine::backend::cuda::Cuda;
+use engine::backend::Backend;
+use engine::tensor::DType::{self, BF16, F32};
+use engine::tensor::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// bf16 outputs: each element rounds by up to 2⁻⁹ relative, and bf16
+/// intermediates (q, k, v …) add a little; measured against the largest
+/// reference value, as elsewhere.
+const BF16_TOL: f32 = 1e-2;
+/// f32 outputs from bf16 inputs: only the summation order differs.
+const F32_TOL: f32 = 1e-5;
+
+fn gpu() -> Cuda<Emu> {
+    Cuda::new(Emu::new())
+}
+
+fn rng() -> StdRng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+/// Random values already representable in bf16, so both devices see the same inputs.
+fn data(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32())
+        .collect()
+}
+
+struct Pair {
+    cpu: Tensor<Cpu>,
+    gpu: Tensor<Cuda<Emu>>,
+}
+
+fn pair(g: &Cuda<Emu>, v: &[f32], shape: &[usize], dtype: DType) -> Pair {
+    Pair {
+        cpu: Cpu.upload(v.to_vec(), shape, F32).unwrap(),
+        gpu: g.upload(v.to_vec(), shape, dtype).unwrap(),
+    }
+}
+
+/// An output pair, the GPU side filled with NaN so skipped elements show.
+fn out(g: &Cuda<Emu>, shape: &[usize], dtype: DType) -> Pair {
+    let n = shape.iter().product();
+    Pair {
+        cpu: Cpu.zeros(shape, F32).unwrap(),
+        gpu: g.upload(vec![f32::NAN; n], shape, dtype).unwrap(),
+    }
+}
+
+fn check(what: &str, g: &Cuda<Emu>, o: &Pair, tol: f32) {
+    let want = Cpu.download(&o.cpu).unwrap();
+    let got = g.download(&o.gpu).unwrap();
+    let err = max_rel_err(&got, &want);
+    assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
+}
+
+#[test]
+fn add_swiglu_rmsnorm() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, d) in [(1, 5), (3, 64), (17, 129), (33, 576)] {
+        let what = format!("[{n}, {d}]");
+        let x = data(&mut r, n * d, 3.0);
+        let y = data(&mut r, n * d, 3.0);
+        let w = data(&mut r, d, 2.0);
+        let (mut a, b) = (pair(&g, &x, &[n, d], BF16), pair(&g, &y, &[n, d], BF16));
+        Cpu.add_assign(&mut a.cpu, &b.cpu).unwrap();
+        g.add_assign(&mut a.gpu, &b.gpu).unwrap();
+        check(&format!("add {what}"), &g, &a, BF16_TOL);
+
+        let (gate, up) = (pair(&g, &x, &[n, d], BF16), pair(&g, &y, &[n, d], BF16));
+        let mut o = out(&g, &[n, d], BF16);
+        Cpu.swiglu(&mut o.cpu, &gate.cpu, &up.cpu).unwrap();
+        g.swiglu(&mut o.gpu, &gate.gpu, &up.gpu).unwrap();
+        check(&format!("swiglu {what}"), &g, &o, BF16_TOL);
+
+        let wt = pair(&g, &w, &[d], BF16);
+        let mut o = out(&g, &[n, d], BF16);
+        Cpu.rmsnorm(&mut o.cpu, &gate.cpu, &wt.cpu, 1e-5).unwrap();
+        g.rmsnorm(&mut o.gpu, &gate.gpu, &wt.gpu, 1e-5).unwrap();
+        check(&format!("rmsnorm {what}"), &g, &o, BF16_TOL);
+    }
+}
+
+#[test]
+fn embedding_and_copy_rows() {
+    let (g, mut r) = (gpu(), rng());
+    let (vocab, d) = (50, 67);
+    let table = pair(&g, &data(&mut r, vocab * d, 1.0), &[vocab, d], BF16);
+    let ids: Vec<u32> = (0..13).map(|_| r.random_range(0..vocab as u32)).collect();
+    let mut o = out(&g, &[ids.len(), d], BF16);
+    Cpu.embedding(&mut o.cpu, &ids, &table.cpu).unwrap();
+    g.embedding(&mut o.gpu, &ids, &table.gpu).unwrap();
+    check("embedding", &g, &o, 0.0);
+    assert!(g
+        .embedding(&mut o.gpu, &[vocab as u32; 13], &table.gpu)
+        .is_err());
+
+    let mut dst = pair(&g, &data(&mut r, 20 * d, 1.0), &[20, d], BF16);
+    Cpu.copy_rows(&mut dst.cpu, 4, &o.cpu, 2, 9).unwrap();
+    g.copy_rows(&mut dst.gpu, 4, &o.gpu, 2, 9).unwrap();
+    check("copy_rows", &g, &dst, 0.0);
+}
+
+#[test]
+fn rope() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, heads, hd, pos0) in [(1, 1, 2, 0), (3, 3, 16, 5), (17, 9, 64, 20), (5, 2, 6, 100)] {
+        let x = data(&mut r, n * heads * hd, 2.0);
+        let mut t = pair(&g, &x, &[n, heads * hd], BF16);
+        Cpu.rope(&mut t.cpu, heads, pos0, 10000.0).unwrap();
+        g.rope(&mut t.gpu, heads, pos0, 10000.0).unwrap();
+        check(
+            &format!("rope n{n} h{heads} hd{hd} pos0 {pos0}"),
+            &g,
+            &t,
+            BF16_TOL,
+        );
+    }
+}
+
+#[test]
+fn matmul_both_outputs() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, m, k) in [
+        (1, 1, 1),
+        (1, 130, 64),
+        (7, 31, 130),
+        (64, 64, 64),
+        (65, 129, 47),
+        (130, 7, 200),
+    ] {
+        let x = pair(&g, &data(&mut r, n * k, 1.0), &[n, k], BF16);
+        let w = pair(&g, &data(&mut r, m * k, 1.0), &[m, k], BF16);
+        for (dtype, tol) in [(F32, F32_TOL), (BF16, BF16_TOL)] {
+            let mut o = out(&g, &[n, m], dtype);
+            Cpu.matmul_nt(&mut o.cpu, &x.cpu, &w.cpu).unwrap();
+            g.matmul_nt(&mut o.gpu, &x.gpu, &w.gpu).unwrap();
+            check(
+                &format!("matmul [{n},{k}]·[{m},{k}]ᵀ → {dtype}"),
+                &g,
+                &o,
+                tol,
+            );
+        }
+    }
+}
+
+#[test]
+fn attention() {
+    let (g, mut r) = (gpu(), rng());
+    for (heads, kv_heads) in [(4, 4), (4, 2), (9, 3), (6, 1)] {
+        for hd in [8, 64] {
+            for (pos0, n) in [(0, 1), (0, 7), (5, 1), (5, 33)] {
+                let cap = pos0 + n + 3;
+                let kvw = kv_heads * hd;
+                let q = pair(
+                    &g,
+                    &data(&mut r, n * heads * hd, 2.0),
+                    &[n, heads * hd],
+                    BF16,
+                );
+                let k = pair(&g, &data(&mut r, cap * kvw, 2.0), &[cap, kvw], BF16);
+                let v = pair(&g, &data(&mut r, cap * kvw, 2.0), &[cap, kvw], BF16);
+                let mut o = out(&g, &[n, heads * hd], BF16);
+                Cpu.attention(&mut o.cpu, &q.cpu, &k.cpu, &v.cpu, heads, kv_heads, pos0)
+                    .unwrap();
+                g.attention(&mut o.gpu, &q.gpu, &k.gpu, &v.gpu, heads, kv_heads, pos0)
+                    .unwrap();
+                let what = format!("attention {heads}/{kv_heads} hd {hd} pos0 {pos0} n {n}");
+                check(&what, &g, &o, BF16_TOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn log_softmax() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, d) in [(1, 3), (4, 320), (3, 49152)] {
+        let x = pair(&g, &data(&mut r, n * d, 20.0), &[n, d], F32);
+        let mut o = out(&g, &[n, d], F32);
+        Cpu.log_softmax(&mut o.cpu, &x.cpu).unwrap();
+        g.log_softmax(&mut o.gpu, &x.gpu).unwrap();
+        check(&format!("log_softmax [{n}, {d}]"), &g, &o, F32_TOL);
+    }
+}
