@@ -7,11 +7,21 @@
 
 #include "common.cuh"
 
-// x += y, element-wise over n elements.
-extern "C" __global__ void add_assign_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, int n) {
+// x += y, element-wise over n elements. The residual stream x is f32 (the
+// sum of every block's output, where bf16 rounding would pile up) or bf16.
+template <typename X>
+__device__ void add_assign(X* x, const __nv_bfloat16* y, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(y[i]));
+        x[i] = from_float<X>(to_float(x[i]) + __bfloat162float(y[i]));
     }
+}
+
+extern "C" __global__ void add_assign_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, int n) {
+    add_assign(x, y, n);
+}
+
+extern "C" __global__ void add_assign_f32_bf16(float* x, const __nv_bfloat16* y, int n) {
+    add_assign(x, y, n);
 }
 
 // out = silu(gate) * up, element-wise over n elements.
@@ -26,13 +36,23 @@ extern "C" __global__ void swiglu_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat
 
 // out[r] = table[ids[r]]: one block per row r of out [n, d]; table [vocab, d].
 // Ids are checked on the host before the launch.
+template <typename Out>
+__device__ void embedding(Out* out, const unsigned* ids, const __nv_bfloat16* table, int d) {
+    const __nv_bfloat16* src = table + (size_t)ids[blockIdx.x] * d;
+    Out* dst = out + (size_t)blockIdx.x * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        dst[c] = from_float<Out>(__bfloat162float(src[c]));
+    }
+}
+
 extern "C" __global__ void embedding_fwd_bf16(__nv_bfloat16* out, const unsigned* ids,
                                               const __nv_bfloat16* table, int d) {
-    const __nv_bfloat16* src = table + (size_t)ids[blockIdx.x] * d;
-    __nv_bfloat16* dst = out + (size_t)blockIdx.x * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        dst[c] = src[c];
-    }
+    embedding(out, ids, table, d);
+}
+
+extern "C" __global__ void embedding_fwd_bf16_f32(float* out, const unsigned* ids,
+                                                  const __nv_bfloat16* table, int d) {
+    embedding(out, ids, table, d);
 }
 
 // Rotary position embedding in place, HF "rotate half" layout: in each head of

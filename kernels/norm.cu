@@ -36,20 +36,32 @@ __device__ float block_max(float v, float* scratch) {
 }
 
 // out = x / sqrt(mean(x^2) + eps) * w, per row; x, out [rows, d], w [d].
-extern "C" __global__ void rmsnorm_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x,
-                                            const __nv_bfloat16* w, int d, float eps) {
+// x is the residual stream (f32 or bf16); out feeds a matmul (bf16).
+template <typename In>
+__device__ void rmsnorm(__nv_bfloat16* out, const In* x, const __nv_bfloat16* w, int d,
+                        float eps) {
     __shared__ float scratch[32];
-    const __nv_bfloat16* xr = x + (size_t)blockIdx.x * d;
+    const In* xr = x + (size_t)blockIdx.x * d;
     __nv_bfloat16* outr = out + (size_t)blockIdx.x * d;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float v = __bfloat162float(xr[c]);
+        float v = to_float(xr[c]);
         ss += v * v;
     }
     float inv = rsqrtf(block_sum(ss, scratch) / (float)d + eps);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        outr[c] = __float2bfloat16(__bfloat162float(xr[c]) * inv * __bfloat162float(w[c]));
+        outr[c] = __float2bfloat16(to_float(xr[c]) * inv * __bfloat162float(w[c]));
     }
+}
+
+extern "C" __global__ void rmsnorm_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x,
+                                            const __nv_bfloat16* w, int d, float eps) {
+    rmsnorm(out, x, w, d, eps);
+}
+
+extern "C" __global__ void rmsnorm_fwd_f32_bf16(__nv_bfloat16* out, const float* x,
+                                                const __nv_bfloat16* w, int d, float eps) {
+    rmsnorm(out, x, w, d, eps);
 }
 
 // out = x - logsumexp(x), per row of width d, in f32 (logits stay f32).

@@ -91,6 +91,17 @@ fn add_swiglu_rmsnorm() {
         Cpu.rmsnorm(&mut o.cpu, &gate.cpu, &wt.cpu, 1e-5).unwrap();
         g.rmsnorm(&mut o.gpu, &gate.gpu, &wt.gpu, 1e-5).unwrap();
         check(&format!("rmsnorm {what}"), &g, &o, BF16_TOL);
+
+        // The residual stream in f32: x += bf16 y, then rmsnorm reads it.
+        let exact: Vec<f32> = x.iter().map(|v| v + 1e-3).collect(); // not bf16-representable
+        let mut a = pair(&g, &exact, &[n, d], F32);
+        Cpu.add_assign(&mut a.cpu, &b.cpu).unwrap();
+        g.add_assign(&mut a.gpu, &b.gpu).unwrap();
+        check(&format!("add f32 += bf16 {what}"), &g, &a, F32_TOL);
+        let mut o = out(&g, &[n, d], BF16);
+        Cpu.rmsnorm(&mut o.cpu, &a.cpu, &wt.cpu, 1e-6).unwrap();
+        g.rmsnorm(&mut o.gpu, &a.gpu, &wt.gpu, 1e-6).unwrap();
+        check(&format!("rmsnorm f32 in {what}"), &g, &o, BF16_TOL);
     }
 }
 
@@ -104,6 +115,10 @@ fn embedding_and_copy_rows() {
     Cpu.embedding(&mut o.cpu, &ids, &table.cpu).unwrap();
     g.embedding(&mut o.gpu, &ids, &table.gpu).unwrap();
     check("embedding", &g, &o, 0.0);
+    let mut o32 = out(&g, &[ids.len(), d], F32);
+    Cpu.embedding(&mut o32.cpu, &ids, &table.cpu).unwrap();
+    g.embedding(&mut o32.gpu, &ids, &table.gpu).unwrap();
+    check("embedding into f32", &g, &o32, 0.0);
     assert!(g
         .embedding(&mut o.gpu, &[vocab as u32; 13], &table.gpu)
         .is_err());

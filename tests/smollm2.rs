@@ -114,3 +114,40 @@ fn score_matches_transformers() {
         assert!((ppl - (nll / n as f64).exp()).abs() < 1e-9 * ppl);
     }
 }
+
+/// The CUDA kernels in the CPU emulator on the real model: the same greedy
+/// answer, and a score within bf16 tolerance (1e-2 relative on the total NLL)
+/// of the CPU device.
+#[cfg(feature = "emu")]
+#[test]
+fn emulated_cuda_device_answers_and_scores() {
+    let Some(dir) = model_dir() else { return };
+    let dir = dir.to_str().unwrap();
+    let question = "What is the capital of France?";
+    let answer = engine(&[
+        "generate",
+        "--model",
+        dir,
+        "--chat",
+        "--prompt",
+        question,
+        "--max-tokens",
+        "12",
+        "--device",
+        "emu",
+    ]);
+    assert_eq!(answer.trim(), "The capital of France is Paris.");
+    let text = "The quick brown fox jumps over the lazy dog.";
+    let nll = |device: &str| {
+        let out = engine(&[
+            "score", "--model", dir, "--json", "--text", text, "--device", device,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nll"].as_f64().unwrap()
+    };
+    let (cpu, emu) = (nll("cpu"), nll("emu"));
+    assert!(
+        (emu - cpu).abs() <= 1e-2 * cpu,
+        "emu nll {emu} vs cpu {cpu}"
+    );
+}

@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::weights::SafetensorsFiles;
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use std::path::Path;
 
 pub struct LayerWeights<B: Backend> {
@@ -47,7 +47,7 @@ pub struct KvCache<B: Backend> {
 /// and reshaped to the rows of each call.
 pub struct Activations<B: Backend> {
     max_rows: usize,
-    x: Tensor<B>,    // residual stream [n, d]
+    x: Tensor<B>,    // residual stream [n, d], f32
     h: Tensor<B>,    // normed input of a block [n, d]
     q: Tensor<B>,    // [n, heads·hd]
     k: Tensor<B>,    // [n, kv_heads·hd]
@@ -123,7 +123,9 @@ impl<B: Backend> Llama<B> {
         let t = |cols: usize| be.zeros(&[max_rows, cols], be.dtype());
         Ok(Activations {
             max_rows,
-            x: t(d)?,
+            // The residual stream sums every block's output: kept in f32 on
+            // every device, as half-precision rounding would pile up there.
+            x: be.zeros(&[max_rows, d], DType::F32)?,
             h: t(d)?,
             q: t(qw)?,
             k: t(kvw)?,

@@ -223,8 +223,12 @@ impl<D: GpuDriver> Backend for Cuda<D> {
     fn embedding(&self, out: &mut Tensor<Self>, ids: &[u32], table: &Tensor<Self>) -> Result<()> {
         let (vocab, d) = table.rows_cols();
         assert_eq!(out.shape, [ids.len(), d]);
-        expect_dtype("embedding out", out, DType::BF16);
         expect_dtype("embedding table", table, DType::BF16);
+        let kernel = match out.dtype {
+            DType::BF16 => "embedding_fwd_bf16",
+            DType::F32 => "embedding_fwd_bf16_f32",
+            other => panic!("embedding output {other}"),
+        };
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(Error::Invalid(format!(
                 "token id {bad} outside vocabulary {vocab}"
@@ -241,12 +245,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .ptr(dev_ids.ptr)
             .ptr(table.buf.ptr)
             .int(d);
-        self.launch(
-            "embedding_fwd_bf16",
-            (ids.len() as u32, 1, 1),
-            (THREADS, 1, 1),
-            args,
-        )?;
+        self.launch(kernel, (ids.len() as u32, 1, 1), (THREADS, 1, 1), args)?;
         // The ids must outlive the kernel.
         self.driver.synchronize()
     }
@@ -261,9 +260,13 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         assert_eq!(out.shape, x.shape);
         let (n, d) = x.rows_cols();
         assert_eq!(weight.numel(), d);
-        for (what, t) in [("out", &*out), ("x", x), ("weight", weight)] {
-            expect_dtype(what, t, DType::BF16);
-        }
+        expect_dtype("rmsnorm out", out, DType::BF16);
+        expect_dtype("rmsnorm weight", weight, DType::BF16);
+        let kernel = match x.dtype {
+            DType::BF16 => "rmsnorm_fwd_bf16",
+            DType::F32 => "rmsnorm_fwd_f32_bf16",
+            other => panic!("rmsnorm input {other}"),
+        };
         if n == 0 {
             return Ok(());
         }
@@ -273,7 +276,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .ptr(weight.buf.ptr)
             .int(d)
             .float(eps);
-        self.launch("rmsnorm_fwd_bf16", (n as u32, 1, 1), (THREADS, 1, 1), args)
+        self.launch(kernel, (n as u32, 1, 1), (THREADS, 1, 1), args)
     }
 
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
@@ -390,16 +393,15 @@ impl<D: GpuDriver> Backend for Cuda<D> {
 
     fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()> {
         assert_eq!(x.shape, y.shape);
-        expect_dtype("x", x, DType::BF16);
         expect_dtype("y", y, DType::BF16);
+        let kernel = match x.dtype {
+            DType::BF16 => "add_assign_bf16",
+            DType::F32 => "add_assign_f32_bf16",
+            other => panic!("add_assign into {other}"),
+        };
         let n = x.numel();
         let args = Args::default().ptr(x.buf.ptr).ptr(y.buf.ptr).int(n);
-        self.launch(
-            "add_assign_bf16",
-            (blocks_for(n), 1, 1),
-            (THREADS, 1, 1),
-            args,
-        )
+        self.launch(kernel, (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
     }
 
     fn log_softmax(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()> {
