@@ -87,6 +87,12 @@ impl Real {
         Ok(f)
     }
 
+    /// The cudarc context, for code that needs more of CUDA than the
+    /// `GpuDriver` seam offers (benchmarks: events, cuBLAS).
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| driver_err("bind", e))
     }

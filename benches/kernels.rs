@@ -1,0 +1,2 @@
+//! Kernel microbenchmarks (being written).
+fn main() {}
