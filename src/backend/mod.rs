@@ -13,6 +13,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod shapes;
 
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};

@@ -6,7 +6,7 @@ mod attention;
 mod matmul;
 mod ops;
 
-use crate::backend::Backend;
+use crate::backend::{shapes, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
@@ -84,10 +84,7 @@ impl Backend for Cpu {
         src_row: usize,
         rows: usize,
     ) -> Result<()> {
-        let (dn, d) = dst.rows_cols();
-        let (sn, sd) = src.rows_cols();
-        assert_eq!(d, sd, "row widths differ");
-        assert!(dst_row + rows <= dn && src_row + rows <= sn);
+        let d = shapes::copy_rows(dst, dst_row, src, src_row, rows);
         dst.buf[dst_row * d..(dst_row + rows) * d]
             .copy_from_slice(&src.buf[src_row * d..(src_row + rows) * d]);
         Ok(())
@@ -119,18 +116,14 @@ impl Backend for Cpu {
     }
 
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
-        let (n, k) = x.rows_cols();
-        let (m, wk) = w.rows_cols();
-        assert_eq!(k, wk, "inner dims {:?} · {:?}ᵀ", x.shape, w.shape);
-        assert_eq!(out.rows_cols(), (n, m));
+        let (n, m, k) = shapes::matmul_nt(out, x, w);
         matmul::matmul_nt(view_mut(out), view(x), view(w), n, m, k);
         Ok(())
     }
 
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
-        let (_, width) = x.rows_cols();
-        assert_eq!(width % heads, 0);
-        ops::rope(view_mut(x), width, heads, pos0, theta);
+        let (_, hd) = shapes::rope(x, heads);
+        ops::rope(view_mut(x), heads * hd, heads, pos0, theta);
         Ok(())
     }
 
@@ -144,18 +137,7 @@ impl Backend for Cpu {
         kv_heads: usize,
         pos0: usize,
     ) -> Result<()> {
-        let (n, width) = q.rows_cols();
-        let (capacity, kv_width) = k.rows_cols();
-        assert_eq!(out.shape, q.shape);
-        assert_eq!(k.shape, v.shape);
-        assert!(heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads));
-        let hd = width / heads;
-        assert_eq!(kv_width, kv_heads * hd);
-        assert!(
-            pos0 + n <= capacity,
-            "cache of {capacity} rows holds {}",
-            pos0 + n
-        );
+        let (n, hd) = shapes::attention(out, q, k, v, heads, kv_heads, pos0);
         let dims = attention::Dims {
             n,
             heads,

@@ -9,7 +9,7 @@ pub mod nvrtc;
 pub mod real;
 pub mod sources;
 
-use crate::backend::Backend;
+use crate::backend::{shapes, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -203,11 +203,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         src_row: usize,
         rows: usize,
     ) -> Result<()> {
-        let (dn, d) = dst.rows_cols();
-        let (sn, sd) = src.rows_cols();
-        assert_eq!(d, sd, "row widths differ");
-        assert_eq!(dst.dtype, src.dtype);
-        assert!(dst_row + rows <= dn && src_row + rows <= sn);
+        let d = shapes::copy_rows(dst, dst_row, src, src_row, rows);
         let row_bytes = (d * dst.dtype.size()) as u64;
         // SAFETY: both row ranges lie inside their tensors (asserted above),
         // and two tensors never share a buffer.
@@ -280,10 +276,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
     }
 
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
-        let (n, k) = x.rows_cols();
-        let (m, wk) = w.rows_cols();
-        assert_eq!(k, wk, "inner dims {:?} · {:?}ᵀ", x.shape, w.shape);
-        assert_eq!(out.rows_cols(), (n, m));
+        let (n, m, k) = shapes::matmul_nt(out, x, w);
         expect_dtype("matmul x", x, DType::BF16);
         expect_dtype("matmul w", w, DType::BF16);
         let kernel = match out.dtype {
@@ -306,10 +299,8 @@ impl<D: GpuDriver> Backend for Cuda<D> {
     }
 
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
-        let (n, width) = x.rows_cols();
-        assert_eq!(width % heads, 0);
+        let (n, hd) = shapes::rope(x, heads);
         expect_dtype("rope x", x, DType::BF16);
-        let hd = width / heads;
         let args = Args::default()
             .ptr(x.buf.ptr)
             .int(n)
@@ -331,18 +322,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         kv_heads: usize,
         pos0: usize,
     ) -> Result<()> {
-        let (n, width) = q.rows_cols();
-        let (capacity, kv_width) = k.rows_cols();
-        assert_eq!(out.shape, q.shape);
-        assert_eq!(k.shape, v.shape);
-        assert!(heads.is_multiple_of(kv_heads) && width.is_multiple_of(heads));
-        let hd = width / heads;
-        assert_eq!(kv_width, kv_heads * hd);
-        assert!(
-            pos0 + n <= capacity,
-            "cache of {capacity} rows holds {}",
-            pos0 + n
-        );
+        let (n, hd) = shapes::attention(out, q, k, v, heads, kv_heads, pos0);
         if hd > 256 {
             return Err(Error::Unsupported(format!(
                 "head_dim {hd} (the attention kernel takes up to 256)"
