@@ -44,6 +44,14 @@ fn model_copy(variant: &str) -> (tempfile::TempDir, PathBuf) {
     (tmp, dir)
 }
 
+/// Rewrites the config.json of a model copy; returns its path.
+fn edit_config(dir: &Path, edit: impl FnOnce(String) -> String) -> PathBuf {
+    let cfg = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, edit(text)).unwrap();
+    cfg
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -179,13 +187,9 @@ fn truncated_safetensors() {
 #[test]
 fn tensor_with_the_wrong_shape() {
     let (_tmp, dir) = model_copy("model");
-    let cfg = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161"),
-    )
-    .unwrap();
+    edit_config(&dir, |t| {
+        t.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161")
+    });
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
     assert_fails_with(
         &out,
@@ -199,13 +203,9 @@ fn tensor_with_the_wrong_shape() {
 #[test]
 fn missing_tensor() {
     let (_tmp, dir) = model_copy("untied");
-    let cfg = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    std::fs::write(
-        &cfg,
-        text.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3"),
-    )
-    .unwrap();
+    edit_config(&dir, |t| {
+        t.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")
+    });
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
     assert_fails_with(
         &out,
@@ -219,11 +219,11 @@ fn missing_tensor() {
 #[test]
 fn missing_config_field() {
     let (_tmp, dir) = model_copy("model");
-    let cfg = dir.join("config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
-    v.as_object_mut().unwrap().remove("hidden_size");
-    std::fs::write(&cfg, v.to_string()).unwrap();
+    let cfg = edit_config(&dir, |t| {
+        let mut v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        v.to_string()
+    });
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
     assert_fails_with(&out, &[s(&cfg), "missing or zero field \"hidden_size\""]);
 }
@@ -231,12 +231,10 @@ fn missing_config_field() {
 #[test]
 fn unknown_architecture() {
     let (_tmp, dir) = model_copy("model");
-    let cfg = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    let text = text
-        .replace("\"llama\"", "\"gpt2\"")
-        .replace("LlamaForCausalLM", "GPT2LMHeadModel");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = edit_config(&dir, |t| {
+        t.replace("\"llama\"", "\"gpt2\"")
+            .replace("LlamaForCausalLM", "GPT2LMHeadModel")
+    });
     let out = engine(&["info", "--model", s(&dir)]);
     assert_fails_with(&out, &[s(&cfg), "unsupported architecture GPT2LMHeadModel"]);
 }
@@ -244,8 +242,7 @@ fn unknown_architecture() {
 #[test]
 fn corrupt_config_json() {
     let (_tmp, dir) = model_copy("model");
-    let cfg = dir.join("config.json");
-    std::fs::write(&cfg, "{\"model_type\": \"llama\", ").unwrap();
+    let cfg = edit_config(&dir, |_| "{\"model_type\": \"llama\", ".into());
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
     assert_fails_with(&out, &[s(&cfg), "not a valid config.json"]);
 }
