@@ -9,8 +9,8 @@
 //! benches/inference.sh runs it next to PyTorch and prints the ratios.
 
 use engine::backend::cpu::Cpu;
+use engine::backend::sample::argmax;
 use engine::backend::Backend;
-use engine::infer::sampler::argmax;
 use engine::model::llama::Llama;
 use engine::tensor::DType::F32;
 use std::path::PathBuf;

@@ -212,3 +212,34 @@ fn log_softmax() {
         check(&format!("log_softmax [{n}, {d}]"), &g, &o, F32_TOL);
     }
 }
+
+#[test]
+fn sample_op_matches_the_cpu() {
+    use engine::backend::sample::SamplerConfig;
+    let (g, mut r) = (gpu(), rng());
+    for vocab in [1, 7, 320, 49152] {
+        let x = pair(&g, &data(&mut r, vocab, 8.0), &[1, vocab], F32);
+        for (temperature, top_k, top_p) in [
+            (0.0, 0, 1.0),
+            (1.0, 0, 1.0),
+            (0.7, 40, 0.9),
+            (1.3, 1 << 40, 0.5),
+        ] {
+            let cfg = SamplerConfig {
+                temperature,
+                top_k,
+                top_p,
+                seed: 0,
+            };
+            for _ in 0..3 {
+                let u: f32 = r.random();
+                let want = Cpu.sample(&x.cpu, &cfg, u).unwrap();
+                assert_eq!(
+                    g.sample(&x.gpu, &cfg, u).unwrap(),
+                    want,
+                    "vocab {vocab} {cfg:?} u {u}"
+                );
+            }
+        }
+    }
+}

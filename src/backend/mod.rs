@@ -13,8 +13,10 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod sample;
 pub mod shapes;
 
+use crate::backend::sample::SamplerConfig;
 use crate::error::Result;
 use crate::tensor::{DType, Tensor};
 
@@ -108,4 +110,8 @@ pub trait Backend: Sized + Send + Sync {
 
     /// out = log_softmax(x) per row; [n, v].
     fn log_softmax(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()>;
+
+    /// The next token from f32 logits [1, vocab]: `sample::choose(logits, cfg, u)`
+    /// exactly, where u is the one uniform draw the host made for this step.
+    fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32>;
 }

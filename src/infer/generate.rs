@@ -1,9 +1,9 @@
 //! Autoregressive generation: prefill the prompt into the KV cache, then
 //! decode one token at a time until a stop token or the token budget.
 
+use crate::backend::sample::{Sampler, SamplerConfig};
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::infer::sampler::{Sampler, SamplerConfig};
 use crate::infer::PREFILL_CHUNK;
 use crate::model::llama::Llama;
 use crate::tensor::DType;
@@ -75,7 +75,8 @@ pub fn generate<B: Backend>(
         let rows = hidden.shape[0];
         be.copy_rows(&mut last, 0, &hidden, rows - 1, 1)?;
         model.logits(&mut logits, &last)?;
-        let id = sampler.sample(&be.download(&logits)?);
+        let u = sampler.draw();
+        let id = be.sample(&logits, sampler.config(), u)?;
         if out.ids.is_empty() {
             out.prefill = start.elapsed();
         }

@@ -1,7 +1,6 @@
 //! Inference jobs over a loaded model: sampling, generation and scoring.
 
 pub mod generate;
-pub mod sampler;
 pub mod score;
 pub mod stream;
 

@@ -6,6 +6,7 @@ mod attention;
 mod matmul;
 mod ops;
 
+use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::{shapes, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -169,5 +170,10 @@ impl Backend for Cpu {
         let (_, d) = x.rows_cols();
         ops::log_softmax(view_mut(out), view(x), d);
         Ok(())
+    }
+
+    fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
+        assert_eq!(logits.rows_cols().0, 1, "sample takes one row of logits");
+        Ok(sample::choose(view(logits), cfg, u))
     }
 }

@@ -9,6 +9,7 @@ pub mod nvrtc;
 pub mod real;
 pub mod sources;
 
+use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::{shapes, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -279,10 +280,17 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         let (n, m, k) = shapes::matmul_nt(out, x, w);
         expect_dtype("matmul x", x, DType::BF16);
         expect_dtype("matmul w", w, DType::BF16);
-        let kernel = match out.dtype {
-            DType::BF16 => "matmul_nt_bf16",
-            DType::F32 => "matmul_nt_bf16_f32",
-            other => panic!("matmul output {other}"),
+        // Version 2 (tensor cores, 64×128 tiles) for prefill-sized products.
+        // A decode step has a handful of rows, which would leave most of an
+        // mma tile empty: version 1 (64×64 tiles, more blocks) serves those
+        // until a GPU run of benches/kernels.rs says better.
+        let mma = n >= 16;
+        let kernel = match (out.dtype, mma) {
+            (DType::BF16, true) => "matmul_nt_mma_bf16",
+            (DType::F32, true) => "matmul_nt_mma_bf16_f32",
+            (DType::BF16, false) => "matmul_nt_bf16",
+            (DType::F32, false) => "matmul_nt_bf16_f32",
+            (other, _) => panic!("matmul output {other}"),
         };
         if n == 0 || m == 0 {
             return Ok(());
@@ -294,8 +302,13 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .int(n)
             .int(m)
             .int(k);
-        let grid = (m.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
-        self.launch(kernel, grid, (THREADS, 1, 1), args)
+        if mma {
+            let grid = (m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1);
+            self.launch(kernel, grid, (128, 1, 1), args)
+        } else {
+            let grid = (m.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
+            self.launch(kernel, grid, (THREADS, 1, 1), args)
+        }
     }
 
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
@@ -333,6 +346,26 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         }
         if n == 0 {
             return Ok(());
+        }
+        if n > 1 && [8, 16, 32, 64, 128].contains(&hd) {
+            // Prefill: the flash-style kernel. Its log-sum-exp output is for
+            // the backward pass; inference discards it.
+            let lse = self.alloc(heads * n * 4)?;
+            let args = Args::default()
+                .ptr(out.buf.ptr)
+                .ptr(lse.ptr)
+                .ptr(q.buf.ptr)
+                .ptr(k.buf.ptr)
+                .ptr(v.buf.ptr)
+                .int(n)
+                .int(heads)
+                .int(kv_heads)
+                .int(hd)
+                .int(pos0);
+            let grid = (n.div_ceil(64) as u32, heads as u32, 1);
+            self.launch("attention_prefill_bf16", grid, (128, 1, 1), args)?;
+            // The scratch must outlive the kernel.
+            return self.driver.synchronize();
         }
         let args = Args::default()
             .ptr(out.buf.ptr)
@@ -394,5 +427,29 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         }
         let args = Args::default().ptr(out.buf.ptr).ptr(x.buf.ptr).int(d);
         self.launch("log_softmax_f32", (n as u32, 1, 1), (THREADS, 1, 1), args)
+    }
+
+    fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
+        let (rows, vocab) = logits.rows_cols();
+        assert_eq!(rows, 1, "sample takes one row of logits");
+        expect_dtype("logits", logits, DType::F32);
+        assert!((1..1 << 23).contains(&vocab), "vocabulary of {vocab}");
+        let out = self.alloc(4)?;
+        let args = Args::default().ptr(out.ptr).ptr(logits.buf.ptr).int(vocab);
+        let (kernel, args) = if sample::is_greedy(cfg) {
+            ("sample_argmax_f32", args)
+        } else {
+            let args = args
+                .float(cfg.temperature)
+                .int(cfg.top_k.min(vocab)) // k ≥ vocab keeps all, as 0 does
+                .float(cfg.top_p)
+                .float(u);
+            ("sample_f32", args)
+        };
+        self.launch(kernel, (1, 1, 1), (1024, 1, 1), args)?;
+        let mut id = [0u8; 4];
+        // SAFETY: the 4-byte allocation above; the copy waits for the kernel.
+        unsafe { self.driver.download(&mut id, out.ptr)? };
+        Ok(u32::from_le_bytes(id))
     }
 }

@@ -100,11 +100,10 @@ impl Real {
 
 /// The kernel file that defines entry point `name`.
 fn kernel_file(name: &str) -> Option<&'static str> {
-    let decl = format!("__global__ void {name}(");
-    sources::KERNELS
-        .iter()
-        .find(|(_, text)| text.contains(&decl))
-        .map(|(file, _)| *file)
+    sources::entry_points()
+        .into_iter()
+        .find(|e| e.name == name)
+        .map(|e| e.file)
 }
 
 impl GpuDriver for Real {

@@ -21,7 +21,45 @@ pub const KERNELS: &[(&str, &str)] = &[
     kernel_file!("elementwise.cu"),
     kernel_file!("matmul.cu"),
     kernel_file!("norm.cu"),
+    kernel_file!("sampling.cu"),
 ];
+
+/// A `__global__` entry point of the embedded kernel files.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EntryPoint {
+    pub file: &'static str,
+    pub name: String,
+    pub params: usize,
+}
+
+/// Every `__global__` entry point, with the file it is in and its parameter
+/// count (read from the declaration, `__launch_bounds__(...)` skipped).
+pub fn entry_points() -> Vec<EntryPoint> {
+    let mut found = Vec::new();
+    for (file, text) in KERNELS {
+        for decl in text.split("__global__ void").skip(1) {
+            let mut decl = decl.trim_start();
+            if let Some(rest) = decl.strip_prefix("__launch_bounds__") {
+                decl = rest.split_once(')').map_or("", |(_, r)| r).trim_start();
+            }
+            let Some((name, params)) = decl.split_once('(') else {
+                continue;
+            };
+            let params = params.split_once(')').map_or("", |(p, _)| p);
+            let params = if params.trim().is_empty() {
+                0
+            } else {
+                params.split(',').count()
+            };
+            found.push(EntryPoint {
+                file,
+                name: name.trim().to_string(),
+                params,
+            });
+        }
+    }
+    found
+}
 
 /// The text of the kernel file `name` (e.g. `elementwise.cu`).
 pub fn kernel(name: &str) -> Option<&'static str> {
@@ -73,6 +111,20 @@ mod tests {
     #[test]
     fn every_header_is_embedded() {
         check(HEADERS, "cuh", "HEADERS");
+    }
+
+    #[test]
+    fn entry_points_are_found_with_their_parameters() {
+        let eps = entry_points();
+        let find = |n: &str| eps.iter().find(|e| e.name == n).cloned();
+        let mm = find("matmul_nt_bf16").unwrap();
+        assert_eq!((mm.file, mm.params), ("matmul.cu", 6));
+        // Declared with __launch_bounds__ between `void` and the name.
+        assert_eq!(find("sample_f32").unwrap().params, 7);
+        assert!(
+            find("matmul_nt_tiled").is_none(),
+            "a device function is no entry point"
+        );
     }
 
     #[test]

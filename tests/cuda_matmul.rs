@@ -1,0 +1,305 @@
+//! The matmul kernels of kernels/matmul.cu, version 1 (tiled, CUDA cores) and
+//! version 2 (tensor cores: mma.sync, ldmatrix, cp.async), launched by name in
+//! the CPU emulator and compared with the CPU device and with each other.
+//!
+//! out[n, m] = x[n, k] · w[m, k]ᵀ on bf16-representable random inputs. Each
+//! output buffer is poisoned with NaN and has a NaN tail past its n·m
+//! elements that must survive the launch (no write outside the matrix).
+//! Shapes fit no tile; some inputs start one element past a 16-byte boundary,
+//! which takes version 2 off its cp.async path even when k % 8 == 0.
+#![cfg(feature = "emu")]
+
+mod common;
+
+use common::max_rel_err;
+use engine::backend::cpu::Cpu;
+use engine::backend::cuda::driver::Emu;
+use engine::backend::cuda::emu::{self, LaneOrder};
+use engine::backend::cuda::Cuda;
+use engine::backend::Backend;
+use engine::tensor::DType::{self, BF16, F32};
+use engine::tensor::Tensor;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::ffi::c_void;
+use std::time::Instant;
+
+/// bf16 outputs: one rounding of each element, against the largest reference value.
+const BF16_TOL: f32 = 1e-2;
+/// f32 outputs from bf16 inputs: only the summation order differs.
+const F32_TOL: f32 = 1e-5;
+/// NaN elements after each output, which no launch may touch.
+const TAIL: usize = 37;
+
+/// One version of the kernel: its two entry points and launch configuration.
+struct Version {
+    bf16: &'static str,
+    f32: &'static str,
+    /// Output rows (rows of x) and columns (rows of w) per block.
+    tile: (usize, usize),
+    threads: u32,
+}
+
+const V1: Version = Version {
+    bf16: "matmul_nt_bf16",
+    f32: "matmul_nt_bf16_f32",
+    tile: (64, 64),
+    threads: 256,
+};
+
+const V2: Version = Version {
+    bf16: "matmul_nt_mma_bf16",
+    f32: "matmul_nt_mma_bf16_f32",
+    tile: (64, 128),
+    threads: 128,
+};
+
+fn gpu() -> Cuda<Emu> {
+    Cuda::new(Emu::new())
+}
+
+fn rng() -> StdRng {
+    let seed: u64 = rand::rng().random();
+    eprintln!("seed {seed}");
+    StdRng::seed_from_u64(seed)
+}
+
+/// Random values already representable in bf16, so every device sees the same inputs.
+fn data(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| half::bf16::from_f32(rng.random_range(-1.0..1.0)).to_f32())
+        .collect()
+}
+
+/// A bf16 matrix on the emulator that starts `offset` elements into its buffer
+/// (offset 1 puts every row off a 16-byte boundary), and the same on the CPU.
+struct Input {
+    cpu: Tensor<Cpu>,
+    gpu: Tensor<Cuda<Emu>>,
+    offset: usize,
+}
+
+impl Input {
+    fn new(g: &Cuda<Emu>, values: &[f32], rows: usize, cols: usize, offset: usize) -> Self {
+        let mut padded = vec![0.0; offset];
+        padded.extend_from_slice(values);
+        Input {
+            cpu: Cpu.upload(values.to_vec(), &[rows, cols], F32).unwrap(),
+            gpu: g.upload(padded, &[offset + rows * cols], BF16).unwrap(),
+            offset,
+        }
+    }
+
+    fn ptr(&self) -> u64 {
+        self.gpu.buf.ptr + (self.offset * BF16.size()) as u64
+    }
+}
+
+struct Case<'a> {
+    x: &'a Input,
+    w: &'a Input,
+    n: usize,
+    m: usize,
+    k: usize,
+}
+
+/// Runs one kernel of `v` into a fresh NaN-poisoned output of `dtype` and
+/// returns the n·m results, after checking the tail past them is still NaN.
+fn run(g: &Cuda<Emu>, v: &Version, dtype: DType, c: &Case, order: LaneOrder) -> Vec<f32> {
+    let (n, m, k) = (c.n, c.m, c.k);
+    assert_eq!(c.x.cpu.shape, [n, k]);
+    assert_eq!(c.w.cpu.shape, [m, k]);
+    let out = g
+        .upload(vec![f32::NAN; n * m + TAIL], &[n * m + TAIL], dtype)
+        .unwrap();
+    let name = match dtype {
+        F32 => v.f32,
+        BF16 => v.bf16,
+        other => panic!("matmul output {other}"),
+    };
+    let grid = (m.div_ceil(v.tile.1) as u32, n.div_ceil(v.tile.0) as u32, 1);
+    let (mut out_p, mut x_p, mut w_p) = (out.buf.ptr, c.x.ptr(), c.w.ptr());
+    let [mut n_i, mut m_i, mut k_i] = [n, m, k].map(|d| i32::try_from(d).unwrap());
+    let mut args: [*mut c_void; 6] = [
+        (&mut out_p as *mut u64).cast(),
+        (&mut x_p as *mut u64).cast(),
+        (&mut w_p as *mut u64).cast(),
+        (&mut n_i as *mut i32).cast(),
+        (&mut m_i as *mut i32).cast(),
+        (&mut k_i as *mut i32).cast(),
+    ];
+    // SAFETY: the kernel's parameters are (Out*, const bf16*, const bf16*,
+    // int n, int m, int k) and each slot points to a live u64 device pointer
+    // or i32 of that order. out holds n·m elements of `dtype` (plus the tail),
+    // x and w hold n·k and m·k bf16 past their offsets, and the kernels read
+    // and write only inside [n, k], [m, k] and [n, m] for any grid that
+    // covers the output, which this one does with the version's tile.
+    unsafe { emu::launch_ordered(name, grid, (v.threads, 1, 1), 0, &mut args, order) }
+        .unwrap_or_else(|e| panic!("{name} n{n} m{m} k{k}: {e}"));
+    let mut got = g.download(&out).unwrap();
+    let tail = got.split_off(n * m);
+    assert!(
+        tail.iter().all(|t| t.is_nan()),
+        "{name} n{n} m{m} k{k} wrote past its output"
+    );
+    got
+}
+
+fn reference(c: &Case) -> Vec<f32> {
+    let mut out = Cpu.zeros(&[c.n, c.m], F32).unwrap();
+    Cpu.matmul_nt(&mut out, &c.x.cpu, &c.w.cpu).unwrap();
+    Cpu.download(&out).unwrap()
+}
+
+/// Both versions, both output types, against the CPU and each other.
+fn check_case(g: &Cuda<Emu>, c: &Case) {
+    let what = format!(
+        "[{},{}]·[{},{}]ᵀ (offsets {}, {})",
+        c.n, c.k, c.m, c.k, c.x.offset, c.w.offset
+    );
+    let want = reference(c);
+    let mut f32_out = Vec::new();
+    for v in [&V1, &V2] {
+        for (dtype, tol) in [(F32, F32_TOL), (BF16, BF16_TOL)] {
+            let got = run(g, v, dtype, c, LaneOrder::Default);
+            let err = max_rel_err(&got, &want);
+            let name = if dtype == F32 { v.f32 } else { v.bf16 };
+            assert!(
+                err <= tol,
+                "{name} {what}: max relative error {err:e} > {tol:e}"
+            );
+            if dtype == F32 {
+                f32_out.push(got);
+            }
+        }
+    }
+    let err = max_rel_err(&f32_out[1], &f32_out[0]);
+    assert!(err <= F32_TOL, "v2 vs v1 {what}: {err:e}");
+}
+
+#[test]
+fn ragged_shapes() {
+    let (g, mut r) = (gpu(), rng());
+    let t = Instant::now();
+    // Every (n, m) from SIZES, each with two k from SIZES: k never a multiple
+    // of 8, so version 2 takes its plain-load path; no size fits a tile.
+    const SIZES: [usize; 7] = [1, 7, 17, 63, 65, 130, 257];
+    let mut shapes = vec![(1, 1, 1)];
+    for (i, &n) in SIZES.iter().enumerate() {
+        for (j, &m) in SIZES.iter().enumerate() {
+            shapes.push((n, m, SIZES[(i + j) % 7]));
+            shapes.push((n, m, SIZES[(i + 2 * j + 3) % 7]));
+        }
+    }
+    for (n, m, k) in shapes {
+        let x = Input::new(&g, &data(&mut r, n * k), n, k, 0);
+        let w = Input::new(&g, &data(&mut r, m * k), m, k, 0);
+        check_case(
+            &g,
+            &Case {
+                x: &x,
+                w: &w,
+                n,
+                m,
+                k,
+            },
+        );
+    }
+    eprintln!("ragged shapes: {:.2?}", t.elapsed());
+}
+
+#[test]
+fn k_multiple_of_8_aligned_and_not() {
+    let (g, mut r) = (gpu(), rng());
+    let t = Instant::now();
+    // k % 8 == 0: cp.async when both inputs are 16-byte aligned, the plain
+    // path when either starts one element further; partial k tiles (k % 32
+    // != 0) and ragged n, m in both.
+    for (n, m, k) in [
+        (1, 1, 8),
+        (64, 128, 32),
+        (65, 129, 40),
+        (1, 200, 64),
+        (130, 257, 136),
+        (63, 65, 256),
+    ] {
+        let xv = data(&mut r, n * k);
+        let wv = data(&mut r, m * k);
+        for (xo, wo) in [(0, 0), (1, 0), (0, 1)] {
+            let x = Input::new(&g, &xv, n, k, xo);
+            let w = Input::new(&g, &wv, m, k, wo);
+            check_case(
+                &g,
+                &Case {
+                    x: &x,
+                    w: &w,
+                    n,
+                    m,
+                    k,
+                },
+            );
+        }
+    }
+    eprintln!("k % 8 == 0, aligned and not: {:.2?}", t.elapsed());
+}
+
+#[test]
+fn model_sized() {
+    // SmolLM2-135M's q/o projections over a 128-token prompt.
+    let (g, mut r) = (gpu(), rng());
+    let (n, m, k) = (128, 576, 576);
+    let x = Input::new(&g, &data(&mut r, n * k), n, k, 0);
+    let w = Input::new(&g, &data(&mut r, m * k), m, k, 0);
+    let c = Case {
+        x: &x,
+        w: &w,
+        n,
+        m,
+        k,
+    };
+    let want = reference(&c);
+    let mut f32_out = Vec::new();
+    for v in [&V1, &V2] {
+        for (dtype, tol) in [(F32, F32_TOL), (BF16, BF16_TOL)] {
+            let t = Instant::now();
+            let got = run(&g, v, dtype, &c, LaneOrder::Default);
+            let name = if dtype == F32 { v.f32 } else { v.bf16 };
+            eprintln!("{name} [{n},{k}]·[{m},{k}]ᵀ: {:.2?}", t.elapsed());
+            let err = max_rel_err(&got, &want);
+            assert!(err <= tol, "{name}: max relative error {err:e} > {tol:e}");
+            if dtype == F32 {
+                f32_out.push(got);
+            }
+        }
+    }
+    let err = max_rel_err(&f32_out[1], &f32_out[0]);
+    assert!(err <= F32_TOL, "v2 vs v1: {err:e}");
+}
+
+#[test]
+fn mma_lane_order_does_not_matter() {
+    // Every lane computes its own outputs from the whole warp's fragments, so
+    // reversing the order of the lanes and blocks must not change a bit.
+    let (g, mut r) = (gpu(), rng());
+    for (n, m, k, off) in [(70, 140, 72, 0), (33, 100, 45, 0), (17, 9, 64, 1)] {
+        let x = Input::new(&g, &data(&mut r, n * k), n, k, off);
+        let w = Input::new(&g, &data(&mut r, m * k), m, k, 0);
+        let c = Case {
+            x: &x,
+            w: &w,
+            n,
+            m,
+            k,
+        };
+        let fwd = run(&g, &V2, F32, &c, LaneOrder::Forward);
+        let rev = run(&g, &V2, F32, &c, LaneOrder::Reverse);
+        let same = fwd
+            .iter()
+            .zip(&rev)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "n{n} m{m} k{k}: forward and reverse lane order differ"
+        );
+    }
+}
