@@ -41,12 +41,15 @@ enum Command {
     Score(ScoreArgs),
     /// Describe a model folder.
     Info {
+        /// Model folder (config.json, *.safetensors, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
     },
     /// Convert a GGUF file into an HF model folder (safetensors, config, tokenizer).
     Convert {
+        /// The GGUF file.
         input: PathBuf,
+        /// The folder to write (must be new, empty, or an earlier convert's output).
         out_dir: PathBuf,
         /// Element type of the written weights: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
@@ -75,7 +78,9 @@ enum KernelsCommand {
 enum DeviceArg {
     /// The first CUDA GPU if one can be used, else the CPU (says which, and why).
     Auto,
+    /// The CPU (f32).
     Cpu,
+    /// The first CUDA GPU (bf16 kernels compiled by NVRTC).
     Cuda,
     /// The CUDA kernels in the CPU emulator (a build with `--features emu`).
     Emu,
@@ -86,6 +91,7 @@ struct GenerateArgs {
     /// Model folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// The text to continue (or, with --chat, the user's message).
     #[arg(long)]
     prompt: String,
     /// Treat the prompt as a user message in the model's chat template.
@@ -94,6 +100,7 @@ struct GenerateArgs {
     /// System message for --chat (default: whatever the template uses).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Stop after this many new tokens (or at end of sequence / end of turn).
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// 0 picks the most likely token every time (greedy).
@@ -105,23 +112,29 @@ struct GenerateArgs {
     /// Sample within the smallest set of tokens whose probability reaches P.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Seed of the sampling random numbers: same seed, same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
 }
 
 #[derive(clap::Args)]
 struct ScoreArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// The text to score (no special tokens are added).
     #[arg(long, conflicts_with = "file", required_unless_present = "file")]
     text: Option<String>,
+    /// Score the contents of this file instead.
     #[arg(long)]
     file: Option<PathBuf>,
     /// Print one JSON object: token_ids, logprobs, nll, ppl.
     #[arg(long)]
     json: bool,
+    /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
 }
