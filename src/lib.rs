@@ -10,5 +10,6 @@ pub mod kernels_check;
 pub mod model;
 pub mod tensor;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};
