@@ -10,6 +10,14 @@
 //! Output tensors are preallocated by the caller and may have a capacity larger
 //! than their shape (activations are reused across calls of different length):
 //! ops read and write only the first `numel()` elements.
+//!
+//! Backward ops sit right after the forward they differentiate, and their doc
+//! comment quotes it. A gradient named `dX` is the gradient of the loss with
+//! respect to X. Parameter gradients, and activation gradients that collect
+//! from several consumers (the residual stream, the normed input that feeds
+//! q/k/v or gate/up), are *accumulated* (`+=`): the caller zeroes them once
+//! per step. The others are *overwritten*. Each doc comment says which.
+//! Devices that lack an op yet return `Error::Unsupported` (the defaults).
 
 pub mod cpu;
 pub mod cuda;
@@ -17,7 +25,7 @@ pub mod sample;
 pub mod shapes;
 
 use crate::backend::sample::SamplerConfig;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
 pub trait Backend: Sized + Send + Sync {
@@ -71,6 +79,21 @@ pub trait Backend: Sized + Send + Sync {
     /// out[i] = table[ids[i]]; out [n, d], table [vocab, d].
     fn embedding(&self, out: &mut Tensor<Self>, ids: &[u32], table: &Tensor<Self>) -> Result<()>;
 
+    /// Backward of `embedding` (`out[i] = table[ids[i]]`):
+    /// dtable[ids[i]] += dout[i]. dtable [vocab, d] accumulates; dout [n, d].
+    fn embedding_backward(
+        &self,
+        dtable: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        ids: &[u32],
+    ) -> Result<()> {
+        let _ = (dtable, dout, ids);
+        Err(Error::Unsupported(format!(
+            "embedding_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// out = x / sqrt(mean(x²) + eps) * weight, per row; x, out [n, d], weight [d].
     fn rmsnorm(
         &self,
@@ -80,13 +103,73 @@ pub trait Backend: Sized + Send + Sync {
         eps: f32,
     ) -> Result<()>;
 
+    /// Backward of `rmsnorm` (`out = x · r · weight`, r = 1/sqrt(mean(x²) + eps)),
+    /// per row of width d:
+    ///   dx      += r · (dout ∘ weight) − x · r³ · mean(dout ∘ weight ∘ x)
+    ///   dweight += Σ_rows dout ∘ x · r
+    /// Both accumulate (dx is the residual stream's gradient). x, dx, dout
+    /// [n, d]; weight, dweight [d].
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dweight: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let _ = (dx, dweight, dout, x, weight, eps);
+        Err(Error::Unsupported(format!(
+            "rmsnorm_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// out = x · wᵀ (a Linear layer); out [n, m], x [n, k], w [m, k].
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()>;
+
+    /// Backward of `matmul_nt` (`out = x · wᵀ`):
+    ///   dx += dout · w      [n, k] = [n, m] · [m, k]
+    ///   dw += doutᵀ · x     [m, k] = [n, m]ᵀ · [n, k]
+    /// Both accumulate: x usually feeds several products (h → q, k, v), and
+    /// weight gradients sum over micro-batches. `dw` is None for a frozen
+    /// weight (LoRA's base layers), and then only dx is computed.
+    fn matmul_nt_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dw: Option<&mut Tensor<Self>>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()> {
+        let _ = (dx, dw, dout, x, w);
+        Err(Error::Unsupported(format!(
+            "matmul_nt_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
 
     /// Rotary position embedding in place, HF "rotate half" layout: in each head
     /// of width hd, element i pairs with i + hd/2 and turns by angle
     /// pos · theta^(−2i/hd); row r has position pos0 + r. x [n, heads·hd].
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()>;
+
+    /// Backward of `rope` (`x ← R(pos) x`, a rotation of each pair): the
+    /// rotation is orthogonal, so dx ← R(pos)ᵀ dx, the turn by −angle, in
+    /// place. dx [n, heads·hd] is overwritten by the gradient before rope.
+    fn rope_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        heads: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        let _ = (dx, heads, pos0, theta);
+        Err(Error::Unsupported(format!(
+            "rope_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
 
     /// Causal grouped-query attention of n new queries at positions pos0..pos0+n
     /// over the cached keys/values 0..pos0+n, scaled by 1/sqrt(hd).
@@ -102,16 +185,133 @@ pub trait Backend: Sized + Send + Sync {
         pos0: usize,
     ) -> Result<()>;
 
+    /// Backward of `attention`
+    /// (`out[i,h] = Σ_j p_ij v[j,g]`, p_ij = softmax_j(q[i,h]·k[j,g]/sqrt(hd)),
+    /// j ≤ pos0 + i), with the softmax recomputed:
+    ///   dv[j,g] += Σ_i p_ij dout[i,h]
+    ///   ds_ij    = p_ij (dout[i,h]·v[j,g] − dout[i,h]·out[i,h])
+    ///   dq[i,h]  = Σ_j ds_ij k[j,g] / sqrt(hd)
+    ///   dk[j,g] += Σ_i ds_ij q[i,h] / sqrt(hd)
+    /// dq [n, heads·hd] is overwritten; dk, dv [capacity, kv_heads·hd]
+    /// accumulate over the queries and over the heads that share kv head g
+    /// (rows pos0+n.. are left alone). Arguments as in `attention`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: &mut Tensor<Self>,
+        dk: &mut Tensor<Self>,
+        dv: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        kv_heads: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let _ = (dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
+        Err(Error::Unsupported(format!(
+            "attention_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// out = silu(gate) * up; all [n, f].
     fn swiglu(&self, out: &mut Tensor<Self>, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<()>;
 
-    /// x += y (the residual stream).
+    /// Backward of `swiglu` (`out = silu(gate) ∘ up`), with σ the logistic:
+    ///   dgate = dout ∘ up ∘ σ(gate) (1 + gate (1 − σ(gate)))
+    ///   dup   = dout ∘ silu(gate)
+    /// Both overwritten (gate and up have no other consumer); all [n, f].
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Tensor<Self>,
+        dup: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<()> {
+        let _ = (dgate, dup, dout, gate, up);
+        Err(Error::Unsupported(format!(
+            "swiglu_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// x += y (the residual stream). Its backward is the identity: dx passes
+    /// to both addends unchanged, so there is no op for it.
     fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()>;
 
     /// out = log_softmax(x) per row; [n, v].
     fn log_softmax(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()>;
 
+    /// Fused softmax cross-entropy, forward and backward, over f32 logits
+    /// [n, vocab] and one target per row; a target of [`IGNORE`] counts no
+    /// loss. Returns Σ over counted rows of −log softmax(logits[i])[t_i]
+    /// (a sum: the caller divides by its own count, across micro-batches).
+    /// With `dlogits` [n, vocab] (f32) given, it is overwritten with
+    ///   dlogits[i] = (softmax(logits[i]) − onehot(t_i)) · scale
+    /// for counted rows and zeros for ignored rows, where scale is the given
+    /// `scale` or, when None, 1 / (the number of counted rows in this call).
+    fn cross_entropy(
+        &self,
+        dlogits: Option<&mut Tensor<Self>>,
+        logits: &Tensor<Self>,
+        targets: &[u32],
+        scale: Option<f32>,
+    ) -> Result<f32> {
+        let _ = (dlogits, logits, targets, scale);
+        Err(Error::Unsupported(format!(
+            "cross_entropy is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// The next token from f32 logits [1, vocab]: `sample::choose(logits, cfg, u)`
     /// exactly, where u is the one uniform draw the host made for this step.
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32>;
+
+    // ----- optimizer -----
+
+    /// One AdamW step on one parameter tensor, in torch.optim.AdamW's order
+    /// (decoupled weight decay, bias correction), element-wise, with t = `step`
+    /// (1 for the first step):
+    ///   param ·= 1 − lr·weight_decay
+    ///   m      = m + (1 − β1)(grad − m)
+    ///   v      = β2·v + (1 − β2)·grad²
+    ///   param −= lr/(1 − β1ᵗ) · m / (sqrt(v)/sqrt(1 − β2ᵗ) + eps)
+    /// param, m, v are updated in place (f32 master weights and state); all
+    /// four tensors have the same shape.
+    fn adamw_step(
+        &self,
+        param: &mut Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        hp: &AdamW,
+    ) -> Result<()> {
+        let _ = (param, m, v, grad, hp);
+        Err(Error::Unsupported(format!(
+            "adamw_step is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+}
+
+/// The target of a row that counts no loss in `Backend::cross_entropy`
+/// (padding, prompt tokens).
+pub const IGNORE: u32 = u32::MAX;
+
+/// The hyperparameters of one `Backend::adamw_step` (torch.optim.AdamW's names).
+/// f64 like the Python floats torch takes: the derived scalars (1 − β1,
+/// lr/(1 − β1ᵗ), …) are formed in f64 and rounded to the device's f32 once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// The step number t, from 1: bias correction uses β1ᵗ and β2ᵗ.
+    pub step: u64,
 }

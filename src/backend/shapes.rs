@@ -76,3 +76,129 @@ pub fn rope<B: Backend>(x: &Tensor<B>, heads: usize) -> (usize, usize) {
     );
     (n, width / heads)
 }
+
+// ----- backward ops and the optimizer -----
+
+/// dtable [vocab, d] += scatter of dout [ids.len(), d]; returns (vocab, d).
+pub fn embedding_backward<B: Backend>(
+    dtable: &Tensor<B>,
+    dout: &Tensor<B>,
+    ids: &[u32],
+) -> (usize, usize) {
+    let (vocab, d) = dtable.rows_cols();
+    assert_eq!(
+        dout.rows_cols(),
+        (ids.len(), d),
+        "dout {:?} for {} ids into a table {:?}",
+        dout.shape,
+        ids.len(),
+        dtable.shape
+    );
+    (vocab, d)
+}
+
+/// dx, dout, x [n, d]; weight, dweight [d]; returns d.
+pub fn rmsnorm_backward<B: Backend>(
+    dx: &Tensor<B>,
+    dweight: &Tensor<B>,
+    dout: &Tensor<B>,
+    x: &Tensor<B>,
+    weight: &Tensor<B>,
+) -> usize {
+    let (_, d) = x.rows_cols();
+    assert_eq!(dx.shape, x.shape, "dx {:?} for x {:?}", dx.shape, x.shape);
+    assert_eq!(
+        dout.shape, x.shape,
+        "dout {:?} for x {:?}",
+        dout.shape, x.shape
+    );
+    assert_eq!(
+        weight.numel(),
+        d,
+        "weight {:?} for rows of {d}",
+        weight.shape
+    );
+    assert_eq!(dweight.shape, weight.shape, "dweight {:?}", dweight.shape);
+    d
+}
+
+/// The backward of out [n, m] = x [n, k] · w [m, k]ᵀ: dx like x, dw (if any)
+/// like w, dout like out; returns (n, m, k).
+pub fn matmul_nt_backward<B: Backend>(
+    dx: &Tensor<B>,
+    dw: Option<&Tensor<B>>,
+    dout: &Tensor<B>,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+) -> (usize, usize, usize) {
+    let (n, m, k) = matmul_nt(dout, x, w);
+    assert_eq!(
+        dx.rows_cols(),
+        (n, k),
+        "dx {:?} for x {:?}",
+        dx.shape,
+        x.shape
+    );
+    if let Some(dw) = dw {
+        assert_eq!(
+            dw.rows_cols(),
+            (m, k),
+            "dw {:?} for w {:?}",
+            dw.shape,
+            w.shape
+        );
+    }
+    (n, m, k)
+}
+
+/// The backward of `attention`: dq, dout like q; dk, dv like k, v; returns
+/// (n, hd).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<B: Backend>(
+    dq: &Tensor<B>,
+    dk: &Tensor<B>,
+    dv: &Tensor<B>,
+    dout: &Tensor<B>,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    heads: usize,
+    kv_heads: usize,
+    pos0: usize,
+) -> (usize, usize) {
+    let dims = attention(dout, q, k, v, heads, kv_heads, pos0);
+    assert_eq!(dq.shape, q.shape, "dq {:?} for q {:?}", dq.shape, q.shape);
+    assert_eq!(dk.shape, k.shape, "dk {:?} for k {:?}", dk.shape, k.shape);
+    assert_eq!(dv.shape, v.shape, "dv {:?} for v {:?}", dv.shape, v.shape);
+    dims
+}
+
+/// Element-wise ops whose tensors all share one shape (swiglu and its
+/// backward, AdamW).
+pub fn same_shape<B: Backend>(op: &str, tensors: &[&Tensor<B>]) {
+    let first = &tensors[0].shape;
+    for t in &tensors[1..] {
+        assert_eq!(&t.shape, first, "{op}: shapes differ");
+    }
+}
+
+/// logits [n, vocab] with n targets, dlogits (if any) like logits; returns
+/// (n, vocab).
+pub fn cross_entropy<B: Backend>(
+    dlogits: Option<&Tensor<B>>,
+    logits: &Tensor<B>,
+    targets: &[u32],
+) -> (usize, usize) {
+    let (n, vocab) = logits.rows_cols();
+    assert_eq!(
+        n,
+        targets.len(),
+        "{} targets for logits {:?}",
+        targets.len(),
+        logits.shape
+    );
+    if let Some(dl) = dlogits {
+        assert_eq!(dl.shape, logits.shape, "dlogits {:?}", dl.shape);
+    }
+    (n, vocab)
+}

@@ -3,11 +3,13 @@
 //! against, so its code stays plain.
 
 mod attention;
+mod backward;
 mod matmul;
 mod ops;
+mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{shapes, Backend};
+use crate::backend::{shapes, AdamW, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
@@ -102,6 +104,17 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn embedding_backward(
+        &self,
+        dtable: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        ids: &[u32],
+    ) -> Result<()> {
+        let (_, d) = shapes::embedding_backward(dtable, dout, ids);
+        backward::embedding_backward(view_mut(dtable), view(dout), ids, d);
+        Ok(())
+    }
+
     fn rmsnorm(
         &self,
         out: &mut Tensor<Self>,
@@ -116,15 +129,63 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dweight: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = shapes::rmsnorm_backward(dx, dweight, dout, x, weight);
+        backward::rmsnorm_backward(
+            view_mut(dx),
+            view_mut(dweight),
+            view(dout),
+            view(x),
+            view(weight),
+            d,
+            eps,
+        );
+        Ok(())
+    }
+
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
         let (n, m, k) = shapes::matmul_nt(out, x, w);
         matmul::matmul_nt(view_mut(out), view(x), view(w), n, m, k);
         Ok(())
     }
 
+    fn matmul_nt_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dw: Option<&mut Tensor<Self>>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()> {
+        let dims = shapes::matmul_nt_backward(dx, dw.as_deref(), dout, x, w);
+        let dw = dw.map(view_mut);
+        backward::matmul_nt_backward(view_mut(dx), dw, view(dout), view(x), view(w), dims);
+        Ok(())
+    }
+
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
         let (_, hd) = shapes::rope(x, heads);
         ops::rope(view_mut(x), heads * hd, heads, pos0, theta);
+        Ok(())
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        heads: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        let (_, hd) = shapes::rope(dx, heads);
+        backward::rope_backward(view_mut(dx), heads * hd, heads, pos0, theta);
         Ok(())
     }
 
@@ -150,10 +211,63 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn attention_backward(
+        &self,
+        dq: &mut Tensor<Self>,
+        dk: &mut Tensor<Self>,
+        dv: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        kv_heads: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let (n, hd) = shapes::attention_backward(dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
+        let dims = backward::AttDims {
+            n,
+            heads,
+            kv_heads,
+            hd,
+            pos0,
+        };
+        backward::attention_backward(
+            view_mut(dq),
+            view_mut(dk),
+            view_mut(dv),
+            view(dout),
+            view(q),
+            view(k),
+            view(v),
+            dims,
+        );
+        Ok(())
+    }
+
     fn swiglu(&self, out: &mut Tensor<Self>, gate: &Tensor<Self>, up: &Tensor<Self>) -> Result<()> {
         assert_eq!(out.shape, gate.shape);
         assert_eq!(gate.shape, up.shape);
         ops::swiglu(view_mut(out), view(gate), view(up));
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Tensor<Self>,
+        dup: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<()> {
+        shapes::same_shape("swiglu_backward", &[dgate, dup, dout, gate, up]);
+        backward::swiglu_backward(
+            view_mut(dgate),
+            view_mut(dup),
+            view(dout),
+            view(gate),
+            view(up),
+        );
         Ok(())
     }
 
@@ -172,8 +286,45 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn cross_entropy(
+        &self,
+        dlogits: Option<&mut Tensor<Self>>,
+        logits: &Tensor<Self>,
+        targets: &[u32],
+        scale: Option<f32>,
+    ) -> Result<f32> {
+        let (_, vocab) = shapes::cross_entropy(dlogits.as_deref(), logits, targets);
+        let counted = targets.iter().filter(|&&t| t != IGNORE).count();
+        let scale = scale.unwrap_or(if counted == 0 {
+            0.0
+        } else {
+            1.0 / counted as f32
+        });
+        let dlogits = dlogits.map(view_mut);
+        Ok(backward::cross_entropy(
+            dlogits,
+            view(logits),
+            targets,
+            vocab,
+            scale,
+        ))
+    }
+
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
         assert_eq!(logits.rows_cols().0, 1, "sample takes one row of logits");
         Ok(sample::choose(view(logits), cfg, u))
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        hp: &AdamW,
+    ) -> Result<()> {
+        shapes::same_shape("adamw_step", &[param, m, v, grad]);
+        optim::adamw(view_mut(param), view_mut(m), view_mut(v), view(grad), hp);
+        Ok(())
     }
 }
