@@ -4,4 +4,5 @@ pub mod config;
 pub mod dequant;
 pub mod gguf;
 pub mod llama;
+pub mod train_step;
 pub mod weights;

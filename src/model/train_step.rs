@@ -1,0 +1,512 @@
+//! One training step of the Llama, written once against `Backend`, in the
+//! style of llm.c's train_gpt2.c: preallocated gradients and activations, a
+//! forward that is a flat list of op calls, and a backward that is the same
+//! list reversed.
+//!
+//! A batch is `batch` sequences of `seq` tokens each, laid out row after row
+//! ([batch·seq, ·]). The matrix products run over all rows at once; RoPE and
+//! attention run one sequence at a time (positions 0..seq, the sequence's own
+//! keys and values), through per-sequence scratch buffers.
+//!
+//! Gradient conventions (those of `Backend`): parameter gradients accumulate
+//! over calls of [`forward_backward`], so gradient accumulation over
+//! micro-batches is several calls before one [`adamw_update`]; the caller
+//! zeroes them with [`Grads::zero`] once per optimizer step.
+//!
+//! Zeroing is done by reallocating (`Backend::zeros`): the trait has no fill
+//! op yet. Gradient clipping computes its norm on the host (CPU-first; see
+//! [`grad_norm`]).
+
+use crate::backend::{AdamW, Backend};
+use crate::error::{Error, Result};
+use crate::model::llama::{LayerWeights, Llama, LlamaWeights};
+use crate::tensor::{DType, Tensor};
+
+/// Which weights train. Gradients are computed (and the optimizer steps)
+/// only for these; the others are frozen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trainable {
+    /// Full fine-tuning: every weight, f32 gradients and AdamW state.
+    Full,
+    // LoRA goes here: adapters on chosen projections, base weights frozen
+    // (`matmul_nt_backward` with `dw = None`).
+}
+
+/// The parameter tensors of a Llama in one fixed order: embed, then per
+/// layer attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down, then
+/// norm and lm_head (when untied). Gradients and AdamW state use the same
+/// order, so zipping the lists pairs each weight with its own state.
+pub fn param_list<B: Backend>(w: &LlamaWeights<B>) -> Vec<&Tensor<B>> {
+    let mut out = vec![&w.embed];
+    for l in &w.layers {
+        out.extend([
+            &l.attn_norm,
+            &l.wq,
+            &l.wk,
+            &l.wv,
+            &l.wo,
+            &l.ffn_norm,
+            &l.w_gate,
+            &l.w_up,
+            &l.w_down,
+        ]);
+    }
+    out.push(&w.norm);
+    out.extend(w.lm_head.as_ref());
+    assert_eq!(out.len(), param_count(w), "parameter list out of step");
+    out
+}
+
+/// [`param_list`], mutable.
+pub fn param_list_mut<B: Backend>(w: &mut LlamaWeights<B>) -> Vec<&mut Tensor<B>> {
+    let count = param_count(w);
+    let mut out = vec![&mut w.embed];
+    for l in &mut w.layers {
+        out.extend([
+            &mut l.attn_norm,
+            &mut l.wq,
+            &mut l.wk,
+            &mut l.wv,
+            &mut l.wo,
+            &mut l.ffn_norm,
+            &mut l.w_gate,
+            &mut l.w_up,
+            &mut l.w_down,
+        ]);
+    }
+    out.push(&mut w.norm);
+    out.extend(w.lm_head.as_mut());
+    assert_eq!(out.len(), count, "parameter list out of step");
+    out
+}
+
+/// 1 embedding + 9 per layer + 1 final norm + 1 untied head.
+fn param_count<B: Backend>(w: &LlamaWeights<B>) -> usize {
+    2 + 9 * w.layers.len() + usize::from(w.lm_head.is_some())
+}
+
+/// f32 zeros shaped like every weight of `w`.
+fn zeros_like<B: Backend>(be: &B, w: &LlamaWeights<B>) -> Result<LlamaWeights<B>> {
+    let z = |t: &Tensor<B>| be.zeros(&t.shape, DType::F32);
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for l in &w.layers {
+        layers.push(LayerWeights {
+            attn_norm: z(&l.attn_norm)?,
+            wq: z(&l.wq)?,
+            wk: z(&l.wk)?,
+            wv: z(&l.wv)?,
+            wo: z(&l.wo)?,
+            ffn_norm: z(&l.ffn_norm)?,
+            w_gate: z(&l.w_gate)?,
+            w_up: z(&l.w_up)?,
+            w_down: z(&l.w_down)?,
+        });
+    }
+    Ok(LlamaWeights {
+        embed: z(&w.embed)?,
+        layers,
+        norm: z(&w.norm)?,
+        lm_head: w.lm_head.as_ref().map(z).transpose()?,
+    })
+}
+
+/// Overwrites `t` with zeros (by reallocating: the trait has no fill op).
+fn zero<B: Backend>(be: &B, t: &mut Tensor<B>) -> Result<()> {
+    *t = be.zeros(&t.shape, t.dtype)?;
+    Ok(())
+}
+
+/// Gradients of every weight, f32, the same shapes as the model's
+/// `LlamaWeights` (dL/d`embed` is `g.embed`, and so on). With tied
+/// embeddings there is no `lm_head` gradient: the head's adds into `embed`.
+pub struct Grads<B: Backend> {
+    pub g: LlamaWeights<B>,
+    pub trainable: Trainable,
+}
+
+impl<B: Backend> Grads<B> {
+    pub fn new(model: &Llama<B>, trainable: Trainable) -> Result<Self> {
+        Ok(Grads {
+            g: zeros_like(&model.backend, &model.weights)?,
+            trainable,
+        })
+    }
+
+    /// Zeroes every gradient (once per optimizer step).
+    pub fn zero(&mut self, be: &B) -> Result<()> {
+        for t in param_list_mut(&mut self.g) {
+            zero(be, t)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the backward of one layer needs, for all batch·seq rows.
+pub struct LayerActivations<B: Backend> {
+    pub x_in: Tensor<B>,  // residual stream entering the block [n, d], f32
+    pub h1: Tensor<B>,    // rmsnorm(x_in) · attn_norm [n, d]
+    pub q: Tensor<B>,     // after rope [n, heads·hd]
+    pub k: Tensor<B>,     // after rope [n, kv_heads·hd]
+    pub v: Tensor<B>,     // [n, kv_heads·hd]
+    pub att: Tensor<B>,   // attention output [n, heads·hd]
+    pub x_mid: Tensor<B>, // x_in + att·Woᵀ [n, d], f32
+    pub h2: Tensor<B>,    // rmsnorm(x_mid) · ffn_norm [n, d]
+    pub gate: Tensor<B>,  // [n, f]
+    pub up: Tensor<B>,    // [n, f]
+    pub act: Tensor<B>,   // silu(gate) ∘ up [n, f]
+}
+
+/// Activations of one `forward_backward` call on `batch` sequences of `seq`
+/// tokens, kept for the backward, plus the scratch the backward uses.
+pub struct TrainActivations<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: Vec<LayerActivations<B>>,
+    pub x_out: Tensor<B>,   // residual stream after the last block [n, d], f32
+    pub hf: Tensor<B>,      // rmsnorm(x_out) · norm [n, d]
+    pub logits: Tensor<B>,  // [n, vocab], f32
+    pub dlogits: Tensor<B>, // [n, vocab], f32
+    // backward scratch, all rows
+    proj: Tensor<B>, // a block's output before the residual add [n, d]
+    dx: Tensor<B>,   // gradient of the residual stream [n, d], f32
+    dh: Tensor<B>,   // [n, d]
+    datt: Tensor<B>, // [n, heads·hd]
+    dq: Tensor<B>,   // [n, heads·hd]
+    dk: Tensor<B>,   // [n, kv_heads·hd]
+    dv: Tensor<B>,   // [n, kv_heads·hd]
+    dact: Tensor<B>, // [n, f]
+    dgate: Tensor<B>,
+    dup: Tensor<B>,
+    // one sequence: [seq, ·]
+    s_q: Tensor<B>,
+    s_k: Tensor<B>,
+    s_v: Tensor<B>,
+    s_att: Tensor<B>,
+    s_dq: Tensor<B>,
+    s_dk: Tensor<B>,
+    s_dv: Tensor<B>,
+}
+
+impl<B: Backend> TrainActivations<B> {
+    pub fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+        let c = &model.config;
+        let be = &model.backend;
+        let n = batch * seq;
+        let (d, f, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let dt = be.dtype();
+        let t = |rows: usize, cols: usize| be.zeros(&[rows, cols], dt);
+        // The residual stream and its gradient stay f32 on every device.
+        let f32t = |cols: usize| be.zeros(&[n, cols], DType::F32);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(LayerActivations {
+                x_in: f32t(d)?,
+                h1: t(n, d)?,
+                q: t(n, qw)?,
+                k: t(n, kvw)?,
+                v: t(n, kvw)?,
+                att: t(n, qw)?,
+                x_mid: f32t(d)?,
+                h2: t(n, d)?,
+                gate: t(n, f)?,
+                up: t(n, f)?,
+                act: t(n, f)?,
+            });
+        }
+        Ok(TrainActivations {
+            batch,
+            seq,
+            layers,
+            x_out: f32t(d)?,
+            hf: t(n, d)?,
+            logits: f32t(vocab)?,
+            dlogits: f32t(vocab)?,
+            proj: t(n, d)?,
+            dx: f32t(d)?,
+            dh: t(n, d)?,
+            datt: t(n, qw)?,
+            dq: t(n, qw)?,
+            dk: t(n, kvw)?,
+            dv: t(n, kvw)?,
+            dact: t(n, f)?,
+            dgate: t(n, f)?,
+            dup: t(n, f)?,
+            s_q: t(seq, qw)?,
+            s_k: t(seq, kvw)?,
+            s_v: t(seq, kvw)?,
+            s_att: t(seq, qw)?,
+            s_dq: t(seq, qw)?,
+            s_dk: t(seq, kvw)?,
+            s_dv: t(seq, kvw)?,
+        })
+    }
+}
+
+/// One forward and backward over `batch` sequences of `seq` tokens.
+///
+/// `ids` and `targets` are [batch·seq]; a target of `backend::IGNORE` counts
+/// no loss. The cross-entropy's gradient is scaled by `loss_scale` (usually
+/// 1 / the counted targets of the whole optimizer step, across
+/// micro-batches), and parameter gradients are *added* into `grads`.
+/// Returns the summed loss over the counted targets of this call.
+///
+/// Forward, per layer, as `Llama::forward` runs it:
+///   h1 = rmsnorm(x_in)·attn_norm; q, k, v = h1·Wqᵀ, h1·Wkᵀ, h1·Wvᵀ; rope(q, k)
+///   x_mid = x_in + attention(q, k, v)·Woᵀ
+///   h2 = rmsnorm(x_mid)·ffn_norm; x_out = x_mid + (silu(h2·Wgᵀ) ∘ h2·Wuᵀ)·Wdᵀ
+/// then logits = rmsnorm(x)·norm·Wheadᵀ and the fused cross-entropy.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward<B: Backend>(
+    model: &Llama<B>,
+    a: &mut TrainActivations<B>,
+    grads: &mut Grads<B>,
+    ids: &[u32],
+    targets: &[u32],
+    batch: usize,
+    seq: usize,
+    loss_scale: f32,
+) -> Result<f32> {
+    let (c, w, be) = (&model.config, &model.weights, &model.backend);
+    let n = batch * seq;
+    if (a.batch, a.seq) != (batch, seq) {
+        return Err(Error::Invalid(format!(
+            "activations are for {} sequences of {} tokens, the batch is {batch} of {seq}",
+            a.batch, a.seq
+        )));
+    }
+    if ids.len() != n || targets.len() != n {
+        return Err(Error::Invalid(format!(
+            "a batch of {batch}×{seq} needs {n} ids and targets; got {} and {}",
+            ids.len(),
+            targets.len()
+        )));
+    }
+    if seq > c.max_position_embeddings {
+        return Err(Error::Invalid(format!(
+            "sequences of {seq} tokens do not fit the model's context of {}",
+            c.max_position_embeddings
+        )));
+    }
+    let vocab = c.vocab_size as u32;
+    if let Some(&bad) = ids.iter().find(|&&id| id >= vocab) {
+        return Err(Error::Invalid(format!(
+            "token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    if let Some(&bad) = targets
+        .iter()
+        .find(|&&t| t >= vocab && t != crate::backend::IGNORE)
+    {
+        return Err(Error::Invalid(format!(
+            "target id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    let Trainable::Full = grads.trainable;
+    let (heads, kv_heads, theta, eps) = (c.num_heads, c.num_kv_heads, c.rope_theta, c.rms_norm_eps);
+    let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+
+    // ----- forward -----
+    be.embedding(&mut a.layers[0].x_in, ids, &w.embed)?;
+    for l in 0..c.num_layers {
+        let lw = &w.layers[l];
+        let (done, rest) = a.layers.split_at_mut(l + 1);
+        let la = &mut done[l];
+        be.rmsnorm(&mut la.h1, &la.x_in, &lw.attn_norm, eps)?;
+        be.matmul_nt(&mut la.q, &la.h1, &lw.wq)?;
+        be.matmul_nt(&mut la.k, &la.h1, &lw.wk)?;
+        be.matmul_nt(&mut la.v, &la.h1, &lw.wv)?;
+        for s in 0..batch {
+            let r = s * seq;
+            be.copy_rows(&mut a.s_q, 0, &la.q, r, seq)?;
+            be.copy_rows(&mut a.s_k, 0, &la.k, r, seq)?;
+            be.copy_rows(&mut a.s_v, 0, &la.v, r, seq)?;
+            be.rope(&mut a.s_q, heads, 0, theta)?;
+            be.rope(&mut a.s_k, kv_heads, 0, theta)?;
+            be.attention(&mut a.s_att, &a.s_q, &a.s_k, &a.s_v, heads, kv_heads, 0)?;
+            be.copy_rows(&mut la.q, r, &a.s_q, 0, seq)?;
+            be.copy_rows(&mut la.k, r, &a.s_k, 0, seq)?;
+            be.copy_rows(&mut la.att, r, &a.s_att, 0, seq)?;
+        }
+        be.matmul_nt(&mut a.proj, &la.att, &lw.wo)?;
+        be.copy_rows(&mut la.x_mid, 0, &la.x_in, 0, n)?;
+        be.add_assign(&mut la.x_mid, &a.proj)?;
+        be.rmsnorm(&mut la.h2, &la.x_mid, &lw.ffn_norm, eps)?;
+        be.matmul_nt(&mut la.gate, &la.h2, &lw.w_gate)?;
+        be.matmul_nt(&mut la.up, &la.h2, &lw.w_up)?;
+        be.swiglu(&mut la.act, &la.gate, &la.up)?;
+        be.matmul_nt(&mut a.proj, &la.act, &lw.w_down)?;
+        let next = match rest.first_mut() {
+            Some(next) => &mut next.x_in,
+            None => &mut a.x_out,
+        };
+        be.copy_rows(next, 0, &la.x_mid, 0, n)?;
+        be.add_assign(next, &a.proj)?;
+    }
+    be.rmsnorm(&mut a.hf, &a.x_out, &w.norm, eps)?;
+    be.matmul_nt(&mut a.logits, &a.hf, head)?;
+    let loss = be.cross_entropy(Some(&mut a.dlogits), &a.logits, targets, Some(loss_scale))?;
+
+    // ----- backward: the same list reversed -----
+    let g = &mut grads.g;
+    // logits = hf · Wheadᵀ; a tied head's gradient adds into the embedding's.
+    zero(be, &mut a.dh)?;
+    let dhead = g.lm_head.as_mut().unwrap_or(&mut g.embed);
+    be.matmul_nt_backward(&mut a.dh, Some(dhead), &a.dlogits, &a.hf, head)?;
+    // hf = rmsnorm(x_out) · norm; dx collects every block's contribution.
+    zero(be, &mut a.dx)?;
+    be.rmsnorm_backward(&mut a.dx, &mut g.norm, &a.dh, &a.x_out, &w.norm, eps)?;
+    for l in (0..c.num_layers).rev() {
+        let (lw, gl, la) = (&w.layers[l], &mut g.layers[l], &a.layers[l]);
+        // x_out = x_mid + act · Wdᵀ: dx flows on unchanged, and into the block
+        zero(be, &mut a.dact)?;
+        be.matmul_nt_backward(
+            &mut a.dact,
+            Some(&mut gl.w_down),
+            &a.dx,
+            &la.act,
+            &lw.w_down,
+        )?;
+        // act = silu(gate) ∘ up
+        be.swiglu_backward(&mut a.dgate, &mut a.dup, &a.dact, &la.gate, &la.up)?;
+        // gate, up = h2 · Wgᵀ, h2 · Wuᵀ
+        zero(be, &mut a.dh)?;
+        be.matmul_nt_backward(
+            &mut a.dh,
+            Some(&mut gl.w_gate),
+            &a.dgate,
+            &la.h2,
+            &lw.w_gate,
+        )?;
+        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.w_up), &a.dup, &la.h2, &lw.w_up)?;
+        // h2 = rmsnorm(x_mid) · ffn_norm
+        be.rmsnorm_backward(
+            &mut a.dx,
+            &mut gl.ffn_norm,
+            &a.dh,
+            &la.x_mid,
+            &lw.ffn_norm,
+            eps,
+        )?;
+        // x_mid = x_in + att · Woᵀ
+        zero(be, &mut a.datt)?;
+        be.matmul_nt_backward(&mut a.datt, Some(&mut gl.wo), &a.dx, &la.att, &lw.wo)?;
+        // att = attention(rope(q), rope(k), v), one sequence at a time
+        for s in 0..batch {
+            let r = s * seq;
+            be.copy_rows(&mut a.s_att, 0, &a.datt, r, seq)?; // s_att holds d(att) here
+            be.copy_rows(&mut a.s_q, 0, &la.q, r, seq)?;
+            be.copy_rows(&mut a.s_k, 0, &la.k, r, seq)?;
+            be.copy_rows(&mut a.s_v, 0, &la.v, r, seq)?;
+            zero(be, &mut a.s_dk)?;
+            zero(be, &mut a.s_dv)?;
+            be.attention_backward(
+                &mut a.s_dq,
+                &mut a.s_dk,
+                &mut a.s_dv,
+                &a.s_att,
+                &a.s_q,
+                &a.s_k,
+                &a.s_v,
+                heads,
+                kv_heads,
+                0,
+            )?;
+            be.rope_backward(&mut a.s_dq, heads, 0, theta)?;
+            be.rope_backward(&mut a.s_dk, kv_heads, 0, theta)?;
+            be.copy_rows(&mut a.dq, r, &a.s_dq, 0, seq)?;
+            be.copy_rows(&mut a.dk, r, &a.s_dk, 0, seq)?;
+            be.copy_rows(&mut a.dv, r, &a.s_dv, 0, seq)?;
+        }
+        // q, k, v = h1 · Wqᵀ, h1 · Wkᵀ, h1 · Wvᵀ
+        zero(be, &mut a.dh)?;
+        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.wq), &a.dq, &la.h1, &lw.wq)?;
+        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.wk), &a.dk, &la.h1, &lw.wk)?;
+        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.wv), &a.dv, &la.h1, &lw.wv)?;
+        // h1 = rmsnorm(x_in) · attn_norm
+        be.rmsnorm_backward(
+            &mut a.dx,
+            &mut gl.attn_norm,
+            &a.dh,
+            &la.x_in,
+            &lw.attn_norm,
+            eps,
+        )?;
+    }
+    // x = embed[ids]
+    be.embedding_backward(&mut g.embed, &a.dx, ids)?;
+    Ok(loss)
+}
+
+/// AdamW moments, f32, one pair per weight (the shapes of `Grads`).
+pub struct AdamWState<B: Backend> {
+    pub m: LlamaWeights<B>,
+    pub v: LlamaWeights<B>,
+}
+
+impl<B: Backend> AdamWState<B> {
+    pub fn new(model: &Llama<B>) -> Result<Self> {
+        Ok(AdamWState {
+            m: zeros_like(&model.backend, &model.weights)?,
+            v: zeros_like(&model.backend, &model.weights)?,
+        })
+    }
+}
+
+/// One AdamW step (`Backend::adamw_step`) on every trainable weight, with
+/// `hp.step` the step number from 1. Gradients are left as they are: zero
+/// them before the next step's first `forward_backward`.
+pub fn adamw_update<B: Backend>(
+    model: &mut Llama<B>,
+    grads: &Grads<B>,
+    state: &mut AdamWState<B>,
+    hp: &AdamW,
+) -> Result<()> {
+    let Trainable::Full = grads.trainable;
+    let be = &model.backend;
+    let params = param_list_mut(&mut model.weights);
+    let gs = param_list(&grads.g);
+    let ms = param_list_mut(&mut state.m);
+    let vs = param_list_mut(&mut state.v);
+    assert!(params.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len());
+    for (((p, g), m), v) in params.into_iter().zip(gs).zip(ms).zip(vs) {
+        be.adamw_step(p, m, v, g, hp)?;
+    }
+    Ok(())
+}
+
+/// The global L2 norm of all gradients, sqrt(Σ g²), summed in f64.
+///
+/// CPU-first: it downloads every gradient to the host. A device reduction op
+/// replaces it when the CUDA trainer needs one.
+pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> Result<f32> {
+    let mut sum = 0.0f64;
+    for t in param_list(&grads.g) {
+        sum += be
+            .download(t)?
+            .iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>();
+    }
+    Ok(sum.sqrt() as f32)
+}
+
+/// Global-norm clipping as torch's `clip_grad_norm_`: when the norm exceeds
+/// `max_norm`, every gradient is scaled by max_norm / (norm + 1e-6).
+/// Returns the norm before clipping. CPU-first like [`grad_norm`]: the
+/// scaling is done on the host and the result uploaded.
+pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> Result<f32> {
+    let norm = grad_norm(be, grads)?;
+    let coef = max_norm as f64 / (norm as f64 + 1e-6);
+    if coef < 1.0 {
+        for t in param_list_mut(&mut grads.g) {
+            let data: Vec<f32> = be
+                .download(t)?
+                .iter()
+                .map(|&x| (x as f64 * coef) as f32)
+                .collect();
+            *t = be.upload(data, &t.shape, t.dtype)?;
+        }
+    }
+    Ok(norm)
+}
