@@ -4,5 +4,6 @@ pub mod config;
 pub mod dequant;
 pub mod gguf;
 pub mod llama;
+pub mod lora;
 pub mod train_step;
 pub mod weights;
