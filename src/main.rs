@@ -55,6 +55,18 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Merge a LoRA adapter (PEFT format) into a model's weights, writing a new model folder.
+    Merge {
+        /// The base model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The folder to write (must not exist yet, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The CUDA kernels (kernels/*.cu).
     Kernels {
         #[command(subcommand)]
@@ -224,6 +236,23 @@ fn run(cli: Cli) -> Result<()> {
             let dtype: DType = dtype.parse()?;
             let summary = engine::convert::convert(&input, &out_dir, dtype)?;
             println!("{summary}");
+        }
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            let config = engine::model::config::LlamaConfig::from_file(&model.join("config.json"))?;
+            let lora = engine::model::lora::LoraAdapter::load(&adapter, &config)?;
+            let s = engine::model::lora::merge_to_dir(&model, &lora, &out)?;
+            println!(
+                "merged {} of {} tensors (rank {}, scaling {}) into {}",
+                s.n_merged,
+                s.n_tensors,
+                lora.config.rank,
+                lora.config.scaling(),
+                out.display()
+            );
         }
         Command::Kernels {
             command: KernelsCommand::Check { arch },

@@ -397,3 +397,50 @@ fn device_choice() {
         assert_fails_with(&out, &["--device cuda", "libcuda"]);
     }
 }
+
+#[test]
+fn merge_a_peft_adapter() {
+    let (tmp, dir) = model_copy("model");
+    let adapter = fixture("lora/peft_adapter");
+    let merged = tmp.path().join("merged");
+    let out = engine(&[
+        "merge",
+        "--model",
+        s(&dir),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("merged 14 of 20 tensors (rank 4"));
+    // The merged folder is a complete model that differs from the base.
+    let (base, with) = (score_nll(&dir, TEXT), score_nll(&merged, TEXT));
+    assert!((base - with).abs() > 1e-3, "{base} vs {with}");
+    // A second merge into the same folder is refused, and the folder kept.
+    let out = engine(&[
+        "merge",
+        "--model",
+        s(&dir),
+        "--adapter",
+        s(&adapter),
+        "--out",
+        s(&merged),
+    ]);
+    assert_fails_with(&out, &[s(&merged), "not empty"]);
+    assert_eq!(score_nll(&merged, TEXT), with);
+    let out = engine(&[
+        "merge",
+        "--model",
+        s(&dir),
+        "--adapter",
+        s(&dir),
+        "--out",
+        s(&tmp.path().join("m2")),
+    ]);
+    assert_fails_with(&out, &["adapter_config.json"]);
+}
