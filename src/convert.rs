@@ -8,6 +8,7 @@
 //! `attn_q` / `attn_k` for its RoPE layout; [`unpermute_rows`] undoes that.
 
 use crate::error::{Error, Result};
+use crate::model::folder::{short_f64, write_dir_atomically, write_json};
 use crate::model::gguf::Gguf;
 use crate::tensor::DType;
 use half::{bf16, f16};
@@ -286,7 +287,6 @@ pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSumm
             input.display()
         )));
     }
-    check_out_dir(out_dir)?;
     let hp = Hparams::read(&g)?;
     let embd = g
         .tensor_info("token_embd.weight")
@@ -328,29 +328,18 @@ pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSumm
         "pad_token_id": tok.pad_id,
     });
 
-    let tmp = sibling(out_dir, "convert-tmp")?;
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let written = (|| -> Result<usize> {
-        let n_params = write_safetensors(&g, &plan, dtype, &tmp.join("model.safetensors"))?;
+    let mut n_params = 0;
+    let is_convert_output = |d: &Path| d.join(MARKER).exists();
+    write_dir_atomically(out_dir, "convert", is_convert_output, |tmp| {
+        n_params = write_safetensors(&g, &plan, dtype, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config)?;
         write_json(&tmp.join("generation_config.json"), &generation_config)?;
         write_json(&tmp.join("tokenizer.json"), &tok.tokenizer)?;
         write_json(&tmp.join("tokenizer_config.json"), &tok.config)?;
         let marker = tmp.join(MARKER);
         fs::write(&marker, format!("converted from {}\n", input.display()))
-            .map_err(|e| Error::io(&marker, e))?;
-        Ok(n_params)
-    })();
-    let n_params = match written.and_then(|n| replace_dir(&tmp, out_dir).map(|_| n)) {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
+            .map_err(|e| Error::io(&marker, e))
+    })?;
 
     let mut source_types = BTreeMap::new();
     for t in g.tensors() {
@@ -374,71 +363,6 @@ pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSumm
         tied_embeddings: tied,
         source_types,
     })
-}
-
-/// The f64 whose shortest decimal form is that of `x` (so 1e-5f32 is written
-/// as 1e-5, not 9.999999747378752e-6).
-fn short_f64(x: f32) -> f64 {
-    x.to_string().parse().unwrap_or(x as f64)
-}
-
-/// Refuses an `out_dir` that holds files a convert did not write.
-fn check_out_dir(out_dir: &Path) -> Result<()> {
-    if !out_dir.exists() {
-        return Ok(());
-    }
-    if !out_dir.is_dir() {
-        return Err(Error::Invalid(format!(
-            "{}: exists and is not a folder",
-            out_dir.display()
-        )));
-    }
-    let mut entries = fs::read_dir(out_dir).map_err(|e| Error::io(out_dir, e))?;
-    if entries.next().is_some() && !out_dir.join(MARKER).exists() {
-        return Err(Error::Invalid(format!(
-            "{}: folder exists and is not empty; choose a new output folder or remove it (a folder written by a previous convert is replaced)",
-            out_dir.display()
-        )));
-    }
-    Ok(())
-}
-
-/// `.NAME.TAG-PID` next to `dir`.
-fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a folder name", dir.display())))?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok(parent.join(format!(
-        ".{}.{tag}-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    )))
-}
-
-/// Moves the finished `tmp` to `out_dir`, replacing what [`check_out_dir`]
-/// allowed to be replaced; the old folder is moved aside first so that at
-/// every moment one complete folder exists.
-fn replace_dir(tmp: &Path, out_dir: &Path) -> Result<()> {
-    check_out_dir(out_dir)?;
-    if out_dir.exists() {
-        let old = sibling(out_dir, "convert-old")?;
-        fs::rename(out_dir, &old).map_err(|e| Error::io(out_dir, e))?;
-        fs::rename(tmp, out_dir).map_err(|e| Error::io(out_dir, e))?;
-        fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else {
-        fs::rename(tmp, out_dir).map_err(|e| Error::io(out_dir, e))?;
-    }
-    Ok(())
-}
-
-fn write_json(path: &Path, v: &Json) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(v).expect("JSON values serialize");
-    text.push('\n');
-    fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 /// Writes the planned tensors to a safetensors file, one tensor at a time

@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod dequant;
+pub mod folder;
 pub mod gguf;
 pub mod llama;
 pub mod lora;
