@@ -17,6 +17,9 @@
 //! from random values, and the check is `init + gradient`; every tensor has
 //! spare capacity past its shape (NaN in inputs, a sentinel in outputs).
 
+mod common;
+use common::{SENTINEL, SPARE};
+
 use engine::backend::cpu::Cpu;
 use engine::backend::{AdamW, Backend, IGNORE};
 use engine::tensor::DType::F32;
@@ -25,8 +28,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const TOL: f64 = 1e-5;
-const SPARE: usize = 7;
-const SENTINEL: f32 = 12345.0;
 /// The finite-difference step.
 const H: f64 = 1e-5;
 
@@ -49,24 +50,12 @@ fn f64s(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
 }
 
-/// An input tensor holding `data`, NaN in its spare capacity.
 fn input(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
-    let mut t = Cpu
-        .zeros_with_capacity(shape, data.len() + SPARE, F32)
-        .unwrap();
-    assert_eq!(t.numel(), data.len(), "{shape:?}");
-    t.buf[..data.len()].copy_from_slice(data);
-    t.buf[data.len()..].fill(f32::NAN);
-    t
+    common::cpu_input(data, shape)
 }
 
-/// A gradient the op overwrites: NaN where it must write, the sentinel past.
 fn poisoned(shape: &[usize]) -> Tensor<Cpu> {
-    let numel: usize = shape.iter().product();
-    let mut t = Cpu.zeros_with_capacity(shape, numel + SPARE, F32).unwrap();
-    t.buf[..numel].fill(f32::NAN);
-    t.buf[numel..].fill(SENTINEL);
-    t
+    common::cpu_poisoned(shape)
 }
 
 /// A gradient the op accumulates into: `init`, the sentinel past the shape.

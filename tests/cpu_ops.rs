@@ -11,6 +11,9 @@
 //! Tolerance: f32 relative error ≤ 1e-5, measured per output tensor as
 //! max|got − ref| / max|ref|. NaN and infinities never pass.
 
+mod common;
+use common::{SENTINEL, SPARE};
+
 use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
 use engine::tensor::DType::F32;
@@ -19,10 +22,6 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const TOL: f64 = 1e-5;
-/// Elements of spare capacity past the shape of every tensor in these tests.
-const SPARE: usize = 7;
-/// What the spare capacity of an output holds, and must still hold afterwards.
-const SENTINEL: f32 = 12345.0;
 
 // ----- helpers -----
 
@@ -40,24 +39,12 @@ fn random_vec(rng: &mut StdRng, len: usize, bound: f32) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-bound..bound)).collect()
 }
 
-/// An input tensor holding `data`, with NaN in its spare capacity.
 fn input(data: &[f32], shape: &[usize]) -> Tensor<Cpu> {
-    let mut t = Cpu
-        .zeros_with_capacity(shape, data.len() + SPARE, F32)
-        .unwrap();
-    assert_eq!(t.numel(), data.len(), "{shape:?}");
-    t.buf[..data.len()].copy_from_slice(data);
-    t.buf[data.len()..].fill(f32::NAN);
-    t
+    common::cpu_input(data, shape)
 }
 
-/// An output tensor: NaN where the op must write, the sentinel past the shape.
 fn output(shape: &[usize]) -> Tensor<Cpu> {
-    let numel: usize = shape.iter().product();
-    let mut t = Cpu.zeros_with_capacity(shape, numel + SPARE, F32).unwrap();
-    t.buf[..numel].fill(f32::NAN);
-    t.buf[numel..].fill(SENTINEL);
-    t
+    common::cpu_poisoned(shape)
 }
 
 /// max|got − want| / max|want| ≤ tol, with every element of `got` finite.

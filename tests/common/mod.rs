@@ -68,3 +68,37 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let err = max_rel_err(got, want);
     assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
 }
+
+/// Spare capacity past a test tensor's shape, where ops must not write.
+pub const SPARE: usize = 7;
+/// What the spare capacity of an output holds, checked after the op.
+pub const SENTINEL: f32 = 12345.0;
+
+/// A CPU input tensor holding `data`, NaN in its spare capacity (so an op
+/// that reads past the shape produces NaN).
+pub fn cpu_input(
+    data: &[f32],
+    shape: &[usize],
+) -> engine::tensor::Tensor<engine::backend::cpu::Cpu> {
+    use engine::backend::Backend;
+    let mut t = engine::backend::cpu::Cpu
+        .zeros_with_capacity(shape, data.len() + SPARE, engine::tensor::DType::F32)
+        .unwrap();
+    assert_eq!(t.numel(), data.len(), "{shape:?}");
+    t.buf[..data.len()].copy_from_slice(data);
+    t.buf[data.len()..].fill(f32::NAN);
+    t
+}
+
+/// A CPU tensor the op overwrites: NaN where it must write, the sentinel past
+/// the shape.
+pub fn cpu_poisoned(shape: &[usize]) -> engine::tensor::Tensor<engine::backend::cpu::Cpu> {
+    use engine::backend::Backend;
+    let numel: usize = shape.iter().product();
+    let mut t = engine::backend::cpu::Cpu
+        .zeros_with_capacity(shape, numel + SPARE, engine::tensor::DType::F32)
+        .unwrap();
+    t.buf[..numel].fill(f32::NAN);
+    t.buf[numel..].fill(SENTINEL);
+    t
+}
