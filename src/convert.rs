@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::model::folder::{short_f64, write_dir_atomically, write_json};
 use crate::model::gguf::Gguf;
 use crate::tensor::DType;
-use half::{bf16, f16};
 use serde_json::{json, Map, Value as Json};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -406,13 +405,7 @@ fn write_safetensors(g: &Gguf, plan: &[Plan], dtype: DType, path: &Path) -> Resu
             values = unpermute_rows(&values, shape[0], shape[1], n_head);
         }
         bytes.clear();
-        match dtype {
-            DType::F32 => bytes.extend(values.iter().flat_map(|v| v.to_le_bytes())),
-            DType::BF16 => {
-                bytes.extend(values.iter().flat_map(|&v| bf16::from_f32(v).to_le_bytes()))
-            }
-            DType::F16 => bytes.extend(values.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())),
-        }
+        dtype.encode_into(&values, &mut bytes);
         w.write_all(&bytes).map_err(io)?;
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;

@@ -22,6 +22,53 @@ impl DType {
         }
     }
 
+    /// Values from their little-endian bytes in this type (safetensors files,
+    /// device buffers), widened to f32.
+    pub fn decode(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+
+    /// Appends `values` to `out` as little-endian bytes of this type
+    /// (half precision rounds to nearest even).
+    pub fn encode_into(self, values: &[f32], out: &mut Vec<u8>) {
+        match self {
+            DType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            DType::BF16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
+            ),
+            DType::F16 => out.extend(
+                values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
+            ),
+        }
+    }
+
+    /// The engine type of a safetensors element type, if engine reads it.
+    pub fn from_safetensors(d: safetensors::Dtype) -> Option<DType> {
+        match d {
+            safetensors::Dtype::F32 => Some(DType::F32),
+            safetensors::Dtype::BF16 => Some(DType::BF16),
+            safetensors::Dtype::F16 => Some(DType::F16),
+            _ => None,
+        }
+    }
+
     /// The name safetensors and config.json (`torch_dtype`) use.
     pub fn hf_name(self) -> &'static str {
         match self {

@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::folder::{short_f64, write_dir_atomically, write_json};
 use crate::model::weights::SafetensorsFiles;
+use crate::tensor::DType;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, SafeTensors};
@@ -476,7 +477,8 @@ impl LoraAdapter {
                     view.shape()
                 )));
             }
-            let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
+            let values = DType::from_safetensors(view.dtype()).map(|t| t.decode(view.data()));
+            let values = values.ok_or_else(|| {
                 bad(format!(
                     "tensor {name} has dtype {:?}; engine reads f32, bf16 and f16",
                     view.dtype()
@@ -610,24 +612,6 @@ fn parse_peft_name(name: &str) -> Option<(usize, Target, usize)> {
     };
     let target = Target::ALL.into_iter().find(|t| t.module() == module)?;
     Some((layer, target, which))
-}
-
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => return None,
-    })
 }
 
 /// What [`merge_to_dir`] did.
@@ -841,19 +825,9 @@ fn write_safetensors(
             )));
         }
         bytes.clear();
-        match dtype {
-            Dtype::BF16 => bytes.extend(
-                values
-                    .iter()
-                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()),
-            ),
-            Dtype::F16 => bytes.extend(
-                values
-                    .iter()
-                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes()),
-            ),
-            _ => bytes.extend(values.iter().flat_map(|v| v.to_le_bytes())),
-        }
+        DType::from_safetensors(*dtype)
+            .unwrap_or(DType::F32)
+            .encode_into(&values, &mut bytes);
         w.write_all(&bytes).map_err(io)?;
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;

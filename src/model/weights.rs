@@ -2,8 +2,9 @@
 //! `model.safetensors.index.json`), memory-mapped with memmap2.
 
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 use memmap2::{Mmap, UncheckedAdvice};
-use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+use safetensors::tensor::{SafeTensors, TensorInfo};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -112,26 +113,16 @@ impl SafetensorsFiles {
         let (start, end) = info.data_offsets;
         let (start, end) = (shard.data_start + start, shard.data_start + end);
         let bytes = &shard.mmap[start..end];
-        let out = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(Error::format(
-                    &shard.path,
-                    format!("tensor {name} has dtype {other:?}; engine reads f32, bf16 and f16"),
-                ))
-            }
-        };
+        let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| {
+            Error::format(
+                &shard.path,
+                format!(
+                    "tensor {name} has dtype {:?}; engine reads f32, bf16 and f16",
+                    info.dtype
+                ),
+            )
+        })?;
+        let out = dtype.decode(bytes);
         // SAFETY: the mapping is private and read-only, so dropping its pages
         // loses nothing: a later access reads them from the file again.
         unsafe {

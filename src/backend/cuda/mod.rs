@@ -14,7 +14,6 @@ use crate::backend::{shapes, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
-use half::{bf16, f16};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -149,17 +148,8 @@ impl<D: GpuDriver> Backend for Cuda<D> {
 
     fn upload(&self, data: Vec<f32>, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
         assert_eq!(data.len(), shape.iter().product::<usize>(), "{shape:?}");
-        let bytes: Vec<u8> = match dtype {
-            DType::F32 => bytemuck::cast_slice(&data).to_vec(),
-            DType::BF16 => data
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
-            DType::F16 => data
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-        };
+        let mut bytes = Vec::with_capacity(data.len() * dtype.size());
+        dtype.encode_into(&data, &mut bytes);
         let buf = self.alloc(bytes.len())?;
         // SAFETY: the allocation holds exactly these bytes.
         unsafe { self.driver.upload(buf.ptr, &bytes)? };
@@ -180,20 +170,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             self.driver
                 .download(&mut bytes, t.buf.ptr + (row * d * size) as u64)?
         };
-        Ok(match t.dtype {
-            DType::F32 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            DType::BF16 => bytes
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            DType::F16 => bytes
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        })
+        Ok(t.dtype.decode(&bytes))
     }
 
     fn copy_rows(
