@@ -25,7 +25,7 @@ use engine::backend::{AdamW, Backend, IGNORE};
 use engine::tensor::DType::F32;
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const TOL: f64 = 1e-5;
 /// The finite-difference step.
@@ -34,12 +34,7 @@ const H: f64 = 1e-5;
 // ----- helpers -----
 
 fn seeded_rng() -> StdRng {
-    let seed = match std::env::var("CPU_BACKWARD_SEED") {
-        Ok(s) => s.parse().expect("CPU_BACKWARD_SEED must be a u64"),
-        Err(_) => rand::rng().random(),
-    };
-    eprintln!("seed {seed} (replay with CPU_BACKWARD_SEED={seed})");
-    StdRng::seed_from_u64(seed)
+    common::seeded_rng("CPU_BACKWARD_SEED")
 }
 
 fn random_vec(rng: &mut StdRng, len: usize, bound: f32) -> Vec<f32> {

@@ -19,20 +19,14 @@ use engine::backend::Backend;
 use engine::tensor::DType::F32;
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 const TOL: f64 = 1e-5;
 
 // ----- helpers -----
 
-/// A fresh random generator; its seed is printed so a failure can be replayed.
 fn seeded_rng() -> StdRng {
-    let seed = match std::env::var("CPU_OPS_SEED") {
-        Ok(s) => s.parse().expect("CPU_OPS_SEED must be a u64"),
-        Err(_) => rand::rng().random(),
-    };
-    eprintln!("seed {seed} (replay with CPU_OPS_SEED={seed})");
-    StdRng::seed_from_u64(seed)
+    common::seeded_rng("CPU_OPS_SEED")
 }
 
 fn random_vec(rng: &mut StdRng, len: usize, bound: f32) -> Vec<f32> {

@@ -8,6 +8,8 @@
 //! checks a fixed bound after a fixed number of steps and so uses a fixed
 //! seed.
 
+mod common;
+
 use engine::backend::cpu::Cpu;
 use engine::backend::{AdamW, Backend, IGNORE};
 use engine::model::config::LlamaConfig;
@@ -23,12 +25,7 @@ use rand::{Rng, SeedableRng};
 use std::path::Path;
 
 fn seeded_rng() -> StdRng {
-    let seed = match std::env::var("TRAIN_STEP_SEED") {
-        Ok(s) => s.parse().expect("TRAIN_STEP_SEED must be a u64"),
-        Err(_) => rand::rng().random(),
-    };
-    eprintln!("TRAIN_STEP_SEED={seed}");
-    StdRng::seed_from_u64(seed)
+    common::seeded_rng("TRAIN_STEP_SEED")
 }
 
 fn fixture(name: &str) -> Llama<Cpu> {

@@ -102,3 +102,15 @@ pub fn cpu_poisoned(shape: &[usize]) -> engine::tensor::Tensor<engine::backend::
     t.buf[numel..].fill(SENTINEL);
     t
 }
+
+/// A fresh random generator, or the one `$var` names; the seed is printed so
+/// a failure can be replayed with `var=SEED`.
+pub fn seeded_rng(var: &str) -> rand::rngs::StdRng {
+    use rand::{Rng, SeedableRng};
+    let seed = match std::env::var(var) {
+        Ok(s) => s.parse().unwrap_or_else(|_| panic!("{var} must be a u64")),
+        Err(_) => rand::rng().random(),
+    };
+    eprintln!("seed {seed} (replay with {var}={seed})");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
