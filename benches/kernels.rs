@@ -137,8 +137,8 @@ const SPECS: &[Spec] = &[
     spec("rmsnorm_fwd_f32_bf16", Family::Rmsnorm { f32_in: true }, 5),
     spec("rope_fwd_bf16", Family::Rope, 6),
     spec("swiglu_fwd_bf16", Family::Swiglu, 4),
-    spec("add_assign_bf16", Family::Add { f32_x: false }, 3),
-    spec("add_assign_f32_bf16", Family::Add { f32_x: true }, 3),
+    spec("add_scaled_bf16", Family::Add { f32_x: false }, 3),
+    spec("add_scaled_f32_bf16", Family::Add { f32_x: true }, 3),
     spec(
         "embedding_fwd_bf16",
         Family::Embedding { f32_out: false },
@@ -541,13 +541,18 @@ impl<D: GpuDriver> Bench<'_, D> {
                 }
             }
             Family::Add { f32_x } => {
-                // In place: x += y.
+                // In place: x += alpha · y.
                 let (xv, yv) = (data(rng, n * D, 3.0), data(rng, n * D, 3.0));
+                let alpha = 0.75;
                 let mut want = cpu(&xv, &[n, D])?;
-                Cpu.add_assign(&mut want, &cpu(&yv, &[n, D])?)?;
+                Cpu.add_scaled(&mut want, &cpu(&yv, &[n, D])?, alpha)?;
                 let out = self.up(&xv, &[n, D], dtype(f32_x))?;
                 let y = self.up(&yv, &[n, D], BF16)?;
-                let args = Args::default().ptr(out.buf.ptr).ptr(y.buf.ptr).int(n * D);
+                let args = Args::default()
+                    .ptr(out.buf.ptr)
+                    .ptr(y.buf.ptr)
+                    .float(alpha)
+                    .int(n * D);
                 Prepared {
                     _inputs: vec![y],
                     out,

@@ -7,21 +7,24 @@
 
 #include "common.cuh"
 
-// x += y, element-wise over n elements. The residual stream x is f32 (the
-// sum of every block's output, where bf16 rounding would pile up) or bf16.
+// x += alpha * y, element-wise over n elements: the residual stream (alpha 1)
+// and a LoRA branch joining its base layer (alpha = the adapter's scaling).
+// x is f32 (the residual stream, where bf16 rounding would pile up) or bf16.
 template <typename X>
-__device__ void add_assign(X* x, const __nv_bfloat16* y, int n) {
+__device__ void add_scaled(X* x, const __nv_bfloat16* y, float alpha, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        x[i] = from_float<X>(to_float(x[i]) + __bfloat162float(y[i]));
+        x[i] = from_float<X>(to_float(x[i]) + alpha * __bfloat162float(y[i]));
     }
 }
 
-extern "C" __global__ void add_assign_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, int n) {
-    add_assign(x, y, n);
+extern "C" __global__ void add_scaled_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, float alpha,
+                                           int n) {
+    add_scaled(x, y, alpha, n);
 }
 
-extern "C" __global__ void add_assign_f32_bf16(float* x, const __nv_bfloat16* y, int n) {
-    add_assign(x, y, n);
+extern "C" __global__ void add_scaled_f32_bf16(float* x, const __nv_bfloat16* y, float alpha,
+                                               int n) {
+    add_scaled(x, y, alpha, n);
 }
 
 // out = silu(gate) * up, element-wise over n elements.

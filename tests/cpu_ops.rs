@@ -545,6 +545,47 @@ fn add_assign() {
 }
 
 #[test]
+fn add_scaled_and_zero() {
+    let mut rng = seeded_rng();
+    let (n, d) = (17, 129);
+    let x_data = random_vec(&mut rng, n * d, 1.0);
+    let y_data = random_vec(&mut rng, n * d, 1.0);
+    let mut x = output(&[n, d]);
+    x.buf[..n * d].copy_from_slice(&x_data);
+    Cpu.add_scaled(&mut x, &input(&y_data, &[n, d]), -0.625)
+        .unwrap();
+    let scaled: Vec<f32> = y_data.iter().map(|v| -0.625 * v).collect();
+    check_output("add_scaled", &x, &add_ref(&x_data, &scaled));
+    Cpu.zero(&mut x).unwrap();
+    assert!(x.buf[..n * d].iter().all(|&v| v == 0.0));
+}
+
+/// Inverted dropout keeps about 1 − p of the elements, scales them by
+/// 1/(1 − p), and draws the same mask for the same seed (so its backward,
+/// the same call on the gradient, zeroes the same elements).
+#[test]
+fn dropout_mask_is_seeded_and_scaled() {
+    let n = 64 * 1000;
+    let ones = vec![1.0f32; n];
+    let p = 0.25;
+    let mut a = input(&ones, &[64, 1000]);
+    Cpu.dropout(&mut a, p, 7).unwrap();
+    let kept = a.buf[..n].iter().filter(|&&v| v != 0.0).count();
+    assert!(a.buf[..n].iter().all(|&v| v == 0.0 || v == 1.0 / (1.0 - p)));
+    let frac = kept as f64 / n as f64;
+    assert!((frac - 0.75).abs() < 0.01, "kept {frac}");
+    let mut b = input(&ones, &[64, 1000]);
+    Cpu.dropout(&mut b, p, 7).unwrap();
+    assert_eq!(a.buf[..n], b.buf[..n], "same seed, same mask");
+    let mut c = input(&ones, &[64, 1000]);
+    Cpu.dropout(&mut c, p, 8).unwrap();
+    assert_ne!(a.buf[..n], c.buf[..n], "another seed, another mask");
+    let mut d = input(&ones, &[64, 1000]);
+    Cpu.dropout(&mut d, 0.0, 7).unwrap();
+    assert_eq!(d.buf[..n], ones[..], "p = 0 is the identity");
+}
+
+#[test]
 fn log_softmax() {
     let mut rng = seeded_rng();
     for n in [1, 3, 17, 33] {

@@ -98,6 +98,20 @@ fn add_swiglu_rmsnorm() {
         Cpu.add_assign(&mut a.cpu, &b.cpu).unwrap();
         g.add_assign(&mut a.gpu, &b.gpu).unwrap();
         check(&format!("add f32 += bf16 {what}"), &g, &a, F32_TOL);
+        // A LoRA branch joining its layer: x += scaling · y.
+        Cpu.add_scaled(&mut a.cpu, &b.cpu, -0.375).unwrap();
+        g.add_scaled(&mut a.gpu, &b.gpu, -0.375).unwrap();
+        check(&format!("add_scaled f32 += bf16 {what}"), &g, &a, F32_TOL);
+        let mut a = pair(&g, &x, &[n, d], BF16);
+        Cpu.add_scaled(&mut a.cpu, &b.cpu, 2.5).unwrap();
+        g.add_scaled(&mut a.gpu, &b.gpu, 2.5).unwrap();
+        check(&format!("add_scaled {what}"), &g, &a, BF16_TOL);
+        let mut z = g.upload(vec![f32::NAN; n * d], &[n, d], BF16).unwrap();
+        g.zero(&mut z).unwrap();
+        assert!(
+            g.download(&z).unwrap().iter().all(|&v| v == 0.0),
+            "zero {what}"
+        );
         let mut o = out(&g, &[n, d], BF16);
         Cpu.rmsnorm(&mut o.cpu, &a.cpu, &wt.cpu, 1e-6).unwrap();
         g.rmsnorm(&mut o.gpu, &a.gpu, &wt.gpu, 1e-6).unwrap();

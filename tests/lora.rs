@@ -84,6 +84,40 @@ fn merged_peft_adapter_matches_peft_logits() {
     assert!(err > 1e-2, "base model already matches: {err:e}");
 }
 
+/// Applied unmerged (`--adapter`), the adapter gives PEFT's logits too, in
+/// one prefill and token by token through the KV cache.
+#[test]
+fn unmerged_peft_adapter_matches_peft_logits() {
+    let adapter = LoraAdapter::load(&peft_dir(), &model_config()).unwrap();
+    let mut model = Llama::load(Cpu, &model_dir()).unwrap();
+    model.set_adapter(&adapter).unwrap();
+    let g = Golden::open(&fixture("lora/merged_logits.safetensors"));
+    let ids = golden_ids(&g);
+    let want = g.f32("logits");
+    assert_close("unmerged vs PEFT", &logits(&model, &ids), &want, 1e-5);
+
+    let (c, n) = (&model.config, ids.len());
+    let mut cache = model.new_cache(n).unwrap();
+    let mut acts = model.new_activations(n).unwrap();
+    let mut hidden = Cpu.zeros(&[n, c.hidden_size], F32).unwrap();
+    let mut out = Cpu.zeros(&[n, c.vocab_size], F32).unwrap();
+    let mut got = Vec::new();
+    for chunk in [&ids[..5], &ids[5..6], &ids[6..]] {
+        model
+            .forward(&mut hidden, chunk, &mut cache, &mut acts)
+            .unwrap();
+        out.shape[0] = chunk.len();
+        model.logits(&mut out, &hidden).unwrap();
+        got.extend(Cpu.download(&out).unwrap());
+    }
+    assert_close("unmerged, incremental", &got, &want, 1e-5);
+
+    // download gives back the adapter that was uploaded
+    let back = model.adapter.as_ref().unwrap().download(&Cpu).unwrap();
+    assert_eq!(back.layers, adapter.layers);
+    assert_eq!(back.config, adapter.config);
+}
+
 #[test]
 fn merge_into_host_weights_matches_merge_to_dir() {
     let adapter = LoraAdapter::load(&peft_dir(), &model_config()).unwrap();

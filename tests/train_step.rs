@@ -14,6 +14,7 @@ use engine::backend::cpu::Cpu;
 use engine::backend::{AdamW, Backend, IGNORE};
 use engine::model::config::LlamaConfig;
 use engine::model::llama::{LayerWeights, Llama, LlamaWeights};
+use engine::model::lora::{LoraAdapter, LoraConfig, Target};
 use engine::model::train_step::{
     adamw_update, clip_grad_norm, forward_backward, grad_norm, param_list, param_list_mut,
     AdamWState, Grads, TrainActivations, Trainable,
@@ -100,6 +101,7 @@ fn random_model(rng: &mut StdRng, tied: bool) -> Llama<Cpu> {
             norm: norm(),
             lm_head,
         },
+        adapter: None,
         backend: Cpu,
     }
 }
@@ -138,6 +140,7 @@ fn loss_and_grads(
         batch,
         seq,
         1.0 / counted,
+        0,
     )
     .unwrap();
     (sum / counted, grads)
@@ -165,7 +168,7 @@ fn loss_matches_inference_score() {
         let mut acts = TrainActivations::new(&model, batch, seq).unwrap();
         let mut grads = Grads::new(&model, Trainable::Full).unwrap();
         let loss = forward_backward(
-            &model, &mut acts, &mut grads, &ids, &targets, batch, seq, 1.0,
+            &model, &mut acts, &mut grads, &ids, &targets, batch, seq, 1.0, 0,
         )
         .unwrap();
         let mut want = 0.0f64;
@@ -204,7 +207,8 @@ fn gradients_match_finite_differences() {
         let (ids, mut targets) = random_batch(&mut rng, 37, batch, seq);
         targets[3] = IGNORE;
         let (_, grads) = loss_and_grads(&model, &ids, &targets, batch, seq);
-        let grads: Vec<Vec<f32>> = param_list(&grads.g)
+        let grads: Vec<Vec<f32>> = grads
+            .tensors()
             .iter()
             .map(|t| Cpu.download(t).unwrap())
             .collect();
@@ -239,6 +243,92 @@ fn gradients_match_finite_differences() {
     }
 }
 
+/// (2b) LoRA: the adapter's gradients against central differences, with the
+/// base frozen, nonzero B (so A has a gradient), dropout on (its mask is a
+/// function of the seed, so every evaluation draws the same one), and both
+/// scalings. Same tolerance reasoning as (2).
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let mut rng = seeded_rng();
+    const H: f32 = 1e-2;
+    for (rslora, dropout, targets) in [
+        (false, 0.0, Target::ALL.to_vec()),
+        (
+            true,
+            0.3,
+            vec![Target::QProj, Target::VProj, Target::DownProj],
+        ),
+    ] {
+        let mut model = random_model(&mut rng, true);
+        let config = LoraConfig::new(2, 3.0, dropout, targets, rslora).unwrap();
+        let mut adapter = LoraAdapter::init(config, &model.config, rng.random()).unwrap();
+        for pair in adapter.layers.iter_mut().flatten() {
+            pair.b
+                .iter_mut()
+                .for_each(|b| *b = rng.random_range(-0.5..0.5));
+        }
+        model.set_adapter(&adapter).unwrap();
+        let (batch, seq) = (2, 5);
+        let (ids, mut targets) = random_batch(&mut rng, 37, batch, seq);
+        targets[2] = IGNORE;
+        let counted = targets.iter().filter(|&&t| t != IGNORE).count() as f32;
+        let seed = rng.random();
+        let loss = |model: &Llama<Cpu>| {
+            let mut acts = TrainActivations::new(model, batch, seq).unwrap();
+            let mut grads = Grads::new(model, Trainable::Lora).unwrap();
+            let sum = forward_backward(
+                model,
+                &mut acts,
+                &mut grads,
+                &ids,
+                &targets,
+                batch,
+                seq,
+                1.0 / counted,
+                seed,
+            )
+            .unwrap();
+            (sum / counted, grads)
+        };
+        let (_, grads) = loss(&model);
+        assert!(grads.full().is_none());
+        let grads: Vec<Vec<f32>> = grads
+            .tensors()
+            .iter()
+            .map(|t| Cpu.download(t).unwrap())
+            .collect();
+        assert_eq!(grads.len(), 2 * 2 * adapter.config.targets.len());
+        let mut worst = 0f32;
+        for (p, grad) in grads.iter().enumerate() {
+            assert!(grad.iter().any(|&g| g != 0.0), "tensor {p} has no gradient");
+            for _ in 0..3 {
+                let i = rng.random_range(0..grad.len());
+                let orig = Cpu
+                    .download(model.adapter.as_ref().unwrap().tensors()[p])
+                    .unwrap();
+                let mut eval = |delta: f32| {
+                    let mut data = orig.clone();
+                    data[i] += delta;
+                    let t = &mut *model.adapter.as_mut().unwrap().tensors_mut()[p];
+                    *t = Cpu.upload(data, &t.shape, F32).unwrap();
+                    loss(&model).0
+                };
+                let fd = (eval(H) - eval(-H)) / (2.0 * H);
+                eval(0.0);
+                let err = (fd - grad[i]).abs();
+                let bound = 1e-2 * grad[i].abs() + 5e-4;
+                worst = worst.max(err / bound);
+                assert!(
+                    err <= bound,
+                    "rslora {rslora}: tensor {p} element {i}: backward {} vs fd {fd}",
+                    grad[i]
+                );
+            }
+        }
+        eprintln!("rslora {rslora}, dropout {dropout}: worst error / bound = {worst:.3}");
+    }
+}
+
 /// (3) Two calls on half batches accumulate the gradients of one call on the
 /// whole batch (loss scaled by the whole batch's count in both).
 #[test]
@@ -254,7 +344,7 @@ fn gradient_accumulation_equals_full_batch() {
     let mut full = Grads::new(&model, Trainable::Full).unwrap();
     let mut acts = TrainActivations::new(&model, batch, seq).unwrap();
     let loss_full = forward_backward(
-        &model, &mut acts, &mut full, &ids, &targets, batch, seq, scale,
+        &model, &mut acts, &mut full, &ids, &targets, batch, seq, scale, 0,
     )
     .unwrap();
 
@@ -273,16 +363,13 @@ fn gradient_accumulation_equals_full_batch() {
             batch / 2,
             seq,
             scale,
+            0,
         )
         .unwrap();
     }
     assert!(((loss_full - loss_accum) / loss_full).abs() < 1e-6);
     // Only the order of f32 sums differs: relative 1e-5 per tensor.
-    for (p, (a, b)) in param_list(&accum.g)
-        .into_iter()
-        .zip(param_list(&full.g))
-        .enumerate()
-    {
+    for (p, (a, b)) in accum.tensors().into_iter().zip(full.tensors()).enumerate() {
         let rel = max_rel_diff(&Cpu.download(a).unwrap(), &Cpu.download(b).unwrap());
         assert!(rel < 1e-5, "parameter {p}: relative difference {rel}");
     }
@@ -318,24 +405,24 @@ fn tied_embedding_gradient_includes_the_head() {
     let (lt, gt) = loss_and_grads(&tied, &ids, &targets, batch, seq);
     let (lu, gu) = loss_and_grads(&untied, &ids, &targets, batch, seq);
     assert_eq!(lt, lu);
-    assert!(gt.g.lm_head.is_none());
-    let head = gu.g.lm_head.as_ref().unwrap();
+    assert!(gt.full().unwrap().lm_head.is_none());
+    let head = gu.full().unwrap().lm_head.as_ref().unwrap();
     assert_eq!(head.shape, vec![37, 16]);
     let sum: Vec<f32> = Cpu
-        .download(&gu.g.embed)
+        .download(&gu.full().unwrap().embed)
         .unwrap()
         .iter()
         .zip(Cpu.download(head).unwrap())
         .map(|(e, h)| e + h)
         .collect();
-    let rel = max_rel_diff(&Cpu.download(&gt.g.embed).unwrap(), &sum);
+    let rel = max_rel_diff(&Cpu.download(&gt.full().unwrap().embed).unwrap(), &sum);
     assert!(rel < 1e-5, "d(embed): relative difference {rel}");
     // the head's part is not negligible: without it the check would fail
-    let embed_only = Cpu.download(&gu.g.embed).unwrap();
+    let embed_only = Cpu.download(&gu.full().unwrap().embed).unwrap();
     assert!(max_rel_diff(&embed_only, &sum) > 1e-2);
-    for (p, (a, b)) in param_list(&gt.g)
+    for (p, (a, b)) in param_list(gt.full().unwrap())
         .into_iter()
-        .zip(param_list(&gu.g))
+        .zip(param_list(gu.full().unwrap()))
         .enumerate()
         .skip(1)
     {
@@ -347,8 +434,8 @@ fn tied_embedding_gradient_includes_the_head() {
     for (name, has_head) in [("model", false), ("untied", true)] {
         let m = fixture(name);
         let g = Grads::new(&m, Trainable::Full).unwrap();
-        assert_eq!(g.g.lm_head.is_some(), has_head);
-        if let Some(h) = &g.g.lm_head {
+        assert_eq!(g.full().unwrap().lm_head.is_some(), has_head);
+        if let Some(h) = &g.full().unwrap().lm_head {
             assert_eq!(h.shape, m.weights.embed.shape);
         }
     }
@@ -377,12 +464,12 @@ fn overfits_sixteen_sequences() {
     let scale = 1.0 / (batch * seq) as f32;
     let mut acts = TrainActivations::new(&model, batch, seq).unwrap();
     let mut grads = Grads::new(&model, Trainable::Full).unwrap();
-    let mut state = AdamWState::new(&model).unwrap();
+    let mut state = AdamWState::new(&model, Trainable::Full).unwrap();
     let mut losses = Vec::new();
     for step in 1..=20 {
         grads.zero(&Cpu).unwrap();
         let loss = forward_backward(
-            &model, &mut acts, &mut grads, &ids, &targets, batch, seq, scale,
+            &model, &mut acts, &mut grads, &ids, &targets, batch, seq, scale, 0,
         )
         .unwrap();
         losses.push(loss * scale);

@@ -64,6 +64,10 @@ pub trait Backend: Sized + Send + Sync {
         self.download_rows(t, 0, rows)
     }
 
+    /// t = 0 (its first `numel()` elements): gradients and accumulators are
+    /// cleared in place once per step rather than reallocated.
+    fn zero(&self, t: &mut Tensor<Self>) -> Result<()>;
+
     /// dst[dst_row..dst_row+rows] = src[src_row..src_row+rows] (same row width).
     fn copy_rows(
         &self,
@@ -238,9 +242,28 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
-    /// x += y (the residual stream). Its backward is the identity: dx passes
-    /// to both addends unchanged, so there is no op for it.
-    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()>;
+    /// x += alpha · y (a LoRA branch joining its base layer, with alpha the
+    /// adapter's scaling). Its backward is `add_scaled` again: dy = alpha · dx.
+    fn add_scaled(&self, x: &mut Tensor<Self>, y: &Tensor<Self>, alpha: f32) -> Result<()>;
+
+    /// x += y (the residual stream): `add_scaled` with alpha 1, which is
+    /// exact. Its backward is the identity: dx passes to both addends
+    /// unchanged, so there is no op for it.
+    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()> {
+        self.add_scaled(x, y, 1.0)
+    }
+
+    /// Inverted dropout in place: x[i] ← x[i] / (1 − p) where
+    /// [`dropout_keeps`]`(seed, i, p)`, else 0. The mask is a pure function
+    /// of (seed, i), so the backward is this same call on the gradient, and
+    /// every device draws the same mask. x [n, d].
+    fn dropout(&self, x: &mut Tensor<Self>, p: f32, seed: u64) -> Result<()> {
+        let _ = (x, p, seed);
+        Err(Error::Unsupported(format!(
+            "dropout is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
 
     /// out = log_softmax(x) per row; [n, v].
     fn log_softmax(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()>;
@@ -296,6 +319,19 @@ pub trait Backend: Sized + Send + Sync {
             self.name()
         )))
     }
+}
+
+/// Whether inverted dropout with probability `p` keeps element `i` under
+/// `seed`: the top 24 bits of a SplitMix64 hash of (seed, i), as a uniform
+/// u in [0, 1), against p. Integer-exact, so a kernel reproduces it bit for
+/// bit.
+pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 / (1u32 << 24) as f32;
+    u >= p
 }
 
 /// The target of a row that counts no loss in `Backend::cross_entropy`

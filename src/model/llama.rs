@@ -8,10 +8,14 @@
 //!   h = rmsnorm(x) · w_ffn_norm
 //!   x += (silu(h·Wgateᵀ) ∘ h·Wupᵀ) · Wdownᵀ
 //! then logits = rmsnorm(x) · w_norm · Wembᵀ (tied) or · Wlm_headᵀ.
+//! With a LoRA adapter, an adapted projection adds its branch
+//! s·(h·Aᵀ)·Bᵀ to h·Wᵀ (`model::adapter`).
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::config::LlamaConfig;
+use crate::model::lora::{LoraAdapter, Target};
 use crate::model::weights::SafetensorsFiles;
 use crate::tensor::{DType, Tensor};
 use std::path::Path;
@@ -57,6 +61,7 @@ pub struct Activations<B: Backend> {
     gate: Tensor<B>, // [n, f]
     up: Tensor<B>,   // [n, f]
     act: Tensor<B>,  // silu(gate) ∘ up [n, f]
+    lora: Option<LoraScratch<B>>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -82,6 +87,9 @@ impl<B: Backend> Activations<B> {
 pub struct Llama<B: Backend> {
     pub config: LlamaConfig,
     pub weights: LlamaWeights<B>,
+    /// A LoRA adapter applied unmerged (inference with `--adapter`, and the
+    /// trained parameters of a LoRA fine-tune).
+    pub adapter: Option<Lora<B>>,
     pub backend: B,
 }
 
@@ -94,8 +102,17 @@ impl<B: Backend> Llama<B> {
         Ok(Llama {
             config,
             weights,
+            adapter: None,
             backend,
         })
+    }
+
+    /// Applies a PEFT LoRA adapter (unmerged) to every later forward. The
+    /// adapter must have been loaded for this model's config.
+    pub fn set_adapter(&mut self, adapter: &LoraAdapter) -> Result<()> {
+        let lora = Lora::upload(&self.backend, adapter, self.backend.dtype())?;
+        self.adapter = Some(lora);
+        Ok(())
     }
 
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache<B>> {
@@ -135,6 +152,10 @@ impl<B: Backend> Llama<B> {
             gate: t(f)?,
             up: t(f)?,
             act: t(f)?,
+            lora: match &self.adapter {
+                Some(l) => Some(LoraScratch::new(be, c, l.config.rank, max_rows)?),
+                None => None,
+            },
         })
     }
 
@@ -174,9 +195,9 @@ impl<B: Backend> Llama<B> {
         for (l, lw) in w.layers.iter().enumerate() {
             // attention block
             be.rmsnorm(&mut a.h, &a.x, &lw.attn_norm, c.rms_norm_eps)?;
-            be.matmul_nt(&mut a.q, &a.h, &lw.wq)?;
-            be.matmul_nt(&mut a.k, &a.h, &lw.wk)?;
-            be.matmul_nt(&mut a.v, &a.h, &lw.wv)?;
+            self.linear(&mut a.q, &a.h, &lw.wq, l, Target::QProj, &mut a.lora)?;
+            self.linear(&mut a.k, &a.h, &lw.wk, l, Target::KProj, &mut a.lora)?;
+            self.linear(&mut a.v, &a.h, &lw.wv, l, Target::VProj, &mut a.lora)?;
             be.rope(&mut a.q, c.num_heads, pos0, c.rope_theta)?;
             be.rope(&mut a.k, c.num_kv_heads, pos0, c.rope_theta)?;
             be.copy_rows(&mut cache.k[l], pos0, &a.k, 0, n)?;
@@ -190,20 +211,56 @@ impl<B: Backend> Llama<B> {
                 c.num_kv_heads,
                 pos0,
             )?;
-            be.matmul_nt(&mut a.proj, &a.att, &lw.wo)?;
+            self.linear(&mut a.proj, &a.att, &lw.wo, l, Target::OProj, &mut a.lora)?;
             be.add_assign(&mut a.x, &a.proj)?;
             // feed-forward block
             be.rmsnorm(&mut a.h, &a.x, &lw.ffn_norm, c.rms_norm_eps)?;
-            be.matmul_nt(&mut a.gate, &a.h, &lw.w_gate)?;
-            be.matmul_nt(&mut a.up, &a.h, &lw.w_up)?;
+            self.linear(
+                &mut a.gate,
+                &a.h,
+                &lw.w_gate,
+                l,
+                Target::GateProj,
+                &mut a.lora,
+            )?;
+            self.linear(&mut a.up, &a.h, &lw.w_up, l, Target::UpProj, &mut a.lora)?;
             be.swiglu(&mut a.act, &a.gate, &a.up)?;
-            be.matmul_nt(&mut a.proj, &a.act, &lw.w_down)?;
+            self.linear(
+                &mut a.proj,
+                &a.act,
+                &lw.w_down,
+                l,
+                Target::DownProj,
+                &mut a.lora,
+            )?;
             be.add_assign(&mut a.x, &a.proj)?;
         }
         out.shape[0] = n;
         be.rmsnorm(out, &a.x, &w.norm, c.rms_norm_eps)?;
         cache.len += n;
         Ok(())
+    }
+
+    /// y = x·Wᵀ, plus the adapter's branch when `(layer, target)` is adapted.
+    fn linear(
+        &self,
+        y: &mut Tensor<B>,
+        x: &Tensor<B>,
+        w: &Tensor<B>,
+        layer: usize,
+        target: Target,
+        scratch: &mut Option<LoraScratch<B>>,
+    ) -> Result<()> {
+        self.backend.matmul_nt(y, x, w)?;
+        match (&self.adapter, scratch) {
+            (Some(lora), Some(s)) => {
+                lora.forward(&self.backend, y, x, layer, target, None, None, s)
+            }
+            (Some(_), None) => Err(Error::Invalid(
+                "activations were made before the adapter was set".into(),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// logits [n, vocab] = hidden [n, d] · Wᵀ of the output projection.

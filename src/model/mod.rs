@@ -1,5 +1,6 @@
 //! Model definitions and the file formats their weights come in.
 
+pub mod adapter;
 pub mod config;
 pub mod dequant;
 pub mod folder;

@@ -13,13 +13,16 @@
 //! micro-batches is several calls before one [`adamw_update`]; the caller
 //! zeroes them with [`Grads::zero`] once per optimizer step.
 //!
-//! Zeroing is done by reallocating (`Backend::zeros`): the trait has no fill
-//! op yet. Gradient clipping computes its norm on the host (CPU-first; see
-//! [`grad_norm`]).
+//! What trains is [`Trainable`]: every weight, or only the LoRA adapter of
+//! `Llama::adapter` (the base frozen: its matrix products run backward with
+//! no weight gradient, and norms' gradients go to a scratch). Gradient
+//! clipping computes its norm on the host (CPU-first; see [`grad_norm`]).
 
 use crate::backend::{AdamW, Backend};
 use crate::error::{Error, Result};
+use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::llama::{LayerWeights, Llama, LlamaWeights};
+use crate::model::lora::Target;
 use crate::tensor::{DType, Tensor};
 
 /// Which weights train. Gradients are computed (and the optimizer steps)
@@ -28,8 +31,8 @@ use crate::tensor::{DType, Tensor};
 pub enum Trainable {
     /// Full fine-tuning: every weight, f32 gradients and AdamW state.
     Full,
-    // LoRA goes here: adapters on chosen projections, base weights frozen
-    // (`matmul_nt_backward` with `dw = None`).
+    /// LoRA: only the adapter set on the model (`Llama::adapter`).
+    Lora,
 }
 
 /// The parameter tensors of a Llama in one fixed order: embed, then per
@@ -110,34 +113,92 @@ fn zeros_like<B: Backend>(be: &B, w: &LlamaWeights<B>) -> Result<LlamaWeights<B>
     })
 }
 
-/// Overwrites `t` with zeros (by reallocating: the trait has no fill op).
-fn zero<B: Backend>(be: &B, t: &mut Tensor<B>) -> Result<()> {
-    *t = be.zeros(&t.shape, t.dtype)?;
-    Ok(())
-}
-
-/// Gradients of every weight, f32, the same shapes as the model's
-/// `LlamaWeights` (dL/d`embed` is `g.embed`, and so on). With tied
-/// embeddings there is no `lm_head` gradient: the head's adds into `embed`.
-pub struct Grads<B: Backend> {
-    pub g: LlamaWeights<B>,
-    pub trainable: Trainable,
+/// f32 tensors shaped like the trainable parameters: their gradients, and
+/// (in [`AdamWState`]) their moments.
+pub enum Grads<B: Backend> {
+    /// One per weight, the shapes of the model's `LlamaWeights` (dL/d`embed`
+    /// is `embed`, and so on). With tied embeddings there is no `lm_head`
+    /// gradient: the head's adds into `embed`.
+    Full(LlamaWeights<B>),
+    /// One per adapter tensor, the shapes of `Llama::adapter`.
+    Lora(Lora<B>),
 }
 
 impl<B: Backend> Grads<B> {
     pub fn new(model: &Llama<B>, trainable: Trainable) -> Result<Self> {
-        Ok(Grads {
-            g: zeros_like(&model.backend, &model.weights)?,
-            trainable,
-        })
+        let be = &model.backend;
+        match trainable {
+            Trainable::Full => Ok(Grads::Full(zeros_like(be, &model.weights)?)),
+            Trainable::Lora => match &model.adapter {
+                Some(lora) => Ok(Grads::Lora(lora.zeros_like(be)?)),
+                None => Err(Error::Invalid(
+                    "LoRA training needs an adapter on the model".into(),
+                )),
+            },
+        }
     }
 
-    /// Zeroes every gradient (once per optimizer step).
+    pub fn trainable(&self) -> Trainable {
+        match self {
+            Grads::Full(_) => Trainable::Full,
+            Grads::Lora(_) => Trainable::Lora,
+        }
+    }
+
+    /// The per-weight gradients of full fine-tuning.
+    pub fn full(&self) -> Option<&LlamaWeights<B>> {
+        match self {
+            Grads::Full(g) => Some(g),
+            Grads::Lora(_) => None,
+        }
+    }
+
+    /// The adapter's gradients of LoRA training.
+    pub fn lora(&self) -> Option<&Lora<B>> {
+        match self {
+            Grads::Lora(g) => Some(g),
+            Grads::Full(_) => None,
+        }
+    }
+
+    /// Every tensor, in the order of the parameters they belong to
+    /// ([`param_list`], or `Lora::tensors`).
+    pub fn tensors(&self) -> Vec<&Tensor<B>> {
+        match self {
+            Grads::Full(g) => param_list(g),
+            Grads::Lora(g) => g.tensors(),
+        }
+    }
+
+    pub fn tensors_mut(&mut self) -> Vec<&mut Tensor<B>> {
+        match self {
+            Grads::Full(g) => param_list_mut(g),
+            Grads::Lora(g) => g.tensors_mut(),
+        }
+    }
+
+    /// Zeroes every tensor (gradients: once per optimizer step).
     pub fn zero(&mut self, be: &B) -> Result<()> {
-        for t in param_list_mut(&mut self.g) {
-            zero(be, t)?;
+        for t in self.tensors_mut() {
+            be.zero(t)?;
         }
         Ok(())
+    }
+}
+
+/// The trainable parameters of a model's weights and adapter, in the order
+/// of [`Grads::tensors`].
+fn trainable_params_mut<'a, B: Backend>(
+    weights: &'a mut LlamaWeights<B>,
+    adapter: &'a mut Option<Lora<B>>,
+    trainable: Trainable,
+) -> Vec<&'a mut Tensor<B>> {
+    match trainable {
+        Trainable::Full => param_list_mut(weights),
+        Trainable::Lora => adapter
+            .as_mut()
+            .map(|l| l.tensors_mut())
+            .unwrap_or_default(),
     }
 }
 
@@ -154,6 +215,9 @@ pub struct LayerActivations<B: Backend> {
     pub gate: Tensor<B>,  // [n, f]
     pub up: Tensor<B>,    // [n, f]
     pub act: Tensor<B>,   // silu(gate) ∘ up [n, f]
+    /// With an adapter: t = drop(x)·Aᵀ [n, r] of each adapted projection,
+    /// in the order of the adapter's targets.
+    pub lora_t: Vec<Tensor<B>>,
 }
 
 /// Activations of one `forward_backward` call on `batch` sequences of `seq`
@@ -185,9 +249,13 @@ pub struct TrainActivations<B: Backend> {
     s_dq: Tensor<B>,
     s_dk: Tensor<B>,
     s_dv: Tensor<B>,
+    /// The gradient of a frozen RMSNorm gain (LoRA), computed and dropped [d].
+    dnorm_frozen: Tensor<B>,
+    lora: Option<LoraScratch<B>>,
 }
 
 impl<B: Backend> TrainActivations<B> {
+    /// Activations for `model` as it is now: set the adapter first.
     pub fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
         let c = &model.config;
         let be = &model.backend;
@@ -198,8 +266,15 @@ impl<B: Backend> TrainActivations<B> {
         let t = |rows: usize, cols: usize| be.zeros(&[rows, cols], dt);
         // The residual stream and its gradient stay f32 on every device.
         let f32t = |cols: usize| be.zeros(&[n, cols], DType::F32);
+        let lora = model.adapter.as_ref();
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
+            let lora_t = match lora {
+                Some(l) => (0..l.config.targets.len())
+                    .map(|_| t(n, l.config.rank))
+                    .collect::<Result<Vec<_>>>()?,
+                None => Vec::new(),
+            };
             layers.push(LayerActivations {
                 x_in: f32t(d)?,
                 h1: t(n, d)?,
@@ -212,6 +287,7 @@ impl<B: Backend> TrainActivations<B> {
                 gate: t(n, f)?,
                 up: t(n, f)?,
                 act: t(n, f)?,
+                lora_t,
             });
         }
         Ok(TrainActivations {
@@ -239,8 +315,90 @@ impl<B: Backend> TrainActivations<B> {
             s_dq: t(seq, qw)?,
             s_dk: t(seq, kvw)?,
             s_dv: t(seq, kvw)?,
+            dnorm_frozen: be.zeros(&[d], DType::F32)?,
+            lora: lora
+                .map(|l| LoraScratch::new(be, c, l.config.rank, n))
+                .transpose()?,
         })
     }
+}
+
+/// The adapter's branches during one step: the adapter, its gradients (in
+/// the backward), its scratch, and the step's dropout seed.
+struct Branches<'a, B: Backend> {
+    lora: &'a Lora<B>,
+    grads: Option<&'a mut Lora<B>>,
+    scratch: &'a mut LoraScratch<B>,
+    seed: u64,
+}
+
+impl<B: Backend> Branches<'_, B> {
+    /// Index of `target` among the adapter's targets, and its dropout: one
+    /// mask per (step, layer, projection), as PEFT draws one per module.
+    fn branch(&self, layer: usize, target: Target) -> Option<(usize, Option<(f32, u64)>)> {
+        let j = self.lora.config.targets.iter().position(|&t| t == target)?;
+        let id = (layer * Target::ALL.len() + target as usize + 1) as u64;
+        let seed = self.seed ^ id.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        Some((j, Some((self.lora.config.dropout, seed))))
+    }
+}
+
+/// y = x·Wᵀ, plus the adapter's branch (t kept in `ts`) when adapted.
+#[allow(clippy::too_many_arguments)]
+fn linear<B: Backend>(
+    be: &B,
+    br: &mut Option<Branches<B>>,
+    y: &mut Tensor<B>,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    ts: &mut [Tensor<B>],
+    layer: usize,
+    target: Target,
+) -> Result<()> {
+    be.matmul_nt(y, x, w)?;
+    let Some(br) = br else { return Ok(()) };
+    let Some((j, dropout)) = br.branch(layer, target) else {
+        return Ok(());
+    };
+    br.lora.forward(
+        be,
+        y,
+        x,
+        layer,
+        target,
+        dropout,
+        Some(&mut ts[j]),
+        br.scratch,
+    )
+}
+
+/// The backward of [`linear`]: dx += dy·W, dW += dyᵀ·x when W trains
+/// (`dw`), and the branch's backward when adapted.
+#[allow(clippy::too_many_arguments)]
+fn linear_backward<B: Backend>(
+    be: &B,
+    br: &mut Option<Branches<B>>,
+    dx: &mut Tensor<B>,
+    dw: Option<&mut Tensor<B>>,
+    dy: &Tensor<B>,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    ts: &[Tensor<B>],
+    layer: usize,
+    target: Target,
+) -> Result<()> {
+    be.matmul_nt_backward(dx, dw, dy, x, w)?;
+    let Some(br) = br else { return Ok(()) };
+    let Some((j, dropout)) = br.branch(layer, target) else {
+        return Ok(());
+    };
+    let grads = br
+        .grads
+        .as_deref_mut()
+        .expect("LoRA gradients in the backward");
+    br.lora.backward(
+        be, grads, dx, dy, x, &ts[j], layer, target, dropout, br.scratch,
+    )
 }
 
 /// One forward and backward over `batch` sequences of `seq` tokens.
@@ -249,13 +407,15 @@ impl<B: Backend> TrainActivations<B> {
 /// no loss. The cross-entropy's gradient is scaled by `loss_scale` (usually
 /// 1 / the counted targets of the whole optimizer step, across
 /// micro-batches), and parameter gradients are *added* into `grads`.
+/// `dropout_seed` draws the LoRA dropout masks (give each call its own).
 /// Returns the summed loss over the counted targets of this call.
 ///
 /// Forward, per layer, as `Llama::forward` runs it:
 ///   h1 = rmsnorm(x_in)·attn_norm; q, k, v = h1·Wqᵀ, h1·Wkᵀ, h1·Wvᵀ; rope(q, k)
 ///   x_mid = x_in + attention(q, k, v)·Woᵀ
 ///   h2 = rmsnorm(x_mid)·ffn_norm; x_out = x_mid + (silu(h2·Wgᵀ) ∘ h2·Wuᵀ)·Wdᵀ
-/// then logits = rmsnorm(x)·norm·Wheadᵀ and the fused cross-entropy.
+/// then logits = rmsnorm(x)·norm·Wheadᵀ and the fused cross-entropy. With
+/// an adapter, each adapted product adds its LoRA branch (`model::adapter`).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward<B: Backend>(
     model: &Llama<B>,
@@ -266,6 +426,7 @@ pub fn forward_backward<B: Backend>(
     batch: usize,
     seq: usize,
     loss_scale: f32,
+    dropout_seed: u64,
 ) -> Result<f32> {
     let (c, w, be) = (&model.config, &model.weights, &model.backend);
     let n = batch * seq;
@@ -302,9 +463,28 @@ pub fn forward_backward<B: Backend>(
             "target id {bad} is outside the vocabulary of {vocab}"
         )));
     }
-    let Trainable::Full = grads.trainable;
+    let (mut gfull, glora) = match grads {
+        Grads::Full(g) => (Some(g), None),
+        Grads::Lora(g) => (None, Some(g)),
+    };
+    if model.adapter.is_some() != glora.is_some() || a.lora.is_some() != glora.is_some() {
+        return Err(Error::Invalid(
+            "LoRA training needs the adapter set on the model before its activations and \
+             gradients are made; full fine-tuning needs no adapter (merge it first)"
+                .into(),
+        ));
+    }
     let (heads, kv_heads, theta, eps) = (c.num_heads, c.num_kv_heads, c.rope_theta, c.rms_norm_eps);
     let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+    let mut br = match (&model.adapter, a.lora.as_mut()) {
+        (Some(lora), Some(scratch)) => Some(Branches {
+            lora,
+            grads: None,
+            scratch,
+            seed: dropout_seed,
+        }),
+        _ => None,
+    };
 
     // ----- forward -----
     be.embedding(&mut a.layers[0].x_in, ids, &w.embed)?;
@@ -312,10 +492,11 @@ pub fn forward_backward<B: Backend>(
         let lw = &w.layers[l];
         let (done, rest) = a.layers.split_at_mut(l + 1);
         let la = &mut done[l];
+        let ts = &mut la.lora_t;
         be.rmsnorm(&mut la.h1, &la.x_in, &lw.attn_norm, eps)?;
-        be.matmul_nt(&mut la.q, &la.h1, &lw.wq)?;
-        be.matmul_nt(&mut la.k, &la.h1, &lw.wk)?;
-        be.matmul_nt(&mut la.v, &la.h1, &lw.wv)?;
+        linear(be, &mut br, &mut la.q, &la.h1, &lw.wq, ts, l, Target::QProj)?;
+        linear(be, &mut br, &mut la.k, &la.h1, &lw.wk, ts, l, Target::KProj)?;
+        linear(be, &mut br, &mut la.v, &la.h1, &lw.wv, ts, l, Target::VProj)?;
         for s in 0..batch {
             let r = s * seq;
             be.copy_rows(&mut a.s_q, 0, &la.q, r, seq)?;
@@ -328,14 +509,50 @@ pub fn forward_backward<B: Backend>(
             be.copy_rows(&mut la.k, r, &a.s_k, 0, seq)?;
             be.copy_rows(&mut la.att, r, &a.s_att, 0, seq)?;
         }
-        be.matmul_nt(&mut a.proj, &la.att, &lw.wo)?;
+        linear(
+            be,
+            &mut br,
+            &mut a.proj,
+            &la.att,
+            &lw.wo,
+            ts,
+            l,
+            Target::OProj,
+        )?;
         be.copy_rows(&mut la.x_mid, 0, &la.x_in, 0, n)?;
         be.add_assign(&mut la.x_mid, &a.proj)?;
         be.rmsnorm(&mut la.h2, &la.x_mid, &lw.ffn_norm, eps)?;
-        be.matmul_nt(&mut la.gate, &la.h2, &lw.w_gate)?;
-        be.matmul_nt(&mut la.up, &la.h2, &lw.w_up)?;
+        linear(
+            be,
+            &mut br,
+            &mut la.gate,
+            &la.h2,
+            &lw.w_gate,
+            ts,
+            l,
+            Target::GateProj,
+        )?;
+        linear(
+            be,
+            &mut br,
+            &mut la.up,
+            &la.h2,
+            &lw.w_up,
+            ts,
+            l,
+            Target::UpProj,
+        )?;
         be.swiglu(&mut la.act, &la.gate, &la.up)?;
-        be.matmul_nt(&mut a.proj, &la.act, &lw.w_down)?;
+        linear(
+            be,
+            &mut br,
+            &mut a.proj,
+            &la.act,
+            &lw.w_down,
+            ts,
+            l,
+            Target::DownProj,
+        )?;
         let next = match rest.first_mut() {
             Some(next) => &mut next.x_in,
             None => &mut a.x_out,
@@ -348,49 +565,96 @@ pub fn forward_backward<B: Backend>(
     let loss = be.cross_entropy(Some(&mut a.dlogits), &a.logits, targets, Some(loss_scale))?;
 
     // ----- backward: the same list reversed -----
-    let g = &mut grads.g;
+    if let Some(br) = br.as_mut() {
+        br.grads = glora;
+    }
     // logits = hf · Wheadᵀ; a tied head's gradient adds into the embedding's.
-    zero(be, &mut a.dh)?;
-    let dhead = g.lm_head.as_mut().unwrap_or(&mut g.embed);
-    be.matmul_nt_backward(&mut a.dh, Some(dhead), &a.dlogits, &a.hf, head)?;
+    be.zero(&mut a.dh)?;
+    let dhead = gfull
+        .as_deref_mut()
+        .map(|g| g.lm_head.as_mut().unwrap_or(&mut g.embed));
+    be.matmul_nt_backward(&mut a.dh, dhead, &a.dlogits, &a.hf, head)?;
     // hf = rmsnorm(x_out) · norm; dx collects every block's contribution.
-    zero(be, &mut a.dx)?;
-    be.rmsnorm_backward(&mut a.dx, &mut g.norm, &a.dh, &a.x_out, &w.norm, eps)?;
+    be.zero(&mut a.dx)?;
+    let dnorm = match gfull.as_deref_mut() {
+        Some(g) => &mut g.norm,
+        None => &mut a.dnorm_frozen,
+    };
+    be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &a.x_out, &w.norm, eps)?;
     for l in (0..c.num_layers).rev() {
-        let (lw, gl, la) = (&w.layers[l], &mut g.layers[l], &a.layers[l]);
+        let (lw, la) = (&w.layers[l], &a.layers[l]);
+        let ts = &la.lora_t;
+        let mut gl = gfull.as_deref_mut().map(|g| &mut g.layers[l]);
         // x_out = x_mid + act · Wdᵀ: dx flows on unchanged, and into the block
-        zero(be, &mut a.dact)?;
-        be.matmul_nt_backward(
+        be.zero(&mut a.dact)?;
+        let dw = gl.as_deref_mut().map(|g| &mut g.w_down);
+        let (dy, x) = (&a.dx, &la.act);
+        linear_backward(
+            be,
+            &mut br,
             &mut a.dact,
-            Some(&mut gl.w_down),
-            &a.dx,
-            &la.act,
+            dw,
+            dy,
+            x,
             &lw.w_down,
+            ts,
+            l,
+            Target::DownProj,
         )?;
         // act = silu(gate) ∘ up
         be.swiglu_backward(&mut a.dgate, &mut a.dup, &a.dact, &la.gate, &la.up)?;
         // gate, up = h2 · Wgᵀ, h2 · Wuᵀ
-        zero(be, &mut a.dh)?;
-        be.matmul_nt_backward(
+        be.zero(&mut a.dh)?;
+        let dw = gl.as_deref_mut().map(|g| &mut g.w_gate);
+        let (dy, x) = (&a.dgate, &la.h2);
+        linear_backward(
+            be,
+            &mut br,
             &mut a.dh,
-            Some(&mut gl.w_gate),
-            &a.dgate,
-            &la.h2,
+            dw,
+            dy,
+            x,
             &lw.w_gate,
+            ts,
+            l,
+            Target::GateProj,
         )?;
-        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.w_up), &a.dup, &la.h2, &lw.w_up)?;
+        let dw = gl.as_deref_mut().map(|g| &mut g.w_up);
+        let dy = &a.dup;
+        linear_backward(
+            be,
+            &mut br,
+            &mut a.dh,
+            dw,
+            dy,
+            x,
+            &lw.w_up,
+            ts,
+            l,
+            Target::UpProj,
+        )?;
         // h2 = rmsnorm(x_mid) · ffn_norm
-        be.rmsnorm_backward(
-            &mut a.dx,
-            &mut gl.ffn_norm,
-            &a.dh,
-            &la.x_mid,
-            &lw.ffn_norm,
-            eps,
-        )?;
+        let dnorm = match gl.as_deref_mut() {
+            Some(g) => &mut g.ffn_norm,
+            None => &mut a.dnorm_frozen,
+        };
+        be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &la.x_mid, &lw.ffn_norm, eps)?;
         // x_mid = x_in + att · Woᵀ
-        zero(be, &mut a.datt)?;
-        be.matmul_nt_backward(&mut a.datt, Some(&mut gl.wo), &a.dx, &la.att, &lw.wo)?;
+        be.zero(&mut a.datt)?;
+        let dw = gl.as_deref_mut().map(|g| &mut g.wo);
+        let (dy, x) = (&a.dx, &la.att);
+        linear_backward(
+            be,
+            &mut br,
+            &mut a.datt,
+            dw,
+            dy,
+            x,
+            &lw.wo,
+            ts,
+            l,
+            Target::OProj,
+        )?;
         // att = attention(rope(q), rope(k), v), one sequence at a time
         for s in 0..batch {
             let r = s * seq;
@@ -398,8 +662,8 @@ pub fn forward_backward<B: Backend>(
             be.copy_rows(&mut a.s_q, 0, &la.q, r, seq)?;
             be.copy_rows(&mut a.s_k, 0, &la.k, r, seq)?;
             be.copy_rows(&mut a.s_v, 0, &la.v, r, seq)?;
-            zero(be, &mut a.s_dk)?;
-            zero(be, &mut a.s_dv)?;
+            be.zero(&mut a.s_dk)?;
+            be.zero(&mut a.s_dv)?;
             be.attention_backward(
                 &mut a.s_dq,
                 &mut a.s_dk,
@@ -419,41 +683,77 @@ pub fn forward_backward<B: Backend>(
             be.copy_rows(&mut a.dv, r, &a.s_dv, 0, seq)?;
         }
         // q, k, v = h1 · Wqᵀ, h1 · Wkᵀ, h1 · Wvᵀ
-        zero(be, &mut a.dh)?;
-        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.wq), &a.dq, &la.h1, &lw.wq)?;
-        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.wk), &a.dk, &la.h1, &lw.wk)?;
-        be.matmul_nt_backward(&mut a.dh, Some(&mut gl.wv), &a.dv, &la.h1, &lw.wv)?;
-        // h1 = rmsnorm(x_in) · attn_norm
-        be.rmsnorm_backward(
-            &mut a.dx,
-            &mut gl.attn_norm,
-            &a.dh,
-            &la.x_in,
-            &lw.attn_norm,
-            eps,
+        be.zero(&mut a.dh)?;
+        let x = &la.h1;
+        let dw = gl.as_deref_mut().map(|g| &mut g.wq);
+        linear_backward(
+            be,
+            &mut br,
+            &mut a.dh,
+            dw,
+            &a.dq,
+            x,
+            &lw.wq,
+            ts,
+            l,
+            Target::QProj,
         )?;
+        let dw = gl.as_deref_mut().map(|g| &mut g.wk);
+        linear_backward(
+            be,
+            &mut br,
+            &mut a.dh,
+            dw,
+            &a.dk,
+            x,
+            &lw.wk,
+            ts,
+            l,
+            Target::KProj,
+        )?;
+        let dw = gl.as_deref_mut().map(|g| &mut g.wv);
+        linear_backward(
+            be,
+            &mut br,
+            &mut a.dh,
+            dw,
+            &a.dv,
+            x,
+            &lw.wv,
+            ts,
+            l,
+            Target::VProj,
+        )?;
+        // h1 = rmsnorm(x_in) · attn_norm
+        let dnorm = match gl {
+            Some(g) => &mut g.attn_norm,
+            None => &mut a.dnorm_frozen,
+        };
+        be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &la.x_in, &lw.attn_norm, eps)?;
     }
     // x = embed[ids]
-    be.embedding_backward(&mut g.embed, &a.dx, ids)?;
+    if let Some(g) = gfull {
+        be.embedding_backward(&mut g.embed, &a.dx, ids)?;
+    }
     Ok(loss)
 }
 
-/// AdamW moments, f32, one pair per weight (the shapes of `Grads`).
+/// AdamW moments, f32, one pair per trainable tensor (the shapes of `Grads`).
 pub struct AdamWState<B: Backend> {
-    pub m: LlamaWeights<B>,
-    pub v: LlamaWeights<B>,
+    pub m: Grads<B>,
+    pub v: Grads<B>,
 }
 
 impl<B: Backend> AdamWState<B> {
-    pub fn new(model: &Llama<B>) -> Result<Self> {
+    pub fn new(model: &Llama<B>, trainable: Trainable) -> Result<Self> {
         Ok(AdamWState {
-            m: zeros_like(&model.backend, &model.weights)?,
-            v: zeros_like(&model.backend, &model.weights)?,
+            m: Grads::new(model, trainable)?,
+            v: Grads::new(model, trainable)?,
         })
     }
 }
 
-/// One AdamW step (`Backend::adamw_step`) on every trainable weight, with
+/// One AdamW step (`Backend::adamw_step`) on every trainable tensor, with
 /// `hp.step` the step number from 1. Gradients are left as they are: zero
 /// them before the next step's first `forward_backward`.
 pub fn adamw_update<B: Backend>(
@@ -462,12 +762,22 @@ pub fn adamw_update<B: Backend>(
     state: &mut AdamWState<B>,
     hp: &AdamW,
 ) -> Result<()> {
-    let Trainable::Full = grads.trainable;
-    let be = &model.backend;
-    let params = param_list_mut(&mut model.weights);
-    let gs = param_list(&grads.g);
-    let ms = param_list_mut(&mut state.m);
-    let vs = param_list_mut(&mut state.v);
+    let trainable = grads.trainable();
+    if state.m.trainable() != trainable {
+        return Err(Error::Invalid(
+            "optimizer state and gradients are for different parameters".into(),
+        ));
+    }
+    let Llama {
+        weights,
+        adapter,
+        backend: be,
+        ..
+    } = model;
+    let params = trainable_params_mut(weights, adapter, trainable);
+    let gs = grads.tensors();
+    let ms = state.m.tensors_mut();
+    let vs = state.v.tensors_mut();
     assert!(params.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len());
     for (((p, g), m), v) in params.into_iter().zip(gs).zip(ms).zip(vs) {
         be.adamw_step(p, m, v, g, hp)?;
@@ -481,7 +791,7 @@ pub fn adamw_update<B: Backend>(
 /// replaces it when the CUDA trainer needs one.
 pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> Result<f32> {
     let mut sum = 0.0f64;
-    for t in param_list(&grads.g) {
+    for t in grads.tensors() {
         sum += be
             .download(t)?
             .iter()
@@ -499,7 +809,7 @@ pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -
     let norm = grad_norm(be, grads)?;
     let coef = max_norm as f64 / (norm as f64 + 1e-6);
     if coef < 1.0 {
-        for t in param_list_mut(&mut grads.g) {
+        for t in grads.tensors_mut() {
             let data: Vec<f32> = be
                 .download(t)?
                 .iter()

@@ -9,7 +9,7 @@ mod ops;
 mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{shapes, AdamW, Backend, IGNORE};
+use crate::backend::{dropout_keeps, shapes, AdamW, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 
@@ -77,6 +77,11 @@ impl Backend for Cpu {
         let (n, d) = t.rows_cols();
         assert!(row + rows <= n, "rows {row}+{rows} of {n}");
         Ok(t.buf[row * d..(row + rows) * d].to_vec())
+    }
+
+    fn zero(&self, t: &mut Tensor<Self>) -> Result<()> {
+        view_mut(t).fill(0.0);
+        Ok(())
     }
 
     fn copy_rows(
@@ -271,10 +276,22 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()> {
+    fn add_scaled(&self, x: &mut Tensor<Self>, y: &Tensor<Self>, alpha: f32) -> Result<()> {
         assert_eq!(x.shape, y.shape);
         for (a, b) in view_mut(x).iter_mut().zip(view(y)) {
-            *a += b;
+            *a += alpha * b;
+        }
+        Ok(())
+    }
+
+    fn dropout(&self, x: &mut Tensor<Self>, p: f32, seed: u64) -> Result<()> {
+        let keep_scale = 1.0 / (1.0 - p);
+        for (i, v) in view_mut(x).iter_mut().enumerate() {
+            *v = if dropout_keeps(seed, i as u64, p) {
+                *v * keep_scale
+            } else {
+                0.0
+            };
         }
         Ok(())
     }

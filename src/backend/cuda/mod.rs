@@ -173,6 +173,11 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         Ok(t.dtype.decode(&bytes))
     }
 
+    fn zero(&self, t: &mut Tensor<Self>) -> Result<()> {
+        // SAFETY: the tensor's first numel() elements lie in its buffer.
+        unsafe { self.driver.zero(t.buf.ptr, t.numel() * t.dtype.size()) }
+    }
+
     fn copy_rows(
         &self,
         dst: &mut Tensor<Self>,
@@ -381,16 +386,20 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         )
     }
 
-    fn add_assign(&self, x: &mut Tensor<Self>, y: &Tensor<Self>) -> Result<()> {
+    fn add_scaled(&self, x: &mut Tensor<Self>, y: &Tensor<Self>, alpha: f32) -> Result<()> {
         assert_eq!(x.shape, y.shape);
         expect_dtype("y", y, DType::BF16);
         let kernel = match x.dtype {
-            DType::BF16 => "add_assign_bf16",
-            DType::F32 => "add_assign_f32_bf16",
-            other => panic!("add_assign into {other}"),
+            DType::BF16 => "add_scaled_bf16",
+            DType::F32 => "add_scaled_f32_bf16",
+            other => panic!("add_scaled into {other}"),
         };
         let n = x.numel();
-        let args = Args::default().ptr(x.buf.ptr).ptr(y.buf.ptr).int(n);
+        let args = Args::default()
+            .ptr(x.buf.ptr)
+            .ptr(y.buf.ptr)
+            .float(alpha)
+            .int(n);
         self.launch(kernel, (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
     }
 
