@@ -13,11 +13,12 @@ use engine::infer::generate::{generate, GenerateOptions};
 use engine::infer::score::score;
 use engine::infer::stream::TextStream;
 use engine::model::llama::Llama;
+use engine::model::lora::LoraAdapter;
 use engine::model::weights::SafetensorsFiles;
 use engine::tensor::DType;
 use engine::tokenizer::{Message, Tokenizer};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(
@@ -127,6 +128,9 @@ struct GenerateArgs {
     /// Seed of the sampling random numbers: same seed, same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A LoRA adapter folder (PEFT format) to apply, unmerged.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
@@ -146,6 +150,9 @@ struct ScoreArgs {
     /// Print one JSON object: token_ids, logprobs, nll, ppl.
     #[arg(long)]
     json: bool,
+    /// A LoRA adapter folder (PEFT format) to apply, unmerged.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
@@ -265,6 +272,16 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// Loads a model folder and, when given, applies a LoRA adapter to it.
+fn load_model<B: Backend>(be: B, dir: &Path, adapter: Option<&Path>) -> Result<Llama<B>> {
+    let mut llm = Llama::load(be, dir)?;
+    if let Some(adapter) = adapter {
+        let lora = LoraAdapter::load(adapter, &llm.config)?;
+        llm.set_adapter(&lora)?;
+    }
+    Ok(llm)
+}
+
 fn generate_cmd<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
     if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
         bail!("--temperature must be a number ≥ 0, got {}", a.temperature);
@@ -273,7 +290,7 @@ fn generate_cmd<B: Backend>(be: B, a: &GenerateArgs) -> Result<()> {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
     let tokenizer = Tokenizer::load(&a.model)?;
-    let llm = Llama::load(be, &a.model)?;
+    let llm = load_model(be, &a.model, a.adapter.as_deref())?;
     let ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(system) = &a.system {
@@ -336,7 +353,7 @@ fn score_cmd<B: Backend>(be: B, a: &ScoreArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --text or --file"),
     };
     let tokenizer = Tokenizer::load(&a.model)?;
-    let llm = Llama::load(be, &a.model)?;
+    let llm = load_model(be, &a.model, a.adapter.as_deref())?;
     let ids = tokenizer.encode(&text, false)?;
     let s = score(&llm, &ids)?;
     if a.json {

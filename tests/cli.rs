@@ -421,6 +421,62 @@ fn merge_a_peft_adapter() {
     // The merged folder is a complete model that differs from the base.
     let (base, with) = (score_nll(&dir, TEXT), score_nll(&merged, TEXT));
     assert!((base - with).abs() > 1e-3, "{base} vs {with}");
+    // --adapter applies it unmerged: the same scores as the merged model.
+    let out = engine(&[
+        "score",
+        "--model",
+        s(&dir),
+        "--adapter",
+        s(&adapter),
+        "--json",
+        "--text",
+        TEXT,
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let unmerged = v["nll"].as_f64().unwrap();
+    assert!(
+        ((unmerged - with) / with).abs() < 1e-5,
+        "unmerged {unmerged} vs merged {with}"
+    );
+    let out = engine(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--adapter",
+        s(&adapter),
+        "--prompt",
+        "w5 w7",
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An adapter whose tensors do not fit is refused, naming the file.
+    let bad = tmp.path().join("bad_adapter");
+    std::fs::create_dir(&bad).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(adapter.join(f), bad.join(f)).unwrap();
+    }
+    let cfg = std::fs::read_to_string(bad.join("adapter_config.json")).unwrap();
+    assert!(cfg.contains("\"r\": 4"));
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        cfg.replace("\"r\": 4", "\"r\": 8"),
+    )
+    .unwrap();
+    let out = engine(&[
+        "score",
+        "--model",
+        s(&dir),
+        "--adapter",
+        s(&bad),
+        "--text",
+        TEXT,
+    ]);
+    assert_fails_with(&out, &["adapter_model.safetensors", "lora_A"]);
     // A second merge into the same folder is refused, and the folder kept.
     let out = engine(&[
         "merge",
