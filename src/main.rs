@@ -13,12 +13,17 @@ use engine::infer::generate::{generate, GenerateOptions};
 use engine::infer::score::score;
 use engine::infer::stream::TextStream;
 use engine::model::llama::Llama;
-use engine::model::lora::LoraAdapter;
+use engine::model::lora::{parse_targets, LoraAdapter, LoraConfig};
 use engine::model::weights::SafetensorsFiles;
 use engine::tensor::DType;
 use engine::tokenizer::{Message, Tokenizer};
+use engine::train::batch::Layout;
+use engine::train::schedule::{Decay, Length};
+use engine::train::trainer::{finetune, Outcome, RunPaths, TrainOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +61,8 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Fine-tune a model on a JSONL dataset: LoRA (--lora-rank) or every weight (--full).
+    Finetune(Box<FinetuneArgs>),
     /// Merge a LoRA adapter (PEFT format) into a model's weights, writing a new model folder.
     Merge {
         /// The base model folder.
@@ -158,6 +165,92 @@ struct ScoreArgs {
     device: DeviceArg,
 }
 
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("method").required(true).args(["lora_rank", "full"])))]
+struct FinetuneArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training data, JSONL: one {"text"}, {"prompt","completion"} or {"messages"} per line.
+    #[arg(long)]
+    data: PathBuf,
+    /// Eval data (same format): its mean loss every --eval-every steps and at the end.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Train a LoRA adapter of this rank (the base stays frozen).
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha/rank (default: 2 × rank).
+    #[arg(long, requires = "lora_rank")]
+    lora_alpha: Option<f32>,
+    /// Dropout on the LoRA branch's input.
+    #[arg(long, default_value_t = 0.0, requires = "lora_rank")]
+    lora_dropout: f32,
+    /// Projections to adapt, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), or all.
+    #[arg(long, default_value = "all", requires = "lora_rank")]
+    lora_targets: String,
+    /// rsLoRA: scale by alpha/sqrt(rank) instead of alpha/rank.
+    #[arg(long, requires = "lora_rank")]
+    rslora: bool,
+    /// Train every weight (f32 master weights and AdamW state).
+    #[arg(long)]
+    full: bool,
+    /// Optimizer steps to take.
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<u64>,
+    /// Passes over the training data (default 1; fractions allowed).
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Tokens per sequence: longer examples are truncated, shorter ones padded.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Pack examples into full sequences of --seq-len instead of padding each.
+    #[arg(long)]
+    pack: bool,
+    /// Peak learning rate (default: 2e-4 for LoRA, 2e-5 for --full).
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Learning rate at the end of the decay.
+    #[arg(long, default_value_t = 0.0)]
+    min_lr: f64,
+    /// Steps of linear warmup.
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Decay after warmup: cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    decay: String,
+    /// AdamW's decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    /// Clip the gradients' global norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of the adapter's initialisation, the shuffling and dropout.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Eval loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    eval_every: u64,
+    /// Write a checkpoint every K steps (0: never; Ctrl-C still writes one).
+    #[arg(long, default_value_t = 100)]
+    save_every: u64,
+    /// Output folder: the adapter (or model), metrics.jsonl, loss.svg, checkpoints.
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in this folder (its latest checkpoint) or from this checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
 /// An opened device (one per process, so its size does not matter).
 #[allow(clippy::large_enum_variant)]
 enum Device {
@@ -235,6 +328,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Score(args) => on_device!(open_device(args.device)?, |be| score_cmd(be, &args))?,
         Command::Info { model } => info(&model)?,
+        Command::Finetune(args) => {
+            on_device!(open_device(args.device)?, |be| finetune_cmd(be, &args))?
+        }
         Command::Convert {
             input,
             out_dir,
@@ -370,6 +466,112 @@ fn score_cmd<B: Backend>(be: B, a: &ScoreArgs) -> Result<()> {
             s.nll,
             s.ppl
         );
+    }
+    Ok(())
+}
+
+fn finetune_cmd<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
+    let lora = match a.lora_rank {
+        Some(rank) => Some(LoraConfig::new(
+            rank,
+            a.lora_alpha.unwrap_or(2.0 * rank as f32),
+            a.lora_dropout,
+            parse_targets(&a.lora_targets)?,
+            a.rslora,
+        )?),
+        None => None,
+    };
+    let decay = match a.decay.as_str() {
+        "cosine" => Decay::Cosine,
+        "linear" => Decay::Linear,
+        "constant" => Decay::Constant,
+        other => bail!("--decay must be cosine, linear or constant, not {other:?}"),
+    };
+    if !(a.max_grad_norm >= 0.0 && a.max_grad_norm.is_finite()) {
+        bail!(
+            "--max-grad-norm must be a number ≥ 0, got {}",
+            a.max_grad_norm
+        );
+    }
+    if !(a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+        bail!(
+            "--weight-decay must be a number ≥ 0, got {}",
+            a.weight_decay
+        );
+    }
+    let opts = TrainOptions {
+        length: match a.steps {
+            Some(n) => Length::Steps(n),
+            None => Length::Epochs(a.epochs.unwrap_or(1.0)),
+        },
+        batch: a.batch,
+        grad_accum: a.grad_accum,
+        seq_len: a.seq_len,
+        layout: if a.pack { Layout::Pack } else { Layout::Pad },
+        lr: a.lr.unwrap_or(if lora.is_some() { 2e-4 } else { 2e-5 }),
+        lora,
+        min_lr: a.min_lr,
+        warmup: a.warmup,
+        decay,
+        weight_decay: a.weight_decay,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        max_grad_norm: a.max_grad_norm,
+        seed: a.seed,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+    };
+    let paths = RunPaths {
+        model: &a.model,
+        data: &a.data,
+        eval: a.eval.as_deref(),
+        out: &a.out,
+        resume: a.resume.as_deref(),
+    };
+    // The first Ctrl-C asks for a checkpoint after the current step; a
+    // second one quits at once (checkpoints are written atomically).
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let flag = interrupt.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    match finetune(be, &paths, &opts, &interrupt, progress)? {
+        Outcome::Finished {
+            steps,
+            train_loss,
+            eval_loss,
+            tokens_per_s,
+        } => {
+            let eval = eval_loss
+                .map(|l| format!(", eval loss {l:.4}"))
+                .unwrap_or_default();
+            let what = if opts.lora.is_some() {
+                format!(
+                    "adapter: --model {} --adapter {}",
+                    a.model.display(),
+                    a.out.display()
+                )
+            } else {
+                format!("model: --model {}", a.out.display())
+            };
+            println!(
+                "trained {steps} steps ({tokens_per_s:.0} tok/s): loss {train_loss:.4}{eval}; \
+                 use the {what}"
+            );
+        }
+        Outcome::Interrupted { step, checkpoint } => {
+            eprintln!(
+                "stopped after step {step}: checkpoint {}; continue with --resume {}",
+                checkpoint.display(),
+                a.out.display()
+            );
+            std::process::exit(130);
+        }
     }
     Ok(())
 }

@@ -3,8 +3,11 @@
 //! leaves a half-written folder where a complete one is expected.
 
 use crate::error::{Error, Result};
-use serde_json::Value as Json;
+use crate::tensor::DType;
+use safetensors::tensor::Dtype;
+use serde_json::{json, Map, Value as Json};
 use std::fs;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 pub fn write_json(path: &Path, v: &Json) -> Result<()> {
@@ -87,4 +90,61 @@ pub fn write_dir_atomically(
         let _ = fs::remove_dir_all(&tmp);
     }
     done
+}
+
+/// Writes a safetensors file whose tensors are `plan` (name, shape, dtype:
+/// F32, BF16 or F16), asking `data(i)` for tensor i's values as f32 one at a
+/// time, so that memory holds one tensor, not the model.
+pub fn write_safetensors(
+    path: &Path,
+    plan: &[(String, Vec<usize>, Dtype)],
+    mut data: impl FnMut(usize) -> Result<Vec<f32>>,
+) -> Result<()> {
+    let size = |d: Dtype| match d {
+        Dtype::F32 => Ok(4),
+        Dtype::BF16 | Dtype::F16 => Ok(2),
+        other => Err(Error::Unsupported(format!(
+            "{}: cannot write dtype {other:?} (engine writes f32, bf16 and f16)",
+            path.display()
+        ))),
+    };
+    let mut header = Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, shape, dtype) in plan {
+        let end = offset + shape.iter().product::<usize>() * size(*dtype)?;
+        header.insert(
+            name.clone(),
+            json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
+        );
+        offset = end;
+    }
+    let mut header = serde_json::to_string(&header).expect("JSON values serialize");
+    while !header.len().is_multiple_of(8) {
+        header.push(' ');
+    }
+    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let io = |e| Error::io(path, e);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    w.write_all(header.as_bytes()).map_err(io)?;
+    let mut bytes = Vec::new();
+    for (i, (name, shape, dtype)) in plan.iter().enumerate() {
+        let values = data(i)?;
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(Error::Invalid(format!(
+                "{}: tensor {name} has {} values for shape {shape:?}",
+                path.display(),
+                values.len()
+            )));
+        }
+        bytes.clear();
+        DType::from_safetensors(*dtype)
+            .unwrap_or(DType::F32)
+            .encode_into(&values, &mut bytes);
+        w.write_all(&bytes).map_err(io)?;
+    }
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)
 }

@@ -25,7 +25,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::folder::{short_f64, write_dir_atomically, write_json};
+use crate::model::folder::{short_f64, write_dir_atomically, write_json, write_safetensors};
 use crate::model::weights::SafetensorsFiles;
 use crate::tensor::DType;
 use rand::rngs::StdRng;
@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::io::{BufWriter, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -414,17 +414,27 @@ impl LoraAdapter {
     /// adapter; any other existing folder is refused.
     pub fn save(&self, dir: &Path) -> Result<()> {
         let is_adapter = |d: &Path| d.join(ADAPTER_CONFIG).exists();
-        write_dir_atomically(dir, "lora", is_adapter, |tmp| {
-            write_json(&tmp.join(ADAPTER_CONFIG), &self.config_json())?;
-            let tensors = self.tensors();
-            let plan: Vec<_> = tensors
-                .iter()
-                .map(|(n, s, _)| (n.clone(), s.clone(), Dtype::F32))
-                .collect();
-            write_safetensors(&tmp.join(ADAPTER_WEIGHTS), &plan, |i| {
-                Ok(tensors[i].2.to_vec())
-            })
+        write_dir_atomically(dir, "lora", is_adapter, |tmp| self.write_files(tmp))
+    }
+
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into the
+    /// existing folder `dir` (a temporary one: see [`LoraAdapter::save`]).
+    pub fn write_files(&self, dir: &Path) -> Result<()> {
+        write_json(&dir.join(ADAPTER_CONFIG), &self.config_json())?;
+        let tensors = self.tensors();
+        let plan: Vec<_> = tensors
+            .iter()
+            .map(|(n, s, _)| (n.clone(), s.clone(), Dtype::F32))
+            .collect();
+        write_safetensors(&dir.join(ADAPTER_WEIGHTS), &plan, |i| {
+            Ok(tensors[i].2.to_vec())
         })
+    }
+
+    /// PEFT's names of every tensor, in the order of `Lora::tensors` (per
+    /// layer, per target, A then B).
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.tensors().into_iter().map(|(n, _, _)| n).collect()
     }
 
     /// Loads a PEFT LoRA adapter folder for a model with config `model`.
@@ -775,61 +785,4 @@ fn list_tensors(dir: &Path) -> Result<Vec<(String, Vec<usize>, Dtype)>> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
-}
-
-/// Writes a safetensors file whose tensors are `plan` (name, shape, dtype:
-/// F32, BF16 or F16), asking `data(i)` for tensor i's values as f32 one at a
-/// time, so that memory holds one tensor, not the model.
-fn write_safetensors(
-    path: &Path,
-    plan: &[(String, Vec<usize>, Dtype)],
-    mut data: impl FnMut(usize) -> Result<Vec<f32>>,
-) -> Result<()> {
-    let size = |d: Dtype| match d {
-        Dtype::F32 => Ok(4),
-        Dtype::BF16 | Dtype::F16 => Ok(2),
-        other => Err(Error::Unsupported(format!(
-            "{}: cannot write dtype {other:?} (engine writes f32, bf16 and f16)",
-            path.display()
-        ))),
-    };
-    let mut header = Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for (name, shape, dtype) in plan {
-        let end = offset + shape.iter().product::<usize>() * size(*dtype)?;
-        header.insert(
-            name.clone(),
-            json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut header = serde_json::to_string(&header).expect("JSON values serialize");
-    while !header.len().is_multiple_of(8) {
-        header.push(' ');
-    }
-    let file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = BufWriter::with_capacity(1 << 20, file);
-    let io = |e| Error::io(path, e);
-    w.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
-    w.write_all(header.as_bytes()).map_err(io)?;
-    let mut bytes = Vec::new();
-    for (i, (name, shape, dtype)) in plan.iter().enumerate() {
-        let values = data(i)?;
-        if values.len() != shape.iter().product::<usize>() {
-            return Err(Error::Invalid(format!(
-                "{}: tensor {name} has {} values for shape {shape:?}",
-                path.display(),
-                values.len()
-            )));
-        }
-        bytes.clear();
-        DType::from_safetensors(*dtype)
-            .unwrap_or(DType::F32)
-            .encode_into(&values, &mut bytes);
-        w.write_all(&bytes).map_err(io)?;
-    }
-    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)
 }

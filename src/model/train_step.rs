@@ -83,6 +83,32 @@ pub fn param_list_mut<B: Backend>(w: &mut LlamaWeights<B>) -> Vec<&mut Tensor<B>
     out
 }
 
+/// The HF names of [`param_list`]'s tensors, in its order.
+pub fn param_names<B: Backend>(w: &LlamaWeights<B>) -> Vec<String> {
+    let mut out = vec!["model.embed_tokens.weight".to_string()];
+    for i in 0..w.layers.len() {
+        out.extend(
+            [
+                "input_layernorm",
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "post_attention_layernorm",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ]
+            .map(|m| format!("model.layers.{i}.{m}.weight")),
+        );
+    }
+    out.push("model.norm.weight".into());
+    if w.lm_head.is_some() {
+        out.push("lm_head.weight".into());
+    }
+    out
+}
+
 /// 1 embedding + 9 per layer + 1 final norm + 1 untied head.
 fn param_count<B: Backend>(w: &LlamaWeights<B>) -> usize {
     2 + 9 * w.layers.len() + usize::from(w.lm_head.is_some())

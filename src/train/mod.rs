@@ -1,6 +1,6 @@
 //! Fine-tuning: the data pipeline (JSONL → token ids and next-token targets →
-//! batches) and the learning-rate schedule. The optimizer, the trainer loop
-//! and checkpoints build on these.
+//! batches), the learning-rate schedule, and the trainer loop with its
+//! metrics and checkpoints.
 //!
 //! - [`data`]: reading `{"text"}`, `{"prompt","completion"}` and
 //!   `{"messages"}` lines into [`data::Example`]s (ids + targets, [`IGNORE`]
@@ -10,10 +10,16 @@
 //!   resumable [`batch::DataPosition`].
 //! - [`schedule`]: warmup then cosine/linear decay, and the number of
 //!   optimizer steps for `--steps` / `--epochs` with gradient accumulation.
+//! - [`trainer`]: `engine finetune`: the loop, eval, interrupts, the result.
+//! - [`checkpoint`]: resumable checkpoints, written atomically.
+//! - [`metrics`]: `metrics.jsonl` and the `loss.svg` curve.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod data;
+pub mod metrics;
 pub mod schedule;
+pub mod trainer;
 
 pub use batch::{Batch, BatchConfig, DataPosition, Layout, Loader};
 pub use data::{Dataset, Example, Record, IGNORE};

@@ -1,0 +1,275 @@
+//! Checkpoints of a fine-tuning run: everything needed to continue it as if
+//! it had never stopped, in one folder written atomically (a temporary
+//! sibling, then a rename), so an interrupted save never leaves a
+//! half-written checkpoint.
+//!
+//! `checkpoint-{step}/` holds
+//! - the trained weights, in the format users load: a PEFT adapter
+//!   (`adapter_config.json`, `adapter_model.safetensors`) for LoRA, or a
+//!   complete HF model folder (f32 `model.safetensors`, `config.json`, the
+//!   tokenizer files) for full fine-tuning;
+//! - `optimizer.safetensors`: AdamW's moments, `m.{name}` and `v.{name}` for
+//!   every trained tensor (HF or PEFT names), f32;
+//! - `trainer_state.json`: the optimizer steps done, the data position, the
+//!   base model's fingerprint and the run's settings (a resumed run must use
+//!   the same ones to reproduce the uninterrupted run). Dropout masks are a
+//!   function of (seed, step, micro-batch), so there is no RNG state to keep.
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::adapter::Lora;
+use crate::model::folder::{write_dir_atomically, write_json, write_safetensors};
+use crate::model::llama::Llama;
+use crate::model::train_step::{param_list, param_names, AdamWState};
+use crate::train::batch::DataPosition;
+use safetensors::tensor::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const FORMAT: &str = "engine-checkpoint";
+
+/// `trainer_state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub format: String,
+    pub version: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    /// The next training micro-batch.
+    pub data: DataPosition,
+    /// The base model folder, for people reading the file.
+    pub base_model: String,
+    /// [`fingerprint`] of the base model: a resume must start from it.
+    pub fingerprint: String,
+    /// The settings that shape the run (see `trainer::RunSettings`).
+    pub run: Json,
+}
+
+impl TrainerState {
+    pub fn new(step: u64, data: DataPosition, base: &Path, fingerprint: String, run: Json) -> Self {
+        TrainerState {
+            format: FORMAT.into(),
+            version: 1,
+            step,
+            data,
+            base_model: base.display().to_string(),
+            fingerprint,
+            run,
+        }
+    }
+}
+
+/// The folder of the checkpoint after `step` optimizer steps.
+pub fn checkpoint_dir(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("checkpoint-{step}"))
+}
+
+/// Saves a checkpoint of `model` (its adapter when it has one, else every
+/// weight) and `opt` into `dir`, atomically.
+pub fn save<B: Backend>(
+    dir: &Path,
+    model: &Llama<B>,
+    model_dir: &Path,
+    opt: &AdamWState<B>,
+    state: &TrainerState,
+) -> Result<()> {
+    let is_checkpoint = |d: &Path| d.join(STATE_FILE).exists();
+    write_dir_atomically(dir, "checkpoint", is_checkpoint, |tmp| {
+        write_weights(tmp, model, model_dir)?;
+        let be = &model.backend;
+        let names = trained_names(model);
+        let mut plan = Vec::new();
+        let mut tensors = Vec::new();
+        for (which, set) in [("m", &opt.m), ("v", &opt.v)] {
+            for (name, t) in names.iter().zip(set.tensors()) {
+                plan.push((format!("{which}.{name}"), t.shape.clone(), Dtype::F32));
+                tensors.push(t);
+            }
+        }
+        write_safetensors(&tmp.join(OPTIMIZER_FILE), &plan, |i| {
+            be.download(tensors[i])
+        })?;
+        let json = serde_json::to_value(state).expect("the state serializes");
+        write_json(&tmp.join(STATE_FILE), &json)
+    })
+}
+
+/// Writes the trained weights into the existing folder `dir`: the adapter's
+/// PEFT files, or (full fine-tuning) a complete model folder: f32
+/// `model.safetensors` plus the base folder's other files (config,
+/// tokenizer).
+pub fn write_weights<B: Backend>(dir: &Path, model: &Llama<B>, model_dir: &Path) -> Result<()> {
+    let be = &model.backend;
+    if let Some(lora) = &model.adapter {
+        return lora.download(be)?.write_files(dir);
+    }
+    let params = param_list(&model.weights);
+    let plan: Vec<_> = param_names(&model.weights)
+        .into_iter()
+        .zip(&params)
+        .map(|(n, t)| (n, t.shape.clone(), Dtype::F32))
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &plan, |i| {
+        be.download(params[i])
+    })?;
+    for entry in fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))? {
+        let entry = entry.map_err(|e| Error::io(model_dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
+        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
+        if is_file && !weights && !name.starts_with('.') {
+            let to = dir.join(&name);
+            fs::copy(entry.path(), &to).map_err(|e| Error::io(entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The names of the trained tensors, in the order of `Grads::tensors`.
+fn trained_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
+    match &model.adapter {
+        Some(lora) => lora_names(lora),
+        None => param_names(&model.weights),
+    }
+}
+
+fn lora_names<B: Backend>(lora: &Lora<B>) -> Vec<String> {
+    (0..lora.layers.len())
+        .flat_map(|i| {
+            lora.config
+                .targets
+                .iter()
+                .flat_map(move |t| t.peft_names(i))
+        })
+        .collect()
+}
+
+/// The checkpoint `--resume` names: `path` itself when it holds one, else
+/// the latest `checkpoint-N` inside it (a run's `--out` folder).
+pub fn find(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    let entries = fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+    let mut best: Option<(u64, PathBuf)> = None;
+    for e in entries {
+        let e = e.map_err(|e| Error::io(path, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(step) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if e.path().join(STATE_FILE).exists() && best.as_ref().is_none_or(|b| step > b.0) {
+            best = Some((step, e.path()));
+        }
+    }
+    best.map(|b| b.1).ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: no checkpoint to resume (no {STATE_FILE} here, and no checkpoint-N folder)",
+            path.display()
+        ))
+    })
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let state: TrainerState = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&path, format!("not a trainer state: {e}")))?;
+    if state.format != FORMAT || state.version != 1 {
+        return Err(Error::format(
+            &path,
+            format!(
+                "format {} version {}; this engine reads {FORMAT} version 1",
+                state.format, state.version
+            ),
+        ));
+    }
+    Ok(state)
+}
+
+/// Fills `opt` from a checkpoint's `optimizer.safetensors`; every tensor must
+/// be there with the shape of the one it restores.
+pub fn load_optimizer<B: Backend>(
+    dir: &Path,
+    model: &Llama<B>,
+    opt: &mut AdamWState<B>,
+) -> Result<()> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::format(&path, format!("not a safetensors file: {e}")))?;
+    let be = &model.backend;
+    let names = trained_names(model);
+    for (which, set) in [("m", &mut opt.m), ("v", &mut opt.v)] {
+        for (name, t) in names.iter().zip(set.tensors_mut()) {
+            let key = format!("{which}.{name}");
+            let view = st
+                .tensor(&key)
+                .map_err(|_| Error::format(&path, format!("tensor {key} is missing")))?;
+            if view.shape() != t.shape.as_slice() || view.dtype() != Dtype::F32 {
+                return Err(Error::format(
+                    &path,
+                    format!(
+                        "tensor {key} is {:?} {:?}, expected F32 {:?}",
+                        view.dtype(),
+                        view.shape(),
+                        t.shape
+                    ),
+                ));
+            }
+            let values = crate::tensor::DType::F32.decode(view.data());
+            *t = be.upload(values, &t.shape, t.dtype)?;
+        }
+    }
+    Ok(())
+}
+
+/// A short fingerprint of a model folder's weights: FNV-1a over its parsed
+/// config and, for every safetensors file, its length and last MiB (tensor
+/// data). A resume from a run on other weights is refused with it.
+pub fn fingerprint(model_dir: &Path) -> Result<String> {
+    let mut h = Fnv::new();
+    let config = crate::model::config::LlamaConfig::from_file(&model_dir.join("config.json"))?;
+    h.write(format!("{config:?}").as_bytes());
+    let mut files: Vec<PathBuf> = fs::read_dir(model_dir)
+        .map_err(|e| Error::io(model_dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    for path in files {
+        let mut f = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
+        h.write(&len.to_le_bytes());
+        let tail = len.min(1 << 20);
+        f.seek(SeekFrom::Start(len - tail))
+            .map_err(|e| Error::io(&path, e))?;
+        let mut buf = vec![0u8; tail as usize];
+        f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
+        h.write(&buf);
+    }
+    Ok(format!("{:016x}", h.0))
+}
+
+/// FNV-1a, 64 bit: stable across Rust versions, unlike `DefaultHasher`.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}

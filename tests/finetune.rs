@@ -1,0 +1,426 @@
+//! `engine finetune` end to end on the tiny random Llama with its word-level
+//! tokenizer: LoRA and full runs, what --out holds, resume equivalence,
+//! interrupts, and bad input (one line each, never a panic, nothing
+//! half-written).
+
+mod common;
+
+use common::fixture;
+use engine::backend::cpu::Cpu;
+use engine::model::lora::{parse_targets, LoraConfig};
+use engine::train::batch::Layout;
+use engine::train::schedule::{Decay, Length};
+use engine::train::trainer::{finetune, Outcome, RunPaths, TrainOptions};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::AtomicBool;
+
+/// A copy of the tiny tied model with the test tokenizer.
+fn model(tmp: &Path, variant: &str) -> PathBuf {
+    let dir = tmp.join(variant);
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(fixture(&format!("tiny_llama/{variant}"))).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(
+        fixture("tiny_llama/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}
+
+/// 16 short texts over the tiny vocabulary, each starting with its own
+/// word, so every next token is determined by the prefix.
+fn dataset(tmp: &Path) -> PathBuf {
+    let path = tmp.join("train.jsonl");
+    let mut text = String::new();
+    for i in 0..16 {
+        let words: Vec<String> = (0..7)
+            .map(|j| format!("w{}", 10 + (i * 7 + j * 13) % 300))
+            .collect();
+        text.push_str(&format!(
+            "{{\"text\": \"w{} {}\"}}\n",
+            100 + i,
+            words.join(" ")
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .args(["--device", "cpu"])
+        .output()
+        .unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Exit 1, and one line on stderr that mentions every needle.
+fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{err:?} does not mention {n:?}");
+    }
+}
+
+/// The train records of metrics.jsonl: (step, loss).
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+const LORA: &[&str] = &[
+    "--lora-rank",
+    "8",
+    "--lora-alpha",
+    "16",
+    "--batch",
+    "4",
+    "--seq-len",
+    "8",
+    "--lr",
+    "1e-2",
+    "--seed",
+    "3",
+];
+
+/// A LoRA run writes a PEFT adapter that score --adapter loads, the metrics
+/// and the loss curve, and overfits the 16 texts: the mean loss falls from
+/// ~7 (the random model) below 0.5 in 80 steps (measured: 0.13).
+#[test]
+fn lora_run_overfits_and_writes_its_outputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let out = tmp.path().join("run");
+    let mut args = vec![
+        "finetune",
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--eval",
+        s(&data),
+    ];
+    args.extend(LORA);
+    args.extend([
+        "--steps",
+        "80",
+        "--eval-every",
+        "40",
+        "--save-every",
+        "40",
+        "--out",
+        s(&out),
+    ]);
+    let stdout = ok(&engine(&args));
+    assert!(stdout.contains("trained 80 steps"), "{stdout}");
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.jsonl",
+        "loss.svg",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    assert!(out.join("checkpoint-40/trainer_state.json").exists());
+    assert!(!out.join(".result-tmp").exists());
+    let l = losses(&out);
+    assert_eq!(l.len(), 80);
+    assert!(l[0].1 > 5.0, "first loss {}", l[0].1);
+    assert!(l[79].1 < 0.5, "loss after 80 steps {}", l[79].1);
+    let evals = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(evals.matches("eval_loss").count(), 2);
+
+    // The adapter applies: the trained texts score far better with it.
+    let text = "w100 w10 w23 w36";
+    let nll = |adapter: Option<&Path>| {
+        let mut a = vec!["score", "--model", s(&m), "--json", "--text", text];
+        if let Some(ad) = adapter {
+            a.extend(["--adapter", s(ad)]);
+        }
+        let v: Value = serde_json::from_str(&ok(&engine(&a))).unwrap();
+        v["nll"].as_f64().unwrap()
+    };
+    let (base, tuned) = (nll(None), nll(Some(&out)));
+    assert!(tuned < base / 2.0, "nll {base} → {tuned}");
+}
+
+/// Resume equivalence: the steps after a checkpoint, run again from that
+/// checkpoint in a fresh folder, have the losses of the uninterrupted run
+/// (to 1e-6), and the final adapters are identical.
+#[test]
+fn resumed_run_reproduces_the_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let whole = tmp.path().join("whole");
+    let common_args = |out: &Path| {
+        let mut a: Vec<String> = ["finetune", "--model", s(&m), "--data", s(&data)]
+            .map(String::from)
+            .to_vec();
+        a.extend(LORA.iter().map(|x| x.to_string()));
+        a.extend(
+            [
+                "--lora-dropout",
+                "0.1",
+                "--steps",
+                "12",
+                "--save-every",
+                "6",
+                "--grad-accum",
+                "2",
+                "--out",
+                s(out),
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    let run = |a: &[String]| engine(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&run(&common_args(&whole)));
+    // The stopped run: its folder as it was after step 6.
+    let stopped = tmp.path().join("stopped");
+    std::fs::create_dir(&stopped).unwrap();
+    let ck = stopped.join("checkpoint-6");
+    std::fs::create_dir(&ck).unwrap();
+    for e in std::fs::read_dir(whole.join("checkpoint-6")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+    }
+    let mut a = common_args(&stopped);
+    a.extend(["--resume".into(), s(&stopped).into()]);
+    let out = run(&a);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
+    let (want, got) = (losses(&whole), losses(&stopped));
+    assert_eq!(got.len(), 6);
+    for (g, w) in got.iter().zip(&want[6..]) {
+        assert_eq!(g.0, w.0);
+        assert!(
+            (g.1 - w.1).abs() <= 1e-6,
+            "step {}: {} vs {}",
+            g.0,
+            g.1,
+            w.1
+        );
+    }
+    let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(read(&whole), read(&stopped), "final adapters differ");
+}
+
+/// Full fine-tuning writes a complete model folder that loads, with the
+/// same tokenizer; an interrupt before a step saves a checkpoint and says
+/// so, and resuming it finishes the run.
+#[test]
+fn full_run_and_interrupt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let out = tmp.path().join("full");
+    let opts = TrainOptions {
+        lora: None,
+        length: Length::Steps(3),
+        batch: 4,
+        grad_accum: 1,
+        seq_len: 8,
+        layout: Layout::Pack,
+        lr: 1e-3,
+        min_lr: 0.0,
+        warmup: 1,
+        decay: Decay::Cosine,
+        weight_decay: 0.01,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+        max_grad_norm: 1.0,
+        seed: 1,
+        eval_every: 0,
+        save_every: 0,
+    };
+    let paths = RunPaths {
+        model: &m,
+        data: &data,
+        eval: None,
+        out: &out,
+        resume: None,
+    };
+    let stop = AtomicBool::new(true);
+    match finetune(Cpu, &paths, &opts, &stop, false).unwrap() {
+        Outcome::Interrupted { step, checkpoint } => {
+            assert_eq!(step, 0);
+            assert!(checkpoint.join("model.safetensors").exists());
+            assert!(checkpoint.join("tokenizer.json").exists());
+        }
+        other => panic!("not interrupted: {other:?}"),
+    }
+    let paths = RunPaths {
+        resume: Some(&out),
+        ..paths
+    };
+    let go = AtomicBool::new(false);
+    match finetune(Cpu, &paths, &opts, &go, false).unwrap() {
+        Outcome::Finished { steps, .. } => assert_eq!(steps, 3),
+        other => panic!("{other:?}"),
+    }
+    let v: Value = serde_json::from_str(&ok(&engine(&[
+        "score",
+        "--model",
+        s(&out),
+        "--json",
+        "--text",
+        "w100 w10 w23",
+    ])))
+    .unwrap();
+    assert!(v["nll"].as_f64().unwrap().is_finite());
+    // the LoRA library path takes the same options
+    let lora = LoraConfig::new(2, 4.0, 0.0, parse_targets("q_proj").unwrap(), false).unwrap();
+    assert_eq!(lora.scaling(), 2.0);
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let out = tmp.path().join("o");
+    let run = |data: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "finetune",
+            "--model",
+            s(&m),
+            "--data",
+            s(data),
+            "--out",
+            s(&out),
+        ];
+        a.extend(extra);
+        engine(&a)
+    };
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    assert_fails_with(
+        &run(&empty, &["--lora-rank", "4"]),
+        &["empty.jsonl", "empty"],
+    );
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"w1 w2\"}\n{\"text\": oops}\n").unwrap();
+    assert_fails_with(&run(&bad, &["--lora-rank", "4"]), &["bad.jsonl", "line 2"]);
+    assert_fails_with(
+        &run(
+            &data,
+            &["--lora-rank", "4", "--lora-targets", "q_proj,qkv_proj"],
+        ),
+        &["qkv_proj"],
+    );
+    assert_fails_with(&run(&data, &["--lora-rank", "0"]), &["rank"]);
+    assert!(!out.exists(), "a failed run left {}", out.display());
+
+    // A resume folder from another model's run is refused.
+    let other = model(tmp.path(), "untied");
+    let run_other = tmp.path().join("other-run");
+    ok(&engine(&[
+        "finetune",
+        "--model",
+        s(&other),
+        "--data",
+        s(&data),
+        "--lora-rank",
+        "2",
+        "--steps",
+        "2",
+        "--save-every",
+        "1",
+        "--seq-len",
+        "8",
+        "--out",
+        s(&run_other),
+    ]));
+    let mut a = vec![
+        "finetune",
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--lora-rank",
+        "2",
+    ];
+    a.extend([
+        "--steps",
+        "2",
+        "--seq-len",
+        "8",
+        "--out",
+        s(&run_other),
+        "--resume",
+        s(&run_other),
+    ]);
+    assert_fails_with(&engine(&a), &["checkpoint-1", "another model"]);
+    // ... and one with other settings names the setting.
+    let mut a = vec![
+        "finetune",
+        "--model",
+        s(&other),
+        "--data",
+        s(&data),
+        "--lora-rank",
+        "4",
+    ];
+    a.extend([
+        "--steps",
+        "2",
+        "--seq-len",
+        "8",
+        "--out",
+        s(&run_other),
+        "--resume",
+        s(&run_other),
+    ]);
+    assert_fails_with(&engine(&a), &["lora_rank 2 → 4"]);
+    // A new run into a used folder is refused, and the folder kept.
+    let a = [
+        "finetune",
+        "--model",
+        s(&other),
+        "--data",
+        s(&data),
+        "--lora-rank",
+        "2",
+        "--steps",
+        "2",
+        "--seq-len",
+        "8",
+        "--out",
+        s(&run_other),
+    ];
+    assert_fails_with(&engine(&a), &["not empty", "--resume"]);
+    assert!(run_other.join("adapter_model.safetensors").exists());
+    // Neither method, or both, is a usage error from clap (exit 2).
+    let out2 = engine(&[
+        "finetune",
+        "--model",
+        s(&m),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(out2.status.code(), Some(2));
+}
