@@ -388,6 +388,14 @@ fn attention_backward_matches_finite_differences() {
             hd: 4,
             pos0: 2,
         },
+        // n ≥ 8 takes the per-head matrix products, here with a cache prefix
+        Att {
+            n: 12,
+            heads: 6,
+            kv_heads: 2,
+            hd: 8,
+            pos0: 5,
+        },
     ] {
         let what = format!("{a:?}");
         let (width, kv_width) = (a.heads * a.hd, a.kv_heads * a.hd);

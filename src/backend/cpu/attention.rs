@@ -21,7 +21,7 @@ pub struct Dims {
 }
 
 /// From this many queries on, the GEMM path is faster.
-const GEMM_MIN_QUERIES: usize = 8;
+pub const GEMM_MIN_QUERIES: usize = 8;
 
 /// out[i, h] = Σ_j softmax_j(q[i,h]·k[j,g] / sqrt(hd)) v[j,g], j ≤ pos0 + i,
 /// with g = h / (heads / kv_heads) the key/value head that head h shares.
@@ -159,7 +159,7 @@ fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
 }
 
 /// p = exp(s − max) / Σ exp(s − max).
-fn softmax_in_place(s: &mut [f32]) {
+pub fn softmax_in_place(s: &mut [f32]) {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for x in s.iter_mut() {

@@ -7,6 +7,7 @@
 //! count, and partial sums are added in block order, so results are the same
 //! bit for bit on any number of threads.
 
+use super::attention::{softmax_in_place, Dims, GEMM_MIN_QUERIES};
 use super::matmul::dot;
 use super::ops::silu;
 use crate::backend::IGNORE;
@@ -203,22 +204,14 @@ pub fn rope_backward(dx: &mut [f32], width: usize, heads: usize, pos0: usize, th
     });
 }
 
-/// Sizes of an attention call, as in `attention::Dims`.
-#[derive(Clone, Copy)]
-pub struct AttDims {
-    pub n: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub hd: usize,
-    pub pos0: usize,
-}
-
 /// Backward of causal GQA attention (see `Backend::attention_backward`), the
-/// softmax recomputed row by row. dq [n, heads·hd] is overwritten; dk, dv
-/// (rows 0..pos0+n of the cache layout [·, kv_heads·hd]) accumulate.
+/// softmax recomputed. dq [n, heads·hd] is overwritten; dk, dv (rows
+/// 0..pos0+n of the cache layout [·, kv_heads·hd]) accumulate.
 ///
 /// One task per query head computes its dq block and its own contribution to
 /// dk, dv of its kv head; the contributions are then added in head order.
+/// As in the forward, a few queries take plain loops and more take per-head
+/// matrix products.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -228,9 +221,9 @@ pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    dims: AttDims,
+    dims: Dims,
 ) {
-    let AttDims {
+    let Dims {
         n,
         heads,
         kv_heads,
@@ -238,64 +231,19 @@ pub fn attention_backward(
         pos0,
     } = dims;
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let (width, kv_width) = (heads * hd, kv_heads * hd);
     let len = pos0 + n;
     assert!(dq.len() == n * width && dout.len() == n * width && q.len() == n * width);
     assert!(k.len() >= len * kv_width && v.len() >= len * kv_width);
     assert!(dk.len() >= len * kv_width && dv.len() >= len * kv_width);
-
-    struct HeadGrads {
-        dq: Vec<f32>, // [n, hd]
-        dk: Vec<f32>, // [len, hd]
-        dv: Vec<f32>, // [len, hd]
-    }
     let per_head: Vec<HeadGrads> = (0..heads)
         .into_par_iter()
         .map(|h| {
-            let g = h / group;
-            let kj = |j: usize| &k[j * kv_width + g * hd..][..hd];
-            let vj = |j: usize| &v[j * kv_width + g * hd..][..hd];
-            let mut out = HeadGrads {
-                dq: vec![0.0; n * hd],
-                dk: vec![0.0; len * hd],
-                dv: vec![0.0; len * hd],
-            };
-            let mut p = Vec::with_capacity(len);
-            let mut dp = Vec::with_capacity(len);
-            for i in 0..n {
-                let qi = &q[i * width + h * hd..][..hd];
-                let doi = &dout[i * width + h * hd..][..hd];
-                let visible = pos0 + i + 1;
-                // p_j = softmax_j(q·k_j · scale), as in the forward
-                p.clear();
-                p.extend((0..visible).map(|j| dot(qi, kj(j)) * scale));
-                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for s in p.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                p.iter_mut().for_each(|s| *s /= sum);
-                // dp_j = dout·v_j; Σ_j p_j dp_j = dout·out
-                dp.clear();
-                dp.extend((0..visible).map(|j| dot(doi, vj(j))));
-                let pdp: f32 = p.iter().zip(&dp).map(|(p, d)| p * d).sum();
-                let dqi = &mut out.dq[i * hd..(i + 1) * hd];
-                for j in 0..visible {
-                    // ds_j = p_j (dp_j − Σ p dp), times the score scale
-                    let ds = p[j] * (dp[j] - pdp) * scale;
-                    let (k_j, dk_j) = (kj(j), &mut out.dk[j * hd..(j + 1) * hd]);
-                    for c in 0..hd {
-                        dqi[c] += ds * k_j[c];
-                        dk_j[c] += ds * qi[c];
-                    }
-                    for (dv, o) in out.dv[j * hd..(j + 1) * hd].iter_mut().zip(doi) {
-                        *dv += p[j] * o;
-                    }
-                }
+            if n >= GEMM_MIN_QUERIES {
+                head_backward_gemm(h, dout, q, k, v, dims)
+            } else {
+                head_backward_loop(h, dout, q, k, v, dims)
             }
-            out
         })
         .collect();
     for (h, grads) in per_head.iter().enumerate() {
@@ -312,6 +260,192 @@ pub fn attention_backward(
                 *d += s;
             }
         }
+    }
+}
+
+/// One query head's share of the attention gradients.
+struct HeadGrads {
+    dq: Vec<f32>, // [n, hd]
+    dk: Vec<f32>, // [len, hd]
+    dv: Vec<f32>, // [len, hd]
+}
+
+/// Head h's gradients with the softmax recomputed row by row.
+fn head_backward_loop(
+    h: usize,
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+) -> HeadGrads {
+    let Dims {
+        n,
+        heads,
+        kv_heads,
+        hd,
+        pos0,
+    } = dims;
+    let g = h / (heads / kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (width, kv_width, len) = (heads * hd, kv_heads * hd, pos0 + n);
+    let kj = |j: usize| &k[j * kv_width + g * hd..][..hd];
+    let vj = |j: usize| &v[j * kv_width + g * hd..][..hd];
+    let mut out = HeadGrads {
+        dq: vec![0.0; n * hd],
+        dk: vec![0.0; len * hd],
+        dv: vec![0.0; len * hd],
+    };
+    let mut p = Vec::with_capacity(len);
+    let mut dp = Vec::with_capacity(len);
+    for i in 0..n {
+        let qi = &q[i * width + h * hd..][..hd];
+        let doi = &dout[i * width + h * hd..][..hd];
+        let visible = pos0 + i + 1;
+        // p_j = softmax_j(q·k_j · scale), as in the forward
+        p.clear();
+        p.extend((0..visible).map(|j| dot(qi, kj(j)) * scale));
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in p.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        p.iter_mut().for_each(|s| *s /= sum);
+        // dp_j = dout·v_j; Σ_j p_j dp_j = dout·out
+        dp.clear();
+        dp.extend((0..visible).map(|j| dot(doi, vj(j))));
+        let pdp: f32 = p.iter().zip(&dp).map(|(p, d)| p * d).sum();
+        let dqi = &mut out.dq[i * hd..(i + 1) * hd];
+        for j in 0..visible {
+            // ds_j = p_j (dp_j − Σ p dp), times the score scale
+            let ds = p[j] * (dp[j] - pdp) * scale;
+            let (k_j, dk_j) = (kj(j), &mut out.dk[j * hd..(j + 1) * hd]);
+            for c in 0..hd {
+                dqi[c] += ds * k_j[c];
+                dk_j[c] += ds * qi[c];
+            }
+            for (dv, o) in out.dv[j * hd..(j + 1) * hd].iter_mut().zip(doi) {
+                *dv += p[j] * o;
+            }
+        }
+    }
+    out
+}
+
+/// Head h's gradients as five matrix products over the whole sequence,
+/// with g its kv head, S = Q_h K_gᵀ · scale and P = softmax(S) (causal):
+///   dP = dO_h V_gᵀ,  dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
+///   dQ_h = dS K_g,  dK_g += dSᵀ Q_h,  dV_g += Pᵀ dO_h
+fn head_backward_gemm(
+    h: usize,
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+) -> HeadGrads {
+    let Dims {
+        n,
+        heads,
+        kv_heads,
+        hd,
+        pos0,
+    } = dims;
+    let g = h / (heads / kv_heads);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let (width, kv_width, len) = (heads * hd, kv_heads * hd, pos0 + n);
+    // Row-major views into the interleaved tensors: (pointer, row stride).
+    let q_h = (q[h * hd..].as_ptr(), width);
+    let do_h = (dout[h * hd..].as_ptr(), width);
+    let k_g = (k[g * hd..].as_ptr(), kv_width);
+    let v_g = (v[g * hd..].as_ptr(), kv_width);
+    let mut p = vec![0.0f32; n * len];
+    let mut ds = vec![0.0f32; n * len];
+    // SAFETY (all products below): every operand is addressed inside its
+    // slice: Q_h, dO_h are n rows of hd at stride width from h·hd; K_g, V_g
+    // are len rows of hd at stride kv_width from g·hd, and len·kv_width ≤
+    // their lengths (asserted by the caller); P, dS are n×len, the outputs
+    // n×hd or len×hd, all owned here.
+    unsafe {
+        // P = S = Q_h K_gᵀ · scale, then the causal softmax per row
+        mm(&mut p, len, n, len, hd, q_h, false, k_g, true, scale);
+        for (i, row) in p.chunks_exact_mut(len).enumerate() {
+            let visible = pos0 + i + 1;
+            softmax_in_place(&mut row[..visible]);
+            row[visible..].fill(0.0);
+        }
+        // dP = dO_h V_gᵀ (into ds), then dS in place
+        mm(&mut ds, len, n, len, hd, do_h, false, v_g, true, 1.0);
+    }
+    for (prow, drow) in p.chunks_exact(len).zip(ds.chunks_exact_mut(len)) {
+        let pdp: f32 = prow.iter().zip(drow.iter()).map(|(p, d)| p * d).sum();
+        for (d, p) in drow.iter_mut().zip(prow) {
+            *d = p * (*d - pdp) * scale;
+        }
+    }
+    let mut out = HeadGrads {
+        dq: vec![0.0; n * hd],
+        dk: vec![0.0; len * hd],
+        dv: vec![0.0; len * hd],
+    };
+    let (p, ds) = ((p.as_ptr(), len), (ds.as_ptr(), len));
+    unsafe {
+        mm(&mut out.dq, hd, n, hd, len, ds, false, k_g, false, 1.0);
+        mm(&mut out.dk, hd, len, hd, n, ds, true, q_h, false, 1.0);
+        mm(&mut out.dv, hd, len, hd, n, p, true, do_h, false, 1.0);
+    }
+    out
+}
+
+/// dst [m, n] (row stride `dst_rs`) = scale · op(A) op(B), op(A) [m, k],
+/// op(B) [k, n], where A and B are row-major views (pointer, row stride),
+/// transposed when the flag says so.
+///
+/// # Safety
+/// Every element the product reads lies inside the allocation behind its
+/// pointer, and dst holds m rows of stride dst_rs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    dst: &mut [f32],
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (*const f32, usize),
+    a_t: bool,
+    b: (*const f32, usize),
+    b_t: bool,
+    scale: f32,
+) {
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    // (column stride, row stride) of op(X) for a row-major view of stride s
+    let strides = |s: usize, t: bool| if t { (s as isize, 1) } else { (1, s as isize) };
+    let (a_cs, a_rs) = strides(a.1, a_t);
+    let (b_cs, b_rs) = strides(b.1, b_t);
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.0,
+            a_cs,
+            a_rs,
+            b.0,
+            b_cs,
+            b_rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
     }
 }
 

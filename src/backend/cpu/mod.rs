@@ -230,7 +230,7 @@ impl Backend for Cpu {
         pos0: usize,
     ) -> Result<()> {
         let (n, hd) = shapes::attention_backward(dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
-        let dims = backward::AttDims {
+        let dims = attention::Dims {
             n,
             heads,
             kv_heads,
