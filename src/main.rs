@@ -329,7 +329,16 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => on_device!(open_device(args.device)?, |be| score_cmd(be, &args))?,
         Command::Info { model } => info(&model)?,
         Command::Finetune(args) => {
-            on_device!(open_device(args.device)?, |be| finetune_cmd(be, &args))?
+            // The CUDA device has no backward kernels yet: `auto` trains on
+            // the CPU (an explicit --device cuda says which op is missing).
+            let device = match args.device {
+                DeviceArg::Auto => {
+                    eprintln!("device: cpu (training on the CUDA device is not available yet)");
+                    Device::Cpu
+                }
+                other => open_device(other)?,
+            };
+            on_device!(device, |be| finetune_cmd(be, &args))?
         }
         Command::Convert {
             input,

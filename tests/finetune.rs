@@ -424,3 +424,48 @@ fn bad_input_is_one_clear_line() {
     ]);
     assert_eq!(out2.status.code(), Some(2));
 }
+
+/// Ctrl-C (SIGINT) during a run: the step in progress finishes, a checkpoint
+/// is written, and the process says how to resume and exits with 130.
+#[test]
+fn sigint_saves_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let out = tmp.path().join("run");
+    let mut args: Vec<&str> = vec!["finetune", "--model", s(&m), "--data", s(&data)];
+    args.extend(LORA);
+    args.extend(["--steps", "100000", "--save-every", "0", "--out", s(&out)]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(&args)
+        .args(["--device", "cpu"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait for the first steps to be logged
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 60, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let done = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let state = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("checkpoint-"))
+        .expect("a checkpoint");
+    let step: u64 = state["checkpoint-".len()..].parse().unwrap();
+    assert!(step >= 3);
+    // the log holds exactly the steps the checkpoint has
+    assert_eq!(losses(&out).len() as u64, step);
+    assert!(out.join(&state).join("adapter_model.safetensors").exists());
+}
