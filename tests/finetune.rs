@@ -435,7 +435,7 @@ fn sigint_saves_a_checkpoint() {
     let mut args: Vec<&str> = vec!["finetune", "--model", s(&m), "--data", s(&data)];
     args.extend(LORA);
     args.extend(["--steps", "100000", "--save-every", "0", "--out", s(&out)]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+    let child = Command::new(env!("CARGO_BIN_EXE_engine"))
         .args(&args)
         .args(["--device", "cpu"])
         .stdout(std::process::Stdio::piped())
