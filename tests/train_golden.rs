@@ -5,10 +5,17 @@
 //! the weights they leave.
 //!
 //! Tolerances: losses, gradient norms and gradients per tensor as
-//! max|engine − torch| / max|torch| ≤ 2e-5 (f32, different summation
-//! orders); measured on the 2-core dev VM: gradients ≤ 3.2e-6. The weights
-//! after the AdamW steps: see `close_after_adam` (measured: 4.2e-4 of the
-//! bound's unit, full; 2e-5, LoRA).
+//! max|engine − torch| / max|torch| ≤ 1e-5, the project's f32 rule (the two
+//! sum in different orders). Measured (2-core dev VM, golden data from torch
+//! 2.15 on one thread): gradients ≤ 3.2e-6 (full), 2.8e-6 (LoRA), 3.9e-6
+//! (rsLoRA); losses ≤ 8.4e-7; pre-clip norms ≤ 3.6e-7. Against a float64
+//! torch run of the full case, the engine's gradients and torch's float32
+//! ones are each off by ≤ 3e-6: rounding on both sides. The weights after
+//! the AdamW steps: see `close_after_adam`. Measured, in units of 3·lr:
+//! elements with a well-determined gradient 4.2e-4 (full) and 1.9e-5 (LoRA)
+//! against a bound of 1e-3; the others 5.3e-3 (full, 9814 elements, mostly
+//! embedding rows only the head reaches) and 5.8e-5 (LoRA, 32) against 0.1.
+//! A weight decay of 0.09 for 0.1, or AdamW's step count off by one, fails.
 
 mod common;
 
@@ -22,7 +29,7 @@ use engine::model::train_step::{
     TrainActivations, Trainable,
 };
 
-const TOL: f32 = 2e-5;
+const TOL: f32 = 1e-5;
 const BATCH: usize = 2;
 const SEQ: usize = 12;
 
@@ -89,20 +96,25 @@ fn close(what: &str, got: &[f32], want: &[f32]) -> f32 {
 /// percents for elements a thousand times smaller (the head's share of most
 /// embedding rows, here). So: elements whose gradient is at least 1e-3 of
 /// the tensor's largest must agree to 1e-3 of the most three steps move
-/// anything (3·lr); the others, to 3·lr. A wrong bias correction (~0.1·lr)
+/// anything (3·lr); the others (whose direction rounding may decide over
+/// a step or two), to 0.1 of it. A wrong bias correction (~0.1·lr)
 /// or weight decay (lr·0.1·|w| per step) is caught by the first bound, and
 /// by the losses of steps 2 and 3. Returns the worst error of the former
-/// (in units of 3·lr) and the count of the latter.
-fn close_after_adam(what: &str, got: &[f32], want: &[f32], grad: &[f32]) -> (f32, usize) {
+/// and of the latter (in units of 3·lr), and the count of the latter.
+fn close_after_adam(what: &str, got: &[f32], want: &[f32], grad: &[f32]) -> (f32, f32, usize) {
     let gmax = grad.iter().fold(0f32, |m, v| m.max(v.abs()));
     let travel = 3.0 * 1e-2;
-    let (mut worst, mut small) = (0f32, 0);
+    let (mut worst, mut worst_small, mut small) = (0f32, 0f32, 0);
     for (i, ((a, b), g)) in got.iter().zip(want).zip(grad).enumerate() {
         let err = (a - b).abs();
         assert!(err.is_finite(), "{what}[{i}]: {a} vs {b}");
         if g.abs() < 1e-3 * gmax {
             small += 1;
-            assert!(err <= travel, "{what}[{i}]: {a} vs {b} (gradient {g:e})");
+            worst_small = worst_small.max(err / travel);
+            assert!(
+                err <= 0.1 * travel,
+                "{what}[{i}]: {a} vs {b} (gradient {g:e})"
+            );
         } else {
             worst = worst.max(err / travel);
             assert!(
@@ -111,12 +123,13 @@ fn close_after_adam(what: &str, got: &[f32], want: &[f32], grad: &[f32]) -> (f32
             );
         }
     }
-    (worst, small)
+    (worst, worst_small, small)
 }
 
-fn close_scalar(what: &str, got: f32, want: f32) {
+fn close_scalar(what: &str, got: f32, want: f32) -> f32 {
     let err = ((got - want) / want).abs();
     assert!(err <= TOL, "{what}: {got} vs {want} (relative {err:e})");
+    err
 }
 
 /// The tensors of `model` that train, with their HF or PEFT names.
@@ -144,7 +157,7 @@ fn check_run(what: &str, mut model: Llama<Cpu>, trainable: Trainable, g: &Golden
     let (ids, targets, counted) = batch(g);
     let mut grads = Grads::new(&model, trainable).unwrap();
     let loss = step(&model, &mut grads, &ids, &targets, counted);
-    close_scalar(&format!("{what} loss"), loss, g.f32("loss")[0]);
+    let loss_err = close_scalar(&format!("{what} loss"), loss, g.f32("loss")[0]);
     let names: Vec<String> = trained(&model).into_iter().map(|(n, _)| n).collect();
     let mut worst = 0f32;
     for (name, t) in names.iter().zip(grads.tensors()) {
@@ -155,34 +168,41 @@ fn check_run(what: &str, mut model: Llama<Cpu>, trainable: Trainable, g: &Golden
             &g.f32(&format!("grad.{name}")),
         ));
     }
-    eprintln!("{what}: {} gradients, worst {worst:.1e}", names.len());
+    eprintln!(
+        "{what}: loss {loss_err:.1e}; {} gradients, worst {worst:.1e}",
+        names.len()
+    );
 
     let mut state = AdamWState::new(&model, trainable).unwrap();
+    let (mut loss_err, mut norm_err) = (0f32, 0f32);
     for k in 1..=3u64 {
         let loss = step(&model, &mut grads, &ids, &targets, counted);
-        close_scalar(
+        loss_err = loss_err.max(close_scalar(
             &format!("{what} step {k} loss"),
             loss,
             g.f32(&format!("step{k}.loss"))[0],
-        );
+        ));
         let norm = clip_grad_norm(&Cpu, &mut grads, 1.0).unwrap();
-        close_scalar(
+        norm_err = norm_err.max(close_scalar(
             &format!("{what} step {k} grad norm"),
             norm,
             g.f32(&format!("step{k}.grad_norm"))[0],
-        );
+        ));
         adamw_update(&mut model, &grads, &mut state, &adamw(k)).unwrap();
     }
-    let (mut worst, mut loose) = (0f32, 0);
+    let (mut worst, mut worst_small, mut loose) = (0f32, 0f32, 0);
     for (name, got) in trained(&model) {
         let want = g.f32(&format!("final.{name}"));
         let grad = g.f32(&format!("grad.{name}"));
-        let (w, n) = close_after_adam(&format!("{what} {name} after 3 steps"), &got, &want, &grad);
+        let (w, ws, n) =
+            close_after_adam(&format!("{what} {name} after 3 steps"), &got, &want, &grad);
         worst = worst.max(w);
+        worst_small = worst_small.max(ws);
         loose += n;
     }
     eprintln!(
-        "{what}: weights after 3 steps, worst {worst:.1e} of 3·lr; {loose} with small gradients"
+        "{what}: 3 steps: losses {loss_err:.1e}, norms {norm_err:.1e}; weights after, worst \
+         {worst:.1e} of 3·lr; {loose} with small gradients, worst {worst_small:.1e} of 3·lr"
     );
 }
 
@@ -218,14 +238,19 @@ fn rslora_gradients_match_peft() {
     let (ids, targets, counted) = batch(&g);
     let mut grads = Grads::new(&model, Trainable::Lora).unwrap();
     let loss = step(&model, &mut grads, &ids, &targets, counted);
-    close_scalar("rslora loss", loss, g.f32("loss")[0]);
+    let loss_err = close_scalar("rslora loss", loss, g.f32("loss")[0]);
     let names = adapter.tensor_names();
     assert_eq!(names.len(), 2 * 2 * 3);
+    let mut worst = 0f32;
     for (name, t) in names.iter().zip(grads.tensors()) {
-        close(
+        worst = worst.max(close(
             &format!("rslora d{name}"),
             &Cpu.download(t).unwrap(),
             &g.f32(&format!("grad.{name}")),
-        );
+        ));
     }
+    eprintln!(
+        "rslora: loss {loss_err:.1e}; {} gradients, worst {worst:.1e}",
+        names.len()
+    );
 }
