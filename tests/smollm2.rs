@@ -237,3 +237,60 @@ fn lora_adapter_round_trips_through_peft() {
         );
     }
 }
+
+/// The README's fine-tuning example: its data loads with SmolLM2's chat
+/// template, loss only on the answers, and every example fits the README's
+/// `--seq-len 96` (nothing truncated); two steps of the README's command run.
+#[test]
+fn captain_style_example_fits_the_readme_command() {
+    let Some(dir) = model_dir() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/captain-style");
+    let tok = Tokenizer::load(&dir).unwrap();
+    let eos = engine::train::data::eos_id(&dir, &tok).unwrap();
+    for (file, count) in [("train.jsonl", 95), ("eval.jsonl", 16)] {
+        let data = engine::train::Dataset::load(&root.join(file), &tok, eos).unwrap();
+        assert_eq!(data.len(), count, "{file}");
+        for (i, e) in data.examples.iter().enumerate() {
+            assert!(e.len() <= 96, "{file} example {i}: {} tokens", e.len());
+            let answer = e.loss_tokens();
+            assert!(
+                answer > 8 && answer + 20 < e.len(),
+                "{file} example {i}: {answer} loss tokens"
+            );
+        }
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (model, train, eval) = (
+        dir.to_str().unwrap(),
+        root.join("train.jsonl"),
+        root.join("eval.jsonl"),
+    );
+    let stdout = engine(&[
+        "finetune",
+        "--model",
+        model,
+        "--data",
+        train.to_str().unwrap(),
+        "--eval",
+        eval.to_str().unwrap(),
+        "--lora-rank",
+        "16",
+        "--seq-len",
+        "96",
+        "--batch",
+        "8",
+        "--steps",
+        "2",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "1",
+        "--eval-every",
+        "12",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("trained 2 steps"), "{stdout}");
+    assert!(out.join("adapter_model.safetensors").exists());
+}
