@@ -60,9 +60,11 @@ extern "C" __global__ void embedding_fwd_bf16_f32(float* out, const unsigned* id
 
 // Rotary position embedding in place, HF "rotate half" layout: in each head of
 // width hd, element i < hd/2 pairs with i + hd/2 and turns by the angle
-// (pos0 + row) * theta^(-2i/hd). One thread per (row, head, i); x [n, heads*hd].
-extern "C" __global__ void rope_fwd_bf16(__nv_bfloat16* x, int n, int heads, int hd, int pos0,
-                                         float theta) {
+// sign * (pos0 + row) * theta^(-2i/hd): sign 1 is the forward, and -1 its
+// backward (the transposed rotation, applied to the gradient). One thread per
+// (row, head, i); x [n, heads*hd].
+__device__ void rope(__nv_bfloat16* x, int n, int heads, int hd, int pos0, float theta,
+                     float sign) {
     int half = hd / 2;
     int total = n * heads * half;
     for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
@@ -74,10 +76,81 @@ extern "C" __global__ void rope_fwd_bf16(__nv_bfloat16* x, int n, int heads, int
         float angle = (float)(pos0 + row) * inv_freq;
         float s, c;
         sincosf(angle, &s, &c);
+        s *= sign;
         __nv_bfloat16* p = x + (size_t)row * heads * hd + head * hd;
         float x1 = __bfloat162float(p[i]);
         float x2 = __bfloat162float(p[i + half]);
         p[i] = __float2bfloat16(x1 * c - x2 * s);
         p[i + half] = __float2bfloat16(x2 * c + x1 * s);
     }
+}
+
+extern "C" __global__ void rope_fwd_bf16(__nv_bfloat16* x, int n, int heads, int hd, int pos0,
+                                         float theta) {
+    rope(x, n, heads, hd, pos0, theta, 1.0f);
+}
+
+extern "C" __global__ void rope_bwd_bf16(__nv_bfloat16* dx, int n, int heads, int hd, int pos0,
+                                         float theta) {
+    rope(dx, n, heads, hd, pos0, theta, -1.0f);
+}
+
+// Backward of out = silu(gate) * up, element-wise over n elements, with s the
+// logistic of gate: dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout *
+// silu(gate). Both overwritten.
+extern "C" __global__ void swiglu_bwd_bf16(__nv_bfloat16* dgate, __nv_bfloat16* dup,
+                                           const __nv_bfloat16* dout, const __nv_bfloat16* gate,
+                                           const __nv_bfloat16* up, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = __bfloat162float(gate[i]);
+        float o = __bfloat162float(dout[i]);
+        float s = 1.0f / (1.0f + expf(-g));
+        dgate[i] = __float2bfloat16(o * __bfloat162float(up[i]) * s * (1.0f + g * (1.0f - s)));
+        dup[i] = __float2bfloat16(o * g * s);
+    }
+}
+
+// Backward of out[r] = table[ids[r]]: dtable[ids[r]] += dout[r], one block per
+// row r of dout [n, d] (f32, the residual stream's gradient) into dtable
+// [vocab, d] (f32). Rows that share an id add atomically.
+extern "C" __global__ void embedding_bwd_f32(float* dtable, const unsigned* ids, const float* dout,
+                                             int d) {
+    float* dst = dtable + (size_t)ids[blockIdx.x] * d;
+    const float* src = dout + (size_t)blockIdx.x * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        atomicAdd(&dst[c], src[c]);
+    }
+}
+
+// Whether inverted dropout keeps element i under seed: the top 24 bits of a
+// SplitMix64 hash of (seed, i), as u in [0, 1), against p. Bit for bit the
+// CPU device's `dropout_keeps`.
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned long long i,
+                                              float p) {
+    unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(unsigned)(z >> 40) / 16777216.0f;
+    return u >= p;
+}
+
+// Inverted dropout in place over n elements: x[i] *= keep_scale where kept,
+// else 0 (keep_scale = 1 / (1 - p), formed on the host as the CPU does).
+template <typename X>
+__device__ void dropout(X* x, float p, float keep_scale, unsigned long long seed, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        x[i] = dropout_keeps(seed, (unsigned long long)i, p) ? from_float<X>(to_float(x[i]) * keep_scale)
+                                                              : from_float<X>(0.0f);
+    }
+}
+
+extern "C" __global__ void dropout_bf16(__nv_bfloat16* x, float p, float keep_scale,
+                                        unsigned long long seed, int n) {
+    dropout(x, p, keep_scale, seed, n);
+}
+
+extern "C" __global__ void dropout_f32(float* x, float p, float keep_scale, unsigned long long seed,
+                                       int n) {
+    dropout(x, p, keep_scale, seed, n);
 }

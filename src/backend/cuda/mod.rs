@@ -62,6 +62,10 @@ impl Args {
         self.0.push(v.to_bits() as u64);
         self
     }
+    fn u64(mut self, v: u64) -> Self {
+        self.0.push(v);
+        self
+    }
 }
 
 const THREADS: u32 = 256;
@@ -229,6 +233,36 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         self.driver.synchronize()
     }
 
+    fn embedding_backward(
+        &self,
+        dtable: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        ids: &[u32],
+    ) -> Result<()> {
+        let (_, d) = shapes::embedding_backward(dtable, dout, ids);
+        expect_dtype("dtable", dtable, DType::F32);
+        expect_dtype("dout", dout, DType::F32);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let dev_ids = self.alloc(ids.len() * 4)?;
+        // SAFETY: the allocation holds exactly the ids.
+        unsafe { self.driver.upload(dev_ids.ptr, bytemuck::cast_slice(ids))? };
+        let args = Args::default()
+            .ptr(dtable.buf.ptr)
+            .ptr(dev_ids.ptr)
+            .ptr(dout.buf.ptr)
+            .int(d);
+        self.launch(
+            "embedding_bwd_f32",
+            (ids.len() as u32, 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )?;
+        // The ids must outlive the kernel.
+        self.driver.synchronize()
+    }
+
     fn rmsnorm(
         &self,
         out: &mut Tensor<Self>,
@@ -305,6 +339,26 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .float(theta);
         let grid = (blocks_for(n * heads * hd / 2), 1, 1);
         self.launch("rope_fwd_bf16", grid, (THREADS, 1, 1), args)
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        heads: usize,
+        pos0: usize,
+        theta: f32,
+    ) -> Result<()> {
+        let (n, hd) = shapes::rope(dx, heads);
+        expect_dtype("rope dx", dx, DType::BF16);
+        let args = Args::default()
+            .ptr(dx.buf.ptr)
+            .int(n)
+            .int(heads)
+            .int(hd)
+            .int(pos0)
+            .float(theta);
+        let grid = (blocks_for(n * heads * hd / 2), 1, 1);
+        self.launch("rope_bwd_bf16", grid, (THREADS, 1, 1), args)
     }
 
     fn attention(
@@ -384,6 +438,58 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             (THREADS, 1, 1),
             args,
         )
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Tensor<Self>,
+        dup: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        gate: &Tensor<Self>,
+        up: &Tensor<Self>,
+    ) -> Result<()> {
+        shapes::same_shape("swiglu_backward", &[dgate, dup, dout, gate, up]);
+        for (what, t) in [
+            ("dgate", &*dgate),
+            ("dup", &*dup),
+            ("dout", dout),
+            ("gate", gate),
+            ("up", up),
+        ] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        let n = dout.numel();
+        let args = Args::default()
+            .ptr(dgate.buf.ptr)
+            .ptr(dup.buf.ptr)
+            .ptr(dout.buf.ptr)
+            .ptr(gate.buf.ptr)
+            .ptr(up.buf.ptr)
+            .int(n);
+        self.launch(
+            "swiglu_bwd_bf16",
+            (blocks_for(n), 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
+    fn dropout(&self, x: &mut Tensor<Self>, p: f32, seed: u64) -> Result<()> {
+        let kernel = match x.dtype {
+            DType::BF16 => "dropout_bf16",
+            DType::F32 => "dropout_f32",
+            other => panic!("dropout on {other}"),
+        };
+        let n = x.numel();
+        // The scale formed in f32 as the CPU device forms it.
+        let keep_scale = 1.0 / (1.0 - p);
+        let args = Args::default()
+            .ptr(x.buf.ptr)
+            .float(p)
+            .float(keep_scale)
+            .u64(seed)
+            .int(n);
+        self.launch(kernel, (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
     }
 
     fn add_scaled(&self, x: &mut Tensor<Self>, y: &Tensor<Self>, alpha: f32) -> Result<()> {

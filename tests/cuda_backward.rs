@@ -1,0 +1,146 @@
+//! The CUDA device's backward kernels, run in the CPU emulator, against the
+//! CPU device's ops on the same (bf16-rounded) inputs. Outputs are poisoned
+//! before each launch; shapes include ragged ones.
+#![cfg(feature = "emu")]
+
+mod common;
+
+use common::max_rel_err;
+use engine::backend::cpu::Cpu;
+use engine::backend::cuda::driver::Emu;
+use engine::backend::cuda::Cuda;
+use engine::backend::Backend;
+use engine::tensor::DType::{self, BF16, F32};
+use engine::tensor::Tensor;
+use rand::rngs::StdRng;
+use rand::Rng;
+
+/// bf16 outputs round each element by up to 2⁻⁹ of its size.
+const BF16_TOL: f32 = 1e-2;
+/// f32 outputs of f32 inputs: only the order of additions differs.
+const F32_TOL: f32 = 1e-6;
+
+fn gpu() -> Cuda<Emu> {
+    Cuda::new(Emu::new())
+}
+
+fn rng() -> StdRng {
+    common::seeded_rng("CUDA_BACKWARD_SEED")
+}
+
+/// Random values representable in bf16, so both devices see the same inputs.
+fn data(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32())
+        .collect()
+}
+
+struct Pair {
+    cpu: Tensor<Cpu>,
+    gpu: Tensor<Cuda<Emu>>,
+}
+
+fn pair(g: &Cuda<Emu>, v: &[f32], shape: &[usize], dtype: DType) -> Pair {
+    Pair {
+        cpu: Cpu.upload(v.to_vec(), shape, F32).unwrap(),
+        gpu: g.upload(v.to_vec(), shape, dtype).unwrap(),
+    }
+}
+
+/// An output pair, the GPU side NaN so that elements a kernel skips show.
+fn poisoned(g: &Cuda<Emu>, shape: &[usize], dtype: DType) -> Pair {
+    let n = shape.iter().product();
+    Pair {
+        cpu: Cpu.zeros(shape, F32).unwrap(),
+        gpu: g.upload(vec![f32::NAN; n], shape, dtype).unwrap(),
+    }
+}
+
+fn check(what: &str, g: &Cuda<Emu>, o: &Pair, tol: f32) {
+    let want = Cpu.download(&o.cpu).unwrap();
+    let got = g.download(&o.gpu).unwrap();
+    let err = max_rel_err(&got, &want);
+    assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
+}
+
+#[test]
+fn swiglu_backward() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, f) in [(1, 7), (5, 160), (17, 1536)] {
+        let what = format!("[{n}, {f}]");
+        let shape = [n, f];
+        let dout = pair(&g, &data(&mut r, n * f, 1.0), &shape, BF16);
+        let gate = pair(&g, &data(&mut r, n * f, 4.0), &shape, BF16);
+        let up = pair(&g, &data(&mut r, n * f, 2.0), &shape, BF16);
+        let (mut dgate, mut dup) = (poisoned(&g, &shape, BF16), poisoned(&g, &shape, BF16));
+        Cpu.swiglu_backward(&mut dgate.cpu, &mut dup.cpu, &dout.cpu, &gate.cpu, &up.cpu)
+            .unwrap();
+        g.swiglu_backward(&mut dgate.gpu, &mut dup.gpu, &dout.gpu, &gate.gpu, &up.gpu)
+            .unwrap();
+        check(&format!("dgate {what}"), &g, &dgate, BF16_TOL);
+        check(&format!("dup {what}"), &g, &dup, BF16_TOL);
+    }
+}
+
+/// The backward turns by −angle: on the GPU, forward then backward gives
+/// the input back (to bf16 rounding), and the backward matches the CPU's.
+#[test]
+fn rope_backward() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, heads, hd, pos0) in [(1, 1, 2, 0), (7, 3, 16, 5), (33, 9, 64, 100)] {
+        let what = format!("n {n}, heads {heads}, hd {hd}, pos0 {pos0}");
+        let width = heads * hd;
+        let v = data(&mut r, n * width, 2.0);
+        let mut x = pair(&g, &v, &[n, width], BF16);
+        Cpu.rope_backward(&mut x.cpu, heads, pos0, 10000.0).unwrap();
+        g.rope_backward(&mut x.gpu, heads, pos0, 10000.0).unwrap();
+        check(&what, &g, &x, BF16_TOL);
+        g.rope(&mut x.gpu, heads, pos0, 10000.0).unwrap();
+        let back = g.download(&x.gpu).unwrap();
+        let err = max_rel_err(&back, &v);
+        assert!(
+            err <= BF16_TOL,
+            "{what}: rope(rope_backward(x)) off by {err:e}"
+        );
+    }
+}
+
+/// Rows that share an id add into the same row of the table (atomically on
+/// the GPU); the table's other rows keep what they held.
+#[test]
+fn embedding_backward() {
+    let (g, mut r) = (gpu(), rng());
+    let (vocab, d) = (37, 67);
+    let ids: Vec<u32> = (0..50).map(|_| r.random_range(0..8)).collect();
+    let dout = pair(&g, &data(&mut r, ids.len() * d, 1.0), &[ids.len(), d], F32);
+    let mut dtable = pair(&g, &data(&mut r, vocab * d, 1.0), &[vocab, d], F32);
+    Cpu.embedding_backward(&mut dtable.cpu, &dout.cpu, &ids)
+        .unwrap();
+    g.embedding_backward(&mut dtable.gpu, &dout.gpu, &ids)
+        .unwrap();
+    check("embedding_backward", &g, &dtable, F32_TOL);
+    let none: [u32; 0] = [];
+    let empty = pair(&g, &[], &[0, d], F32);
+    g.embedding_backward(&mut dtable.gpu, &empty.gpu, &none)
+        .unwrap();
+}
+
+/// The same seed draws the same mask on both devices, bit for bit: the f32
+/// kernel's output equals the CPU's exactly.
+#[test]
+fn dropout_mask_matches_the_cpu() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, d, p) in [(1, 3, 0.5), (13, 129, 0.1), (64, 1000, 0.3)] {
+        let seed: u64 = r.random();
+        let v = data(&mut r, n * d, 1.0);
+        let mut x = pair(&g, &v, &[n, d], F32);
+        Cpu.dropout(&mut x.cpu, p, seed).unwrap();
+        g.dropout(&mut x.gpu, p, seed).unwrap();
+        let (want, got) = (Cpu.download(&x.cpu).unwrap(), g.download(&x.gpu).unwrap());
+        assert_eq!(got, want, "[{n}, {d}] p {p}: masks differ");
+        let mut y = pair(&g, &v, &[n, d], BF16);
+        Cpu.dropout(&mut y.cpu, p, seed).unwrap();
+        g.dropout(&mut y.gpu, p, seed).unwrap();
+        check(&format!("bf16 [{n}, {d}]"), &g, &y, BF16_TOL);
+    }
+}
