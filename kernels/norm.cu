@@ -77,3 +77,59 @@ extern "C" __global__ void log_softmax_f32(float* out, const float* x, int d) {
     float lse = m + logf(block_sum(s, scratch));
     for (int c = threadIdx.x; c < d; c += blockDim.x) outr[c] = xr[c] - lse;
 }
+
+// Backward of out = x * r * w, r = 1/sqrt(mean(x^2) + eps), per row of width d:
+//   dx += r * (dout . w) - x * r^3 * mean(dout . w . x)
+//   dw += sum over rows of dout . x * r
+// One block per row. dx (the residual stream's gradient) and x are f32, dout
+// and w bf16, dw f32; both gradients accumulate, dw atomically across rows.
+extern "C" __global__ void rmsnorm_bwd_f32_bf16(float* dx, float* dw, const __nv_bfloat16* dout,
+                                                const float* x, const __nv_bfloat16* w, int d,
+                                                float eps) {
+    __shared__ float scratch[32];
+    const float* xr = x + (size_t)blockIdx.x * d;
+    const __nv_bfloat16* gr = dout + (size_t)blockIdx.x * d;
+    float* dxr = dx + (size_t)blockIdx.x * d;
+    float ss = 0.0f, gwx = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = xr[c];
+        ss += v * v;
+        gwx += __bfloat162float(gr[c]) * __bfloat162float(w[c]) * v;
+    }
+    float r = rsqrtf(block_sum(ss, scratch) / (float)d + eps);
+    float k = r * r * r * block_sum(gwx, scratch) / (float)d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float g = __bfloat162float(gr[c]), v = xr[c];
+        dxr[c] += r * g * __bfloat162float(w[c]) - v * k;
+        atomicAdd(&dw[c], g * v * r);
+    }
+}
+
+// Fused softmax cross-entropy over f32 logits [rows, vocab], one block per
+// row: loss[row] = lse(x) - x[t] (0 for an ignored row, t = 0xffffffff), and
+// when dlogits is given, dlogits = (softmax(x) - onehot(t)) * scale (zeros for
+// an ignored row). The host sums the per-row losses.
+extern "C" __global__ void cross_entropy_f32(float* loss, float* dlogits, const float* logits,
+                                             const unsigned* targets, int vocab, float scale) {
+    __shared__ float scratch[32];
+    const float* xr = logits + (size_t)blockIdx.x * vocab;
+    unsigned t = targets[blockIdx.x];
+    bool ignored = t == 0xffffffffu;
+    float* dl = dlogits ? dlogits + (size_t)blockIdx.x * vocab : nullptr;
+    if (ignored) {
+        if (dl)
+            for (int c = threadIdx.x; c < vocab; c += blockDim.x) dl[c] = 0.0f;
+        if (threadIdx.x == 0) loss[blockIdx.x] = 0.0f;
+        return;
+    }
+    float m = -FLT_MAX_F;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) m = fmaxf(m, xr[c]);
+    m = block_max(m, scratch);
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < vocab; c += blockDim.x) s += expf(xr[c] - m);
+    float lse = m + logf(block_sum(s, scratch));
+    if (dl)
+        for (int c = threadIdx.x; c < vocab; c += blockDim.x)
+            dl[c] = (expf(xr[c] - lse) - (c == (int)t ? 1.0f : 0.0f)) * scale;
+    if (threadIdx.x == 0) loss[blockIdx.x] = lse - xr[t];
+}

@@ -144,3 +144,64 @@ fn dropout_mask_matches_the_cpu() {
         check(&format!("bf16 [{n}, {d}]"), &g, &y, BF16_TOL);
     }
 }
+
+/// dx and dweight accumulate (start from random values); dweight sums over
+/// rows with atomics. Inputs as train_step passes them: the residual stream
+/// x and its gradient in f32, dout and the gain in bf16.
+#[test]
+fn rmsnorm_backward() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, d) in [(1, 5), (3, 64), (17, 129), (40, 576)] {
+        let what = format!("[{n}, {d}]");
+        let x = pair(&g, &data(&mut r, n * d, 2.0), &[n, d], F32);
+        let dout = pair(&g, &data(&mut r, n * d, 1.0), &[n, d], BF16);
+        let w = pair(&g, &data(&mut r, d, 1.5), &[d], BF16);
+        let mut dx = pair(&g, &data(&mut r, n * d, 1.0), &[n, d], F32);
+        let mut dw = pair(&g, &data(&mut r, d, 1.0), &[d], F32);
+        Cpu.rmsnorm_backward(&mut dx.cpu, &mut dw.cpu, &dout.cpu, &x.cpu, &w.cpu, 1e-5)
+            .unwrap();
+        g.rmsnorm_backward(&mut dx.gpu, &mut dw.gpu, &dout.gpu, &x.gpu, &w.gpu, 1e-5)
+            .unwrap();
+        check(&format!("dx {what}"), &g, &dx, 1e-5);
+        check(&format!("dweight {what}"), &g, &dw, 1e-5);
+    }
+}
+
+/// The loss sum and dlogits over ragged vocabularies, with ignored rows, a
+/// given scale or the default 1/count, and without dlogits.
+#[test]
+fn cross_entropy() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, vocab) in [(1, 7), (5, 1000), (9, 49152)] {
+        let what = format!("[{n}, {vocab}]");
+        let logits = pair(&g, &data(&mut r, n * vocab, 8.0), &[n, vocab], F32);
+        let mut targets: Vec<u32> = (0..n).map(|_| r.random_range(0..vocab as u32)).collect();
+        if n > 1 {
+            targets[1] = engine::backend::IGNORE;
+        }
+        for scale in [None, Some(0.25)] {
+            let mut dl = poisoned(&g, &[n, vocab], F32);
+            let want = Cpu
+                .cross_entropy(Some(&mut dl.cpu), &logits.cpu, &targets, scale)
+                .unwrap();
+            let got = g
+                .cross_entropy(Some(&mut dl.gpu), &logits.gpu, &targets, scale)
+                .unwrap();
+            assert!(
+                ((got - want) / want).abs() < 1e-5,
+                "{what} {scale:?}: loss {got} vs {want}"
+            );
+            check(&format!("dlogits {what} {scale:?}"), &g, &dl, 1e-5);
+        }
+        let got = g.cross_entropy(None, &logits.gpu, &targets, None).unwrap();
+        let want = Cpu
+            .cross_entropy(None, &logits.cpu, &targets, None)
+            .unwrap();
+        assert!(
+            ((got - want) / want).abs() < 1e-5,
+            "{what}: loss {got} vs {want}"
+        );
+        let bad = vec![vocab as u32; n];
+        assert!(g.cross_entropy(None, &logits.gpu, &bad, None).is_err());
+    }
+}

@@ -10,7 +10,7 @@ pub mod real;
 pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{shapes, Backend};
+use crate::backend::{shapes, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -292,6 +292,45 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         self.launch(kernel, (n as u32, 1, 1), (THREADS, 1, 1), args)
     }
 
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dweight: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = shapes::rmsnorm_backward(dx, dweight, dout, x, weight);
+        for (what, t, dtype) in [
+            ("dx", &*dx, DType::F32),
+            ("dweight", &*dweight, DType::F32),
+            ("dout", dout, DType::BF16),
+            ("x", x, DType::F32),
+            ("weight", weight, DType::BF16),
+        ] {
+            expect_dtype(what, t, dtype);
+        }
+        let n = x.numel() / d.max(1);
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(dx.buf.ptr)
+            .ptr(dweight.buf.ptr)
+            .ptr(dout.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(weight.buf.ptr)
+            .int(d)
+            .float(eps);
+        self.launch(
+            "rmsnorm_bwd_f32_bf16",
+            (n as u32, 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
         let (n, m, k) = shapes::matmul_nt(out, x, w);
         expect_dtype("matmul x", x, DType::BF16);
@@ -519,6 +558,63 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         }
         let args = Args::default().ptr(out.buf.ptr).ptr(x.buf.ptr).int(d);
         self.launch("log_softmax_f32", (n as u32, 1, 1), (THREADS, 1, 1), args)
+    }
+
+    fn cross_entropy(
+        &self,
+        dlogits: Option<&mut Tensor<Self>>,
+        logits: &Tensor<Self>,
+        targets: &[u32],
+        scale: Option<f32>,
+    ) -> Result<f32> {
+        let (n, vocab) = shapes::cross_entropy(dlogits.as_deref(), logits, targets);
+        expect_dtype("logits", logits, DType::F32);
+        if let Some(&bad) = targets
+            .iter()
+            .find(|&&t| t != IGNORE && t as usize >= vocab)
+        {
+            return Err(Error::Invalid(format!(
+                "target {bad} outside vocabulary {vocab}"
+            )));
+        }
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let counted = targets.iter().filter(|&&t| t != IGNORE).count();
+        let scale = scale.unwrap_or(if counted == 0 {
+            0.0
+        } else {
+            1.0 / counted as f32
+        });
+        let dl = match dlogits {
+            Some(t) => {
+                expect_dtype("dlogits", t, DType::F32);
+                t.buf.ptr
+            }
+            None => 0, // the kernel's null pointer: no gradient
+        };
+        let (loss, dev_targets) = (self.alloc(n * 4)?, self.alloc(n * 4)?);
+        // SAFETY: the allocation holds exactly the targets.
+        unsafe {
+            self.driver
+                .upload(dev_targets.ptr, bytemuck::cast_slice(targets))?
+        };
+        let args = Args::default()
+            .ptr(loss.ptr)
+            .ptr(dl)
+            .ptr(logits.buf.ptr)
+            .ptr(dev_targets.ptr)
+            .int(vocab)
+            .float(scale);
+        self.launch("cross_entropy_f32", (n as u32, 1, 1), (THREADS, 1, 1), args)?;
+        let mut bytes = vec![0u8; n * 4];
+        // SAFETY: the n-float allocation above; the copy waits for the kernel.
+        unsafe { self.driver.download(&mut bytes, loss.ptr)? };
+        let sum: f64 = bytemuck::cast_slice::<u8, f32>(&bytes)
+            .iter()
+            .map(|&l| l as f64)
+            .sum();
+        Ok(sum as f32)
     }
 
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
