@@ -260,3 +260,83 @@ extern "C" __global__ void __launch_bounds__(MM2_THREADS)
                            int m, int k) {
     matmul_nt_mma(out, x, w, n, m, k);
 }
+
+// ================================================================ backward
+//
+// The products of matmul_nt's backward, dx += dout · w (NN) and dw += dout^T ·
+// x (TN), as one readable kernel: C[M, N] += A[M, K] · B[K, N], where A and B
+// are read through (row, column) strides, so one kernel serves both layouts.
+// C is row-major and accumulates (read, add, store). A is dout (f32 for the
+// residual stream's gradient and the logits', bf16 elsewhere), B a bf16 weight
+// or activation, C a bf16 activation gradient or an f32 weight gradient.
+// Tiling as version 1 above: 64x64 C tiles, K in steps of 16 through shared
+// memory, 4x4 per thread. Grid (ceil(N/64), ceil(M/64)), block 256.
+
+template <typename A, typename C>
+__device__ void matmul_acc_tiled(C* c, const A* a, const __nv_bfloat16* b, int M, int N, int K,
+                                 int a_rs, int a_cs, int b_rs, int b_cs) {
+    __shared__ float as[MM_BK][MM_BM + 1];
+    __shared__ float bs[MM_BK][MM_BN + 1];
+    const int row0 = blockIdx.y * MM_BM, col0 = blockIdx.x * MM_BN;
+    const int tid = threadIdx.x;
+    const int ty = tid / (MM_BN / MM_TN), tx = tid % (MM_BN / MM_TN);
+    float acc[MM_TM][MM_TN] = {};
+    // Each thread loads 4 elements of each tile: A's row lr at k lk..lk+3, and
+    // B's column lr at k lk..lk+3.
+    const int lr = tid / (MM_BK / 4), lk = (tid % (MM_BK / 4)) * 4;
+    for (int k0 = 0; k0 < K; k0 += MM_BK) {
+        for (int e = 0; e < 4; e++) {
+            int kk = k0 + lk + e;
+            int ar = row0 + lr, bc = col0 + lr;
+            as[lk + e][lr] =
+                (ar < M && kk < K) ? to_float(a[(size_t)ar * a_rs + (size_t)kk * a_cs]) : 0.0f;
+            bs[lk + e][lr] =
+                (bc < N && kk < K) ? to_float(b[(size_t)kk * b_rs + (size_t)bc * b_cs]) : 0.0f;
+        }
+        __syncthreads();
+        for (int kk = 0; kk < MM_BK; kk++) {
+            float x[MM_TM], y[MM_TN];
+            for (int i = 0; i < MM_TM; i++) x[i] = as[kk][ty * MM_TM + i];
+            for (int j = 0; j < MM_TN; j++) y[j] = bs[kk][tx * MM_TN + j];
+            for (int i = 0; i < MM_TM; i++)
+                for (int j = 0; j < MM_TN; j++) acc[i][j] += x[i] * y[j];
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < MM_TM; i++) {
+        int r = row0 + ty * MM_TM + i;
+        if (r >= M) continue;
+        for (int j = 0; j < MM_TN; j++) {
+            int col = col0 + tx * MM_TN + j;
+            if (col < N) {
+                C* p = &c[(size_t)r * N + col];
+                *p = from_float<C>(to_float(*p) + acc[i][j]);
+            }
+        }
+    }
+}
+
+// Named matmul_acc_{A}_{C}; B is always bf16.
+extern "C" __global__ void matmul_acc_bf16_bf16(__nv_bfloat16* c, const __nv_bfloat16* a,
+                                                const __nv_bfloat16* b, int M, int N, int K,
+                                                int a_rs, int a_cs, int b_rs, int b_cs) {
+    matmul_acc_tiled(c, a, b, M, N, K, a_rs, a_cs, b_rs, b_cs);
+}
+
+extern "C" __global__ void matmul_acc_f32_bf16(__nv_bfloat16* c, const float* a,
+                                               const __nv_bfloat16* b, int M, int N, int K,
+                                               int a_rs, int a_cs, int b_rs, int b_cs) {
+    matmul_acc_tiled(c, a, b, M, N, K, a_rs, a_cs, b_rs, b_cs);
+}
+
+extern "C" __global__ void matmul_acc_bf16_f32(float* c, const __nv_bfloat16* a,
+                                               const __nv_bfloat16* b, int M, int N, int K,
+                                               int a_rs, int a_cs, int b_rs, int b_cs) {
+    matmul_acc_tiled(c, a, b, M, N, K, a_rs, a_cs, b_rs, b_cs);
+}
+
+extern "C" __global__ void matmul_acc_f32_f32(float* c, const float* a, const __nv_bfloat16* b,
+                                              int M, int N, int K, int a_rs, int a_cs, int b_rs,
+                                              int b_cs) {
+    matmul_acc_tiled(c, a, b, M, N, K, a_rs, a_cs, b_rs, b_cs);
+}

@@ -205,3 +205,37 @@ fn cross_entropy() {
         assert!(g.cross_entropy(None, &logits.gpu, &bad, None).is_err());
     }
 }
+
+/// dx += dout·w and dw += doutᵀ·x accumulate into random starting values,
+/// for dout in bf16 and in f32 (the residual stream's and the logits'
+/// gradients), dx in bf16 or f32, at shapes that fit no 64×64 tile; dw
+/// None leaves only dx.
+#[test]
+fn matmul_nt_backward() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, m, k) in [(1, 1, 1), (5, 37, 70), (65, 130, 33), (24, 96, 200)] {
+        for (dout_t, dx_t) in [(BF16, BF16), (F32, BF16), (F32, F32)] {
+            let what = format!("n {n} m {m} k {k}, dout {dout_t}, dx {dx_t}");
+            let dout = pair(&g, &data(&mut r, n * m, 1.0), &[n, m], dout_t);
+            let x = pair(&g, &data(&mut r, n * k, 1.0), &[n, k], BF16);
+            let w = pair(&g, &data(&mut r, m * k, 1.0), &[m, k], BF16);
+            let mut dx = pair(&g, &data(&mut r, n * k, 1.0), &[n, k], dx_t);
+            let mut dw = pair(&g, &data(&mut r, m * k, 1.0), &[m, k], F32);
+            Cpu.matmul_nt_backward(&mut dx.cpu, Some(&mut dw.cpu), &dout.cpu, &x.cpu, &w.cpu)
+                .unwrap();
+            g.matmul_nt_backward(&mut dx.gpu, Some(&mut dw.gpu), &dout.gpu, &x.gpu, &w.gpu)
+                .unwrap();
+            let tol = if dx_t == BF16 { BF16_TOL } else { 1e-5 };
+            check(&format!("dx, {what}"), &g, &dx, tol);
+            check(&format!("dw, {what}"), &g, &dw, 1e-5);
+            // frozen weight: dx only
+            let before = g.download(&dw.gpu).unwrap();
+            g.matmul_nt_backward(&mut dx.gpu, None, &dout.gpu, &x.gpu, &w.gpu)
+                .unwrap();
+            Cpu.matmul_nt_backward(&mut dx.cpu, None, &dout.cpu, &x.cpu, &w.cpu)
+                .unwrap();
+            check(&format!("dx again, {what}"), &g, &dx, tol);
+            assert_eq!(g.download(&dw.gpu).unwrap(), before);
+        }
+    }
+}

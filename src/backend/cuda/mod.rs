@@ -119,6 +119,42 @@ impl<D: GpuDriver> Cuda<D> {
         // the kernel stays inside the tensors whose shapes it asserted.
         unsafe { self.driver.launch(name, grid, block, 0, &mut ptrs) }
     }
+
+    /// c [M, N] += a [M, K] · b [K, N] (`matmul_acc_*` in kernels/matmul.cu),
+    /// with a and b read through (row, column) strides; b is bf16.
+    fn matmul_acc(
+        &self,
+        c: &mut Tensor<Self>,
+        a: &Tensor<Self>,
+        (mm, nn, kk): (usize, usize, usize),
+        (a_rs, a_cs): (usize, usize),
+        b: &DeviceBuffer<D>,
+        (b_rs, b_cs): (usize, usize),
+    ) -> Result<()> {
+        let kernel = match (a.dtype, c.dtype) {
+            (DType::BF16, DType::BF16) => "matmul_acc_bf16_bf16",
+            (DType::F32, DType::BF16) => "matmul_acc_f32_bf16",
+            (DType::BF16, DType::F32) => "matmul_acc_bf16_f32",
+            (DType::F32, DType::F32) => "matmul_acc_f32_f32",
+            other => panic!("matmul_acc of {other:?}"),
+        };
+        if mm == 0 || nn == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(c.buf.ptr)
+            .ptr(a.buf.ptr)
+            .ptr(b.ptr)
+            .int(mm)
+            .int(nn)
+            .int(kk)
+            .int(a_rs)
+            .int(a_cs)
+            .int(b_rs)
+            .int(b_cs);
+        let grid = (nn.div_ceil(64) as u32, mm.div_ceil(64) as u32, 1);
+        self.launch(kernel, grid, (THREADS, 1, 1), args)
+    }
 }
 
 impl<D: GpuDriver> Backend for Cuda<D> {
@@ -364,6 +400,26 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             let grid = (m.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
             self.launch(kernel, grid, (THREADS, 1, 1), args)
         }
+    }
+
+    fn matmul_nt_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dw: Option<&mut Tensor<Self>>,
+        dout: &Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()> {
+        let (n, m, k) = shapes::matmul_nt_backward(dx, dw.as_deref(), dout, x, w);
+        expect_dtype("x", x, DType::BF16);
+        expect_dtype("w", w, DType::BF16);
+        // dx [n, k] += dout [n, m] · w [m, k]
+        self.matmul_acc(dx, dout, (n, k, m), (m, 1), &w.buf, (k, 1))?;
+        if let Some(dw) = dw {
+            // dw [m, k] += doutᵀ [m, n] · x [n, k]
+            self.matmul_acc(dw, dout, (m, k, n), (1, m), &x.buf, (k, 1))?;
+        }
+        Ok(())
     }
 
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
