@@ -342,3 +342,103 @@ extern "C" __global__ void __launch_bounds__(ATT_PF_THREADS)
         default: __trap();
     }
 }
+
+// ================================================================ backward
+//
+// Version 1 of the backward (the readable reference), in two kernels over the
+// same inputs as the forward plus dout, with P = softmax(q·k^T · scale)
+// recomputed rather than stored:
+//
+//   attention_bwd_dq_bf16   grid (n, heads), block 32: one warp per query row
+//     (i, h). Pass 1: the row's log-sum-exp lse_i (online). Pass 2: D_i =
+//     sum_j p_ij dp_ij with dp_ij = dout_i·v_j. Pass 3: dq_i = scale * sum_j
+//     p_ij (dp_ij - D_i) k_j (overwritten). Writes lse_i and D_i to `stats`
+//     [n, heads, 2] for the second kernel.
+//   attention_bwd_dkv_bf16  grid (len, kv_heads), block 32: one warp per key
+//     row (j, g), over the heads h of group g and the queries i that see j:
+//     dv_j += sum p_ij dout_i, dk_j += scale * sum p_ij (dp_ij - D_i) q_i.
+//     Each warp owns its rows of dk and dv: no atomics.
+//
+// Lanes stride over the head's hd <= ATT_MAX_HD dims (ATT_PER_LANE each);
+// dot products reduce with warp_sum.
+
+__device__ __forceinline__ float warp_dot(const __nv_bfloat16* a, const __nv_bfloat16* b, int hd) {
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < hd; c += 32) s += __bfloat162float(a[c]) * __bfloat162float(b[c]);
+    return warp_sum(s);
+}
+
+extern "C" __global__ void attention_bwd_dq_bf16(__nv_bfloat16* dq, float* stats,
+                                                 const __nv_bfloat16* dout,
+                                                 const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                 const __nv_bfloat16* v, int heads, int kv_heads,
+                                                 int hd, int pos0) {
+    const int i = blockIdx.x, h = blockIdx.y, g = h / (heads / kv_heads);
+    const int width = heads * hd, kv_width = kv_heads * hd, visible = pos0 + i + 1;
+    const float scale = rsqrtf((float)hd);
+    const __nv_bfloat16* qi = q + (size_t)i * width + h * hd;
+    const __nv_bfloat16* doi = dout + (size_t)i * width + h * hd;
+    // pass 1: lse over the visible keys, online
+    float m = -FLT_MAX_F, l = 0.0f;
+    for (int j = 0; j < visible; j++) {
+        float s = warp_dot(qi, k + (size_t)j * kv_width + g * hd, hd) * scale;
+        float m2 = fmaxf(m, s);
+        l = l * expf(m - m2) + expf(s - m2);
+        m = m2;
+    }
+    const float lse = m + logf(l);
+    // pass 2: D = sum_j p_j dp_j
+    float dsum = 0.0f;
+    for (int j = 0; j < visible; j++) {
+        float p = expf(warp_dot(qi, k + (size_t)j * kv_width + g * hd, hd) * scale - lse);
+        dsum += p * warp_dot(doi, v + (size_t)j * kv_width + g * hd, hd);
+    }
+    // pass 3: dq = scale * sum_j p_j (dp_j - D) k_j
+    float acc[ATT_PER_LANE] = {};
+    for (int j = 0; j < visible; j++) {
+        const __nv_bfloat16* kj = k + (size_t)j * kv_width + g * hd;
+        float p = expf(warp_dot(qi, kj, hd) * scale - lse);
+        float ds = p * (warp_dot(doi, v + (size_t)j * kv_width + g * hd, hd) - dsum) * scale;
+        for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) acc[e] += ds * __bfloat162float(kj[c]);
+    }
+    __nv_bfloat16* dqi = dq + (size_t)i * width + h * hd;
+    for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) dqi[c] = __float2bfloat16(acc[e]);
+    if (threadIdx.x == 0) {
+        stats[((size_t)i * heads + h) * 2] = lse;
+        stats[((size_t)i * heads + h) * 2 + 1] = dsum;
+    }
+}
+
+extern "C" __global__ void attention_bwd_dkv_bf16(__nv_bfloat16* dk, __nv_bfloat16* dv,
+                                                  const float* stats, const __nv_bfloat16* dout,
+                                                  const __nv_bfloat16* q, const __nv_bfloat16* k,
+                                                  const __nv_bfloat16* v, int n, int heads,
+                                                  int kv_heads, int hd, int pos0) {
+    const int j = blockIdx.x, g = blockIdx.y, group = heads / kv_heads;
+    const int width = heads * hd, kv_width = kv_heads * hd;
+    const float scale = rsqrtf((float)hd);
+    const __nv_bfloat16* kj = k + (size_t)j * kv_width + g * hd;
+    const __nv_bfloat16* vj = v + (size_t)j * kv_width + g * hd;
+    float dk_acc[ATT_PER_LANE] = {}, dv_acc[ATT_PER_LANE] = {};
+    // query i (at position pos0 + i) sees key j when pos0 + i >= j
+    for (int i = max(0, j - pos0); i < n; i++) {
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            const __nv_bfloat16* qi = q + (size_t)i * width + h * hd;
+            const __nv_bfloat16* doi = dout + (size_t)i * width + h * hd;
+            float lse = stats[((size_t)i * heads + h) * 2];
+            float dsum = stats[((size_t)i * heads + h) * 2 + 1];
+            float p = expf(warp_dot(qi, kj, hd) * scale - lse);
+            float ds = p * (warp_dot(doi, vj, hd) - dsum) * scale;
+            for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) {
+                dv_acc[e] += p * __bfloat162float(doi[c]);
+                dk_acc[e] += ds * __bfloat162float(qi[c]);
+            }
+        }
+    }
+    __nv_bfloat16* dkj = dk + (size_t)j * kv_width + g * hd;
+    __nv_bfloat16* dvj = dv + (size_t)j * kv_width + g * hd;
+    for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) {
+        dkj[c] = __float2bfloat16(__bfloat162float(dkj[c]) + dk_acc[e]);
+        dvj[c] = __float2bfloat16(__bfloat162float(dvj[c]) + dv_acc[e]);
+    }
+}

@@ -228,14 +228,92 @@ fn matmul_nt_backward() {
             let tol = if dx_t == BF16 { BF16_TOL } else { 1e-5 };
             check(&format!("dx, {what}"), &g, &dx, tol);
             check(&format!("dw, {what}"), &g, &dw, 1e-5);
-            // frozen weight: dx only
+            // frozen weight: dx only (into a fresh dx: a second bf16
+            // accumulation would round the first sum, which a near-cancelling
+            // single element turns into a large relative error)
             let before = g.download(&dw.gpu).unwrap();
+            let mut dx = pair(&g, &data(&mut r, n * k, 1.0), &[n, k], dx_t);
             g.matmul_nt_backward(&mut dx.gpu, None, &dout.gpu, &x.gpu, &w.gpu)
                 .unwrap();
             Cpu.matmul_nt_backward(&mut dx.cpu, None, &dout.cpu, &x.cpu, &w.cpu)
                 .unwrap();
-            check(&format!("dx again, {what}"), &g, &dx, tol);
+            check(&format!("dx alone, {what}"), &g, &dx, tol);
             assert_eq!(g.download(&dw.gpu).unwrap(), before);
         }
+    }
+}
+
+/// dq (overwritten), dk and dv (accumulated into random values) against the
+/// CPU op, with GQA, a cache prefix (pos0), a head width that is not a
+/// multiple of 32, and cache rows past pos0 + n that must stay untouched.
+#[test]
+fn attention_backward() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, heads, kv_heads, hd, pos0) in [
+        (1, 1, 1, 8, 0),
+        (5, 4, 2, 16, 3),
+        (13, 6, 2, 64, 0),
+        (9, 9, 3, 64, 7),
+        (6, 2, 1, 40, 2),
+    ] {
+        let what = format!("n {n}, heads {heads}/{kv_heads}, hd {hd}, pos0 {pos0}");
+        let (width, kv_width) = (heads * hd, kv_heads * hd);
+        let cap = pos0 + n + 2;
+        let q = pair(&g, &data(&mut r, n * width, 1.5), &[n, width], BF16);
+        let dout = pair(&g, &data(&mut r, n * width, 1.0), &[n, width], BF16);
+        let k = pair(
+            &g,
+            &data(&mut r, cap * kv_width, 1.5),
+            &[cap, kv_width],
+            BF16,
+        );
+        let v = pair(
+            &g,
+            &data(&mut r, cap * kv_width, 1.0),
+            &[cap, kv_width],
+            BF16,
+        );
+        let mut dq = poisoned(&g, &[n, width], BF16);
+        let mut dk = pair(
+            &g,
+            &data(&mut r, cap * kv_width, 0.5),
+            &[cap, kv_width],
+            BF16,
+        );
+        let mut dv = pair(
+            &g,
+            &data(&mut r, cap * kv_width, 0.5),
+            &[cap, kv_width],
+            BF16,
+        );
+        Cpu.attention_backward(
+            &mut dq.cpu,
+            &mut dk.cpu,
+            &mut dv.cpu,
+            &dout.cpu,
+            &q.cpu,
+            &k.cpu,
+            &v.cpu,
+            heads,
+            kv_heads,
+            pos0,
+        )
+        .unwrap();
+        g.attention_backward(
+            &mut dq.gpu,
+            &mut dk.gpu,
+            &mut dv.gpu,
+            &dout.gpu,
+            &q.gpu,
+            &k.gpu,
+            &v.gpu,
+            heads,
+            kv_heads,
+            pos0,
+        )
+        .unwrap();
+        check(&format!("dq, {what}"), &g, &dq, BF16_TOL);
+        check(&format!("dk, {what}"), &g, &dk, BF16_TOL);
+        check(&format!("dv, {what}"), &g, &dv, BF16_TOL);
     }
 }

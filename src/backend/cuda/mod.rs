@@ -535,6 +535,73 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         )
     }
 
+    fn attention_backward(
+        &self,
+        dq: &mut Tensor<Self>,
+        dk: &mut Tensor<Self>,
+        dv: &mut Tensor<Self>,
+        dout: &Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        kv_heads: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let (n, hd) = shapes::attention_backward(dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
+        if hd > 256 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {hd} (the attention backward takes up to 256)"
+            )));
+        }
+        for (what, t) in [
+            ("dq", &*dq),
+            ("dk", &*dk),
+            ("dv", &*dv),
+            ("dout", dout),
+            ("q", q),
+            ("k", k),
+            ("v", v),
+        ] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        // lse and D of every (query, head), from the first kernel to the second
+        let stats = self.alloc(n * heads * 2 * 4)?;
+        let args = Args::default()
+            .ptr(dq.buf.ptr)
+            .ptr(stats.ptr)
+            .ptr(dout.buf.ptr)
+            .ptr(q.buf.ptr)
+            .ptr(k.buf.ptr)
+            .ptr(v.buf.ptr)
+            .int(heads)
+            .int(kv_heads)
+            .int(hd)
+            .int(pos0);
+        let grid = (n as u32, heads as u32, 1);
+        self.launch("attention_bwd_dq_bf16", grid, (32, 1, 1), args)?;
+        let args = Args::default()
+            .ptr(dk.buf.ptr)
+            .ptr(dv.buf.ptr)
+            .ptr(stats.ptr)
+            .ptr(dout.buf.ptr)
+            .ptr(q.buf.ptr)
+            .ptr(k.buf.ptr)
+            .ptr(v.buf.ptr)
+            .int(n)
+            .int(heads)
+            .int(kv_heads)
+            .int(hd)
+            .int(pos0);
+        let grid = ((pos0 + n) as u32, kv_heads as u32, 1);
+        self.launch("attention_bwd_dkv_bf16", grid, (32, 1, 1), args)?;
+        // The statistics must outlive the kernels.
+        self.driver.synchronize()
+    }
+
     fn swiglu_backward(
         &self,
         dgate: &mut Tensor<Self>,
