@@ -17,6 +17,15 @@ __device__ void add_scaled(X* x, const __nv_bfloat16* y, float alpha, int n) {
     }
 }
 
+// Named add_scaled_{x}_{y}, the element types of x and y; add_scaled_bf16 is
+// bf16 += bf16. A y in f32 is a gradient of the residual stream.
+template <typename X, typename Y>
+__device__ void add_scaled_any(X* x, const Y* y, float alpha, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        x[i] = from_float<X>(to_float(x[i]) + alpha * to_float(y[i]));
+    }
+}
+
 extern "C" __global__ void add_scaled_bf16(__nv_bfloat16* x, const __nv_bfloat16* y, float alpha,
                                            int n) {
     add_scaled(x, y, alpha, n);
@@ -25,6 +34,46 @@ extern "C" __global__ void add_scaled_bf16(__nv_bfloat16* x, const __nv_bfloat16
 extern "C" __global__ void add_scaled_f32_bf16(float* x, const __nv_bfloat16* y, float alpha,
                                                int n) {
     add_scaled(x, y, alpha, n);
+}
+
+extern "C" __global__ void add_scaled_bf16_f32(__nv_bfloat16* x, const float* y, float alpha,
+                                               int n) {
+    add_scaled_any(x, y, alpha, n);
+}
+
+extern "C" __global__ void add_scaled_f32_f32(float* x, const float* y, float alpha, int n) {
+    add_scaled_any(x, y, alpha, n);
+}
+
+// dst = src in dst's element type, over n elements: f32 master weights into
+// their bf16 working copy, and back.
+extern "C" __global__ void convert_f32_bf16(__nv_bfloat16* dst, const float* src, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16(src[i]);
+}
+
+extern "C" __global__ void convert_bf16_f32(float* dst, const __nv_bfloat16* src, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        dst[i] = __bfloat162float(src[i]);
+}
+
+// One AdamW step over n f32 elements, in torch.optim.AdamW's order (see
+// Backend::adamw_step); the scalars are formed on the host in f64 and
+// rounded once, as the CPU device forms them.
+extern "C" __global__ void adamw_f32(float* param, float* m, float* v, const float* grad, int n,
+                                     float decay, float step_size, float bc2_sqrt,
+                                     float one_minus_b1, float one_minus_b2, float beta2,
+                                     float eps) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float g = grad[i];
+        float p = param[i] * decay;
+        float mi = m[i] + one_minus_b1 * (g - m[i]);
+        float vi = v[i] * beta2 + one_minus_b2 * g * g;
+        float denom = sqrtf(vi) / bc2_sqrt + eps;
+        param[i] = p - step_size * (mi / denom);
+        m[i] = mi;
+        v[i] = vi;
+    }
 }
 
 // out = silu(gate) * up, element-wise over n elements.

@@ -329,11 +329,14 @@ fn run(cli: Cli) -> Result<()> {
         Command::Score(args) => on_device!(open_device(args.device)?, |be| score_cmd(be, &args))?,
         Command::Info { model } => info(&model)?,
         Command::Finetune(args) => {
-            // The CUDA device has no backward kernels yet: `auto` trains on
-            // the CPU (an explicit --device cuda says which op is missing).
+            // The training kernels have run only in the emulator so far:
+            // `auto` trains on the CPU until a real GPU has run them.
             let device = match args.device {
                 DeviceArg::Auto => {
-                    eprintln!("device: cpu (training on the CUDA device is not available yet)");
+                    eprintln!(
+                        "device: cpu (CUDA training is verified only in the emulator so far; \
+                         --device cuda tries it)"
+                    );
                     Device::Cpu
                 }
                 other => open_device(other)?,

@@ -317,3 +317,57 @@ fn attention_backward() {
         check(&format!("dv, {what}"), &g, &dv, BF16_TOL);
     }
 }
+
+/// AdamW on f32 master weights against the CPU op, two steps (bias
+/// correction changes between them), with weight decay; and the conversion
+/// that refreshes a bf16 working copy.
+#[test]
+fn adamw_step_and_convert() {
+    let (g, mut r) = (gpu(), rng());
+    let n = 1000 + 37;
+    let mut p = pair(&g, &data(&mut r, n, 1.0), &[n], F32);
+    let mut m = pair(&g, &vec![0.0; n], &[n], F32);
+    let mut v = pair(&g, &vec![0.0; n], &[n], F32);
+    for step in 1..=2 {
+        let grad = pair(&g, &data(&mut r, n, 0.1), &[n], F32);
+        let hp = engine::backend::AdamW {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step,
+        };
+        Cpu.adamw_step(&mut p.cpu, &mut m.cpu, &mut v.cpu, &grad.cpu, &hp)
+            .unwrap();
+        g.adamw_step(&mut p.gpu, &mut m.gpu, &mut v.gpu, &grad.gpu, &hp)
+            .unwrap();
+        check(&format!("param, step {step}"), &g, &p, 1e-6);
+        check(&format!("m, step {step}"), &g, &m, 1e-6);
+        check(&format!("v, step {step}"), &g, &v, 1e-6);
+    }
+    let mut copy = poisoned(&g, &[n], BF16);
+    Cpu.convert(&mut copy.cpu, &p.cpu).unwrap();
+    g.convert(&mut copy.gpu, &p.gpu).unwrap();
+    check("convert f32 → bf16", &g, &copy, BF16_TOL);
+    let mut back = poisoned(&g, &[n], F32);
+    Cpu.convert(&mut back.cpu, &copy.cpu).unwrap();
+    g.convert(&mut back.gpu, &copy.gpu).unwrap();
+    check("convert bf16 → f32", &g, &back, BF16_TOL);
+}
+
+/// A LoRA branch's backward scales a gradient that may be f32 (the residual
+/// stream's) into a bf16 scratch.
+#[test]
+fn add_scaled_from_f32() {
+    let (g, mut r) = (gpu(), rng());
+    let (n, d) = (9, 131);
+    for x_t in [BF16, F32] {
+        let mut x = pair(&g, &data(&mut r, n * d, 1.0), &[n, d], x_t);
+        let y = pair(&g, &data(&mut r, n * d, 1.0), &[n, d], F32);
+        Cpu.add_scaled(&mut x.cpu, &y.cpu, 0.625).unwrap();
+        g.add_scaled(&mut x.gpu, &y.gpu, 0.625).unwrap();
+        let tol = if x_t == BF16 { BF16_TOL } else { 1e-6 };
+        check(&format!("{x_t} += f32"), &g, &x, tol);
+    }
+}

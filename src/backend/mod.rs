@@ -78,6 +78,10 @@ pub trait Backend: Sized + Send + Sync {
         rows: usize,
     ) -> Result<()>;
 
+    /// dst = src converted to dst's element type (same shape): f32 master
+    /// weights refreshing their working copy after an optimizer step.
+    fn convert(&self, dst: &mut Tensor<Self>, src: &Tensor<Self>) -> Result<()>;
+
     // ----- forward ops -----
 
     /// out[i] = table[ids[i]]; out [n, d], table [vocab, d].
@@ -332,6 +336,38 @@ pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
     z ^= z >> 31;
     let u = (z >> 40) as f32 / (1u32 << 24) as f32;
     u >= p
+}
+
+/// The f32 scalars of one AdamW step, derived from [`AdamW`] in f64 and
+/// rounded once, shared by every device's `adamw_step`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWScalars {
+    /// 1 − lr·weight_decay
+    pub decay: f32,
+    /// lr / (1 − β1ᵗ)
+    pub step_size: f32,
+    /// sqrt(1 − β2ᵗ)
+    pub bc2_sqrt: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub beta2: f32,
+    pub eps: f32,
+}
+
+impl AdamW {
+    pub fn scalars(&self) -> AdamWScalars {
+        assert!(self.step >= 1, "AdamW steps count from 1");
+        let t = self.step as f64;
+        AdamWScalars {
+            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            step_size: (self.lr / (1.0 - self.beta1.powf(t))) as f32,
+            bc2_sqrt: (1.0 - self.beta2.powf(t)).sqrt() as f32,
+            one_minus_beta1: (1.0 - self.beta1) as f32,
+            one_minus_beta2: (1.0 - self.beta2) as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+        }
+    }
 }
 
 /// The target of a row that counts no loss in `Backend::cross_entropy`

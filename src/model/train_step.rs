@@ -764,17 +764,41 @@ pub fn forward_backward<B: Backend>(
     Ok(loss)
 }
 
-/// AdamW moments, f32, one pair per trainable tensor (the shapes of `Grads`).
+/// AdamW moments, f32, one pair per trainable tensor (the shapes of
+/// `Grads`), and, on a device whose weights are not f32 (bf16 on a GPU), f32
+/// master copies of the trained tensors: the optimizer steps the masters and
+/// refreshes the working copies from them, so that updates smaller than the
+/// working type's resolution are not lost.
 pub struct AdamWState<B: Backend> {
     pub m: Grads<B>,
     pub v: Grads<B>,
+    pub master: Option<Grads<B>>,
 }
 
 impl<B: Backend> AdamWState<B> {
     pub fn new(model: &Llama<B>, trainable: Trainable) -> Result<Self> {
+        let be = &model.backend;
+        let master = if be.dtype() == DType::F32 {
+            None
+        } else {
+            let mut master = Grads::new(model, trainable)?;
+            let params: Vec<&Tensor<B>> = match trainable {
+                Trainable::Full => param_list(&model.weights),
+                Trainable::Lora => model
+                    .adapter
+                    .as_ref()
+                    .map(|l| l.tensors())
+                    .unwrap_or_default(),
+            };
+            for (dst, src) in master.tensors_mut().into_iter().zip(params) {
+                be.convert(dst, src)?;
+            }
+            Some(master)
+        };
         Ok(AdamWState {
             m: Grads::new(model, trainable)?,
             v: Grads::new(model, trainable)?,
+            master,
         })
     }
 }
@@ -805,8 +829,19 @@ pub fn adamw_update<B: Backend>(
     let ms = state.m.tensors_mut();
     let vs = state.v.tensors_mut();
     assert!(params.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len());
-    for (((p, g), m), v) in params.into_iter().zip(gs).zip(ms).zip(vs) {
-        be.adamw_step(p, m, v, g, hp)?;
+    match state.master.as_mut() {
+        None => {
+            for (((p, g), m), v) in params.into_iter().zip(gs).zip(ms).zip(vs) {
+                be.adamw_step(p, m, v, g, hp)?;
+            }
+        }
+        Some(master) => {
+            let masters = master.tensors_mut();
+            for ((((p, w), g), m), v) in params.into_iter().zip(masters).zip(gs).zip(ms).zip(vs) {
+                be.adamw_step(w, m, v, g, hp)?;
+                be.convert(p, w)?;
+            }
+        }
     }
     Ok(())
 }

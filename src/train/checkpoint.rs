@@ -20,7 +20,10 @@ use crate::error::{Error, Result};
 use crate::model::adapter::Lora;
 use crate::model::folder::{write_dir_atomically, write_json, write_safetensors};
 use crate::model::llama::Llama;
-use crate::model::train_step::{param_list, param_names, AdamWState};
+use crate::model::lora::LoraAdapter;
+use crate::model::train_step::{param_list, param_names, AdamWState, Grads};
+use crate::model::weights::SafetensorsFiles;
+use crate::tensor::DType;
 use crate::train::batch::DataPosition;
 use safetensors::tensor::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -80,7 +83,7 @@ pub fn save<B: Backend>(
 ) -> Result<()> {
     let is_checkpoint = |d: &Path| d.join(STATE_FILE).exists();
     write_dir_atomically(dir, "checkpoint", is_checkpoint, |tmp| {
-        write_weights(tmp, model, model_dir)?;
+        write_weights(tmp, model, model_dir, opt.master.as_ref())?;
         let be = &model.backend;
         let names = trained_names(model);
         let mut plan = Vec::new();
@@ -103,12 +106,21 @@ pub fn save<B: Backend>(
 /// PEFT files, or (full fine-tuning) a complete model folder: f32
 /// `model.safetensors` plus the base folder's other files (config,
 /// tokenizer).
-pub fn write_weights<B: Backend>(dir: &Path, model: &Llama<B>, model_dir: &Path) -> Result<()> {
+///
+/// With f32 master weights (`AdamWState::master`, on a bf16 device) the
+/// masters are written, not their rounded working copies.
+pub fn write_weights<B: Backend>(
+    dir: &Path,
+    model: &Llama<B>,
+    model_dir: &Path,
+    masters: Option<&Grads<B>>,
+) -> Result<()> {
     let be = &model.backend;
     if let Some(lora) = &model.adapter {
-        return lora.download(be)?.write_files(dir);
+        let trained = masters.and_then(Grads::lora).unwrap_or(lora);
+        return trained.download(be)?.write_files(dir);
     }
-    let params = param_list(&model.weights);
+    let params = param_list(masters.and_then(Grads::full).unwrap_or(&model.weights));
     let plan: Vec<_> = param_names(&model.weights)
         .into_iter()
         .zip(&params)
@@ -225,9 +237,43 @@ pub fn load_optimizer<B: Backend>(
                     ),
                 ));
             }
-            let values = crate::tensor::DType::F32.decode(view.data());
+            let values = DType::F32.decode(view.data());
             *t = be.upload(values, &t.shape, t.dtype)?;
         }
+    }
+    Ok(())
+}
+
+/// Fills `opt`'s f32 master weights (when the device has them) from a
+/// checkpoint's weight files, which hold the masters: a resume on a bf16
+/// device then continues from the exact f32 values, not their rounding.
+pub fn load_masters<B: Backend>(
+    dir: &Path,
+    model: &Llama<B>,
+    opt: &mut AdamWState<B>,
+) -> Result<()> {
+    let be = &model.backend;
+    let Some(master) = opt.master.as_mut() else {
+        return Ok(());
+    };
+    let values: Vec<Vec<f32>> = match &model.adapter {
+        Some(_) => LoraAdapter::load(dir, &model.config)?
+            .layers
+            .into_iter()
+            .flatten()
+            .flat_map(|p| [p.a, p.b])
+            .collect(),
+        None => {
+            let files = SafetensorsFiles::open_dir(dir)?;
+            param_names(&model.weights)
+                .iter()
+                .zip(param_list(&model.weights))
+                .map(|(name, t)| files.load_f32(name, &t.shape))
+                .collect::<Result<_>>()?
+        }
+    };
+    for (t, v) in master.tensors_mut().into_iter().zip(values) {
+        *t = be.upload(v, &t.shape, DType::F32)?;
     }
     Ok(())
 }

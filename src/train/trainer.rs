@@ -161,6 +161,7 @@ pub fn finetune<B: Backend>(
     let mut start = 0;
     if let Some((dir, state)) = &resume {
         checkpoint::load_optimizer(dir, &model, &mut opt)?;
+        checkpoint::load_masters(dir, &model, &mut opt)?;
         loader.seek(state.data)?;
         start = state.step;
     }
@@ -284,7 +285,7 @@ pub fn finetune<B: Backend>(
         }
     }
     bar.finish_and_clear();
-    save_result(paths.out, &model, paths.model)?;
+    save_result(paths.out, &model, paths.model, &opt)?;
     metrics.write_plot()?;
     let elapsed = began.elapsed().as_secs_f64();
     Ok(Outcome::Finished {
@@ -408,13 +409,18 @@ fn prepare_out(out: &Path) -> Result<()> {
 
 /// Writes the trained adapter (or model) into `out`: each file into a
 /// temporary folder first, then renamed into place.
-fn save_result<B: Backend>(out: &Path, model: &Llama<B>, model_dir: &Path) -> Result<()> {
+fn save_result<B: Backend>(
+    out: &Path,
+    model: &Llama<B>,
+    model_dir: &Path,
+    opt: &AdamWState<B>,
+) -> Result<()> {
     let tmp = out.join(".result-tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    checkpoint::write_weights(&tmp, model, model_dir)?;
+    checkpoint::write_weights(&tmp, model, model_dir, opt.master.as_ref())?;
     for e in fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
         let e = e.map_err(|e| Error::io(&tmp, e))?;
         let to = out.join(e.file_name());

@@ -84,6 +84,13 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn convert(&self, dst: &mut Tensor<Self>, src: &Tensor<Self>) -> Result<()> {
+        // One element type on this device: a copy.
+        assert_eq!(dst.shape, src.shape, "convert: shapes differ");
+        view_mut(dst).copy_from_slice(view(src));
+        Ok(())
+    }
+
     fn copy_rows(
         &self,
         dst: &mut Tensor<Self>,

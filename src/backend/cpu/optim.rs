@@ -1,6 +1,6 @@
 //! The optimizer step of the CPU device.
 
-use crate::backend::AdamW;
+use crate::backend::{AdamW, AdamWScalars};
 use rayon::prelude::*;
 
 /// One AdamW step, element-wise, in torch.optim.AdamW's order (its
@@ -8,14 +8,15 @@ use rayon::prelude::*;
 /// bias-corrected update. The scalars are formed in f64 as Python does, then
 /// used in f32 as torch does for an f32 tensor.
 pub fn adamw(param: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], hp: &AdamW) {
-    assert!(hp.step >= 1, "AdamW steps count from 1");
-    let (lr, b1, b2) = (hp.lr, hp.beta1, hp.beta2);
-    let t = hp.step as f64;
-    let decay = (1.0 - lr * hp.weight_decay) as f32;
-    let step_size = (lr / (1.0 - b1.powf(t))) as f32;
-    let bc2_sqrt = (1.0 - b2.powf(t)).sqrt() as f32;
-    let (one_minus_b1, one_minus_b2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
-    let (beta2, eps) = (b2 as f32, hp.eps as f32);
+    let AdamWScalars {
+        decay,
+        step_size,
+        bc2_sqrt,
+        one_minus_beta1: one_minus_b1,
+        one_minus_beta2: one_minus_b2,
+        beta2,
+        eps,
+    } = hp.scalars();
     const CHUNK: usize = 16384;
     param
         .par_chunks_mut(CHUNK)

@@ -10,7 +10,7 @@ pub mod real;
 pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{shapes, Backend, IGNORE};
+use crate::backend::{shapes, AdamW, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -216,6 +216,21 @@ impl<D: GpuDriver> Backend for Cuda<D> {
     fn zero(&self, t: &mut Tensor<Self>) -> Result<()> {
         // SAFETY: the tensor's first numel() elements lie in its buffer.
         unsafe { self.driver.zero(t.buf.ptr, t.numel() * t.dtype.size()) }
+    }
+
+    fn convert(&self, dst: &mut Tensor<Self>, src: &Tensor<Self>) -> Result<()> {
+        assert_eq!(dst.shape, src.shape, "convert: shapes differ");
+        let n = src.numel();
+        if dst.dtype == src.dtype {
+            return self.copy_rows(dst, 0, src, 0, src.rows_cols().0);
+        }
+        let kernel = match (dst.dtype, src.dtype) {
+            (DType::BF16, DType::F32) => "convert_f32_bf16",
+            (DType::F32, DType::BF16) => "convert_bf16_f32",
+            other => panic!("convert of {other:?}"),
+        };
+        let args = Args::default().ptr(dst.buf.ptr).ptr(src.buf.ptr).int(n);
+        self.launch(kernel, (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
     }
 
     fn copy_rows(
@@ -656,11 +671,12 @@ impl<D: GpuDriver> Backend for Cuda<D> {
 
     fn add_scaled(&self, x: &mut Tensor<Self>, y: &Tensor<Self>, alpha: f32) -> Result<()> {
         assert_eq!(x.shape, y.shape);
-        expect_dtype("y", y, DType::BF16);
-        let kernel = match x.dtype {
-            DType::BF16 => "add_scaled_bf16",
-            DType::F32 => "add_scaled_f32_bf16",
-            other => panic!("add_scaled into {other}"),
+        let kernel = match (x.dtype, y.dtype) {
+            (DType::BF16, DType::BF16) => "add_scaled_bf16",
+            (DType::F32, DType::BF16) => "add_scaled_f32_bf16",
+            (DType::BF16, DType::F32) => "add_scaled_bf16_f32",
+            (DType::F32, DType::F32) => "add_scaled_f32_f32",
+            other => panic!("add_scaled of {other:?}"),
         };
         let n = x.numel();
         let args = Args::default()
@@ -738,6 +754,36 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .map(|&l| l as f64)
             .sum();
         Ok(sum as f32)
+    }
+
+    fn adamw_step(
+        &self,
+        param: &mut Tensor<Self>,
+        m: &mut Tensor<Self>,
+        v: &mut Tensor<Self>,
+        grad: &Tensor<Self>,
+        hp: &AdamW,
+    ) -> Result<()> {
+        shapes::same_shape("adamw_step", &[param, m, v, grad]);
+        for (what, t) in [("param", &*param), ("m", &*m), ("v", &*v), ("grad", grad)] {
+            expect_dtype(what, t, DType::F32);
+        }
+        let c = hp.scalars();
+        let n = param.numel();
+        let args = Args::default()
+            .ptr(param.buf.ptr)
+            .ptr(m.buf.ptr)
+            .ptr(v.buf.ptr)
+            .ptr(grad.buf.ptr)
+            .int(n)
+            .float(c.decay)
+            .float(c.step_size)
+            .float(c.bc2_sqrt)
+            .float(c.one_minus_beta1)
+            .float(c.one_minus_beta2)
+            .float(c.beta2)
+            .float(c.eps);
+        self.launch("adamw_f32", (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
     }
 
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
