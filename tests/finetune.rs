@@ -331,6 +331,16 @@ fn bad_input_is_one_clear_line() {
         &["qkv_proj"],
     );
     assert_fails_with(&run(&data, &["--lora-rank", "0"]), &["rank"]);
+    let long = tmp.path().join("long_prompts.jsonl");
+    std::fs::write(
+        &long,
+        "{\"prompt\": \"w1 w2 w3 w4 w5\", \"completion\": \"w6\"}\n",
+    )
+    .unwrap();
+    assert_fails_with(
+        &run(&long, &["--lora-rank", "4", "--seq-len", "3"]),
+        &["long_prompts.jsonl", "--seq-len 3"],
+    );
     assert!(!out.exists(), "a failed run left {}", out.display());
 
     // A resume folder from another model's run is refused.

@@ -112,6 +112,7 @@ pub fn finetune<B: Backend>(
         pad_id: eos,
     };
     let train_examples = (train.len(), train.total_tokens());
+    check_truncation(&train, opts)?;
     let mut loader = Loader::new(train, batch_config(true, opts.batch))?;
     let mut eval_loader = eval
         .map(|d| Loader::new(d, batch_config(false, 1)))
@@ -323,6 +324,40 @@ fn eval_loss<B: Backend>(model: &Llama<B>, loader: &mut Loader) -> Result<f64> {
     } else {
         f64::NAN
     })
+}
+
+/// With padding, an example whose loss tokens all lie past `--seq-len`
+/// (a long prompt, its answer truncated away) teaches nothing: all of them
+/// is an error, some of them a warning.
+fn check_truncation(data: &Dataset, opts: &TrainOptions) -> Result<()> {
+    if opts.layout != Layout::Pad {
+        return Ok(());
+    }
+    let lost = data
+        .examples
+        .iter()
+        .filter(|e| e.targets.iter().take(opts.seq_len).all(|&t| t == IGNORE))
+        .count();
+    if lost == data.len() {
+        return Err(Error::format(
+            &data.path,
+            format!(
+                "no example has a loss token within --seq-len {}: the prompts fill the rows \
+                 and the answers are cut off; raise --seq-len",
+                opts.seq_len
+            ),
+        ));
+    }
+    if lost > 0 {
+        eprintln!(
+            "warning: {lost} of {} examples in {} have no loss token within --seq-len {} \
+             (their answers are cut off)",
+            data.len(),
+            data.path.display(),
+            opts.seq_len
+        );
+    }
+    Ok(())
 }
 
 /// Each micro-batch's own dropout masks, a pure function of the run's seed
