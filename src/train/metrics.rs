@@ -4,13 +4,16 @@
 //! Train records, one per optimizer step:
 //! `{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3}`
 //! (`tokens`: token positions processed in the step). Eval records:
-//! `{"step":50,"eval_loss":2.02}`. A loss that is not finite (a step with no
-//! counted targets) is written as `null` and left out of the picture.
+//! `{"step":50,"eval_loss":2.02}`. JSON has no NaN or infinity: a float that
+//! is not finite (the loss of a step with no counted targets, a diverged
+//! gradient norm) is written as `null`, read back as NaN, and left out of
+//! the picture.
 //!
 //! On resume the log is continued: records after the resumed step (left by
-//! the interrupted run) are dropped first, so the file holds each step once.
-//! The picture is rewritten whole, atomically (a temporary name, then a
-//! rename).
+//! the interrupted run) are dropped first, so the file holds each step once;
+//! a last line cut short by a crash is dropped too. The picture is rewritten
+//! whole, atomically (a temporary name in the same folder, synced, then a
+//! rename); with no finite loss yet there is nothing to draw and no file.
 
 use crate::error::{Error, Result};
 use plotters::prelude::*;
@@ -27,11 +30,14 @@ pub struct TrainRecord {
     pub step: u64,
     #[serde(with = "finite")]
     pub loss: f64,
+    #[serde(with = "finite")]
     pub lr: f64,
     #[serde(with = "finite")]
     pub grad_norm: f64,
     pub tokens: u64,
+    #[serde(with = "finite")]
     pub tokens_per_s: f64,
+    #[serde(with = "finite")]
     pub elapsed_s: f64,
 }
 
@@ -42,16 +48,17 @@ pub struct EvalRecord {
     pub eval_loss: f64,
 }
 
-/// One line of the log.
+/// One line of the log. (Untagged: a line with `eval_loss` is an eval
+/// record, one with `loss` a train record.)
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
-enum Record {
+pub enum Record {
     Eval(EvalRecord),
     Train(TrainRecord),
 }
 
 impl Record {
-    fn step(&self) -> u64 {
+    pub fn step(&self) -> u64 {
         match self {
             Record::Eval(r) => r.step,
             Record::Train(r) => r.step,
@@ -76,6 +83,49 @@ mod finite {
     }
 }
 
+/// Reads a `metrics.jsonl`. A last line that does not end in a newline and
+/// does not parse (a write cut short by a crash) is dropped; any other bad
+/// line is an error naming the file and the line.
+pub fn read_log(path: &Path) -> Result<Vec<Record>> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let n = text.lines().count();
+    let mut records = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(line) {
+            Ok(r) => records.push(r),
+            Err(_) if i + 1 == n && !text.ends_with('\n') => {}
+            Err(e) => {
+                return Err(Error::format(
+                    path,
+                    format!("line {}: not a metrics record: {e}", i + 1),
+                ))
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Writes `bytes` to `path` by way of `tmp` (same folder): written, synced,
+/// renamed. On failure `tmp` is removed and `path` is untouched.
+fn write_atomically(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
+    let done = File::create(tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
+        .map_err(|e| Error::io(tmp, e))
+        .and_then(|_| fs::rename(tmp, path).map_err(|e| Error::io(path, e)));
+    if done.is_err() {
+        let _ = fs::remove_file(tmp);
+    }
+    done
+}
+
+/// The open log of a run: appends records to `DIR/metrics.jsonl` and keeps
+/// the finite losses for `DIR/loss.svg`.
 pub struct MetricsLog {
     dir: PathBuf,
     file: File,
@@ -84,35 +134,26 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens `dir/metrics.jsonl`: a new file, or with `resume_step` the old
-    /// one cut to the records of steps ≤ it.
+    /// Opens `dir/metrics.jsonl` (the folder must exist). `None`: a new,
+    /// empty log, replacing any old one. `Some(step)`: the old log cut to the
+    /// records of steps ≤ `step`, in their order (a new one if there is none);
+    /// their losses are remembered for the picture.
     pub fn open(dir: &Path, resume_step: Option<u64>) -> Result<Self> {
         let path = dir.join(METRICS_FILE);
         let mut kept = Vec::new();
         if let (Some(step), true) = (resume_step, path.exists()) {
-            let text = fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-            for (i, line) in text.lines().enumerate() {
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let r: Record = serde_json::from_str(line).map_err(|e| {
-                    Error::format(&path, format!("line {}: not a metrics record: {e}", i + 1))
-                })?;
-                if r.step() <= step {
-                    kept.push(r);
-                }
-            }
+            kept = read_log(&path)?;
+            kept.retain(|r| r.step() <= step);
         }
         // Rewrite the kept records under a temporary name, then rename, so
         // a crash here loses nothing.
-        let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
         let mut text = String::new();
         for r in &kept {
             text.push_str(&serde_json::to_string(r).expect("records serialize"));
             text.push('\n');
         }
-        fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+        let tmp = dir.join(format!(".{METRICS_FILE}.tmp"));
+        write_atomically(&path, &tmp, text.as_bytes())?;
         let file = OpenOptions::new()
             .append(true)
             .open(&path)
@@ -129,10 +170,12 @@ impl MetricsLog {
         Ok(log)
     }
 
+    /// Appends a train record (one line, written through to the file).
     pub fn train(&mut self, r: TrainRecord) -> Result<()> {
         self.append(Record::Train(r))
     }
 
+    /// Appends an eval record.
     pub fn eval(&mut self, r: EvalRecord) -> Result<()> {
         self.append(Record::Eval(r))
     }
@@ -157,8 +200,10 @@ impl MetricsLog {
         }
     }
 
-    /// Rewrites `dir/loss.svg`: train loss per step, eval loss with markers.
-    /// With no finite loss yet there is nothing to draw, and no file.
+    /// Rewrites `dir/loss.svg` atomically: train loss per step as a line,
+    /// eval loss as a line with markers, x = step, y = loss. With no finite
+    /// loss yet there is nothing to draw: no file is written (an old one is
+    /// left as it is) and the result is Ok.
     pub fn write_plot(&self) -> Result<()> {
         if self.train.is_empty() && self.eval.is_empty() {
             return Ok(());
@@ -171,8 +216,7 @@ impl MetricsLog {
             ))
         })?;
         let tmp = self.dir.join(format!(".{PLOT_FILE}.tmp"));
-        fs::write(&tmp, svg).map_err(|e| Error::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
+        write_atomically(&path, &tmp, svg.as_bytes())
     }
 
     fn render(&self) -> std::result::Result<String, Box<dyn std::error::Error>> {
@@ -188,7 +232,7 @@ impl MetricsLog {
             let root = SVGBackend::with_string(&mut svg, (800, 480)).into_drawing_area();
             root.fill(&WHITE)?;
             let mut chart = ChartBuilder::on(&root)
-                .caption("loss", ("sans-serif", 22))
+                .caption("training loss", ("sans-serif", 22))
                 .margin(12)
                 .x_label_area_size(40)
                 .y_label_area_size(60)
@@ -211,6 +255,7 @@ impl MetricsLog {
             }
             chart
                 .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
                 .border_style(BLACK)
                 .background_style(WHITE.mix(0.8))
                 .draw()?;
@@ -236,6 +281,10 @@ mod tests {
         }
     }
 
+    fn eval(step: u64, eval_loss: f64) -> EvalRecord {
+        EvalRecord { step, eval_loss }
+    }
+
     fn lines(dir: &Path) -> Vec<String> {
         fs::read_to_string(dir.join(METRICS_FILE))
             .unwrap()
@@ -244,41 +293,157 @@ mod tests {
             .collect()
     }
 
+    fn steps(dir: &Path) -> Vec<u64> {
+        read_log(&dir.join(METRICS_FILE))
+            .unwrap()
+            .iter()
+            .map(Record::step)
+            .collect()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    }
+
+    /// The `points` of the polylines drawn with `stroke`, as point counts.
+    fn polylines(svg: &str, stroke: &str) -> Vec<usize> {
+        svg.lines()
+            .filter(|l| l.starts_with("<polyline") && l.contains(&format!("stroke=\"{stroke}\"")))
+            .map(|l| {
+                let pts = l.split("points=\"").nth(1).unwrap();
+                pts[..pts.find('"').unwrap()].split_whitespace().count()
+            })
+            .collect()
+    }
+
     #[test]
-    fn records_round_trip_and_resume_drops_later_steps() {
+    fn records_round_trip_with_the_documented_field_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(tmp.path(), None).unwrap();
+        let t = TrainRecord {
+            step: 12,
+            loss: 2.31,
+            lr: 0.0002,
+            grad_norm: 0.84,
+            tokens: 2048,
+            tokens_per_s: 1534.2,
+            elapsed_s: 17.3,
+        };
+        log.train(t.clone()).unwrap();
+        log.eval(eval(12, 2.02)).unwrap();
+        let l = lines(tmp.path());
+        assert_eq!(
+            l,
+            vec![
+                r#"{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3}"#,
+                r#"{"step":12,"eval_loss":2.02}"#,
+            ]
+        );
+        let back = read_log(&tmp.path().join(METRICS_FILE)).unwrap();
+        assert_eq!(back, vec![Record::Train(t), Record::Eval(eval(12, 2.02))]);
+    }
+
+    #[test]
+    fn non_finite_floats_are_null_and_read_back_as_nan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(tmp.path(), None).unwrap();
+        let mut r = rec(1, f64::NAN);
+        r.grad_norm = f64::INFINITY;
+        r.tokens_per_s = f64::NEG_INFINITY;
+        log.train(r).unwrap();
+        log.eval(eval(1, f64::NAN)).unwrap();
+        let l = lines(tmp.path());
+        assert!(l[0].contains(r#""loss":null"#), "{}", l[0]);
+        assert!(l[0].contains(r#""grad_norm":null"#), "{}", l[0]);
+        assert!(l[0].contains(r#""tokens_per_s":null"#), "{}", l[0]);
+        assert_eq!(l[1], r#"{"step":1,"eval_loss":null}"#);
+        match &read_log(&tmp.path().join(METRICS_FILE)).unwrap()[..] {
+            [Record::Train(t), Record::Eval(e)] => {
+                assert!(t.loss.is_nan() && t.grad_norm.is_nan() && t.tokens_per_s.is_nan());
+                assert_eq!((t.lr, t.elapsed_s), (1e-3, 1.0));
+                assert!(e.eval_loss.is_nan());
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing finite to draw: no picture, no error.
+        assert!(log.train.is_empty() && log.eval.is_empty());
+        log.write_plot().unwrap();
+        assert!(!tmp.path().join(PLOT_FILE).exists());
+    }
+
+    #[test]
+    fn resume_drops_the_records_after_the_resumed_step() {
         let tmp = tempfile::tempdir().unwrap();
         let mut log = MetricsLog::open(tmp.path(), None).unwrap();
         for s in 1..=6 {
             log.train(rec(s, 3.0 - s as f64 * 0.1)).unwrap();
+            if s % 3 == 0 {
+                log.eval(eval(s, 2.5 - s as f64 * 0.1)).unwrap();
+            }
         }
-        log.eval(EvalRecord {
-            step: 3,
-            eval_loss: 2.5,
-        })
-        .unwrap();
-        log.train(rec(7, f64::NAN)).unwrap();
-        let l = lines(tmp.path());
-        assert_eq!(l.len(), 8);
-        let back: Record = serde_json::from_str(&l[0]).unwrap();
-        assert_eq!(back, Record::Train(rec(1, 2.9)));
-        assert!(l[6].contains("\"eval_loss\":2.5"));
-        assert!(l[7].contains("\"loss\":null"), "{}", l[7]);
-        let nan: Record = serde_json::from_str(&l[7]).unwrap();
-        assert!(matches!(nan, Record::Train(r) if r.loss.is_nan()));
+        drop(log);
+        assert_eq!(steps(tmp.path()), vec![1, 2, 3, 3, 4, 5, 6, 6]);
 
         let mut log = MetricsLog::open(tmp.path(), Some(4)).unwrap();
-        assert_eq!(log.train.len(), 4);
-        assert_eq!(log.eval, vec![(3, 2.5)]);
+        assert_eq!(steps(tmp.path()), vec![1, 2, 3, 3, 4]);
+        assert_eq!(
+            log.train.iter().map(|p| p.0).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(log.eval, vec![(3, 2.2)]);
         log.train(rec(5, 1.0)).unwrap();
-        let l = lines(tmp.path());
-        let steps: Vec<u64> = l
-            .iter()
-            .map(|x| serde_json::from_str::<Record>(x).unwrap().step())
-            .collect();
-        assert_eq!(steps, vec![1, 2, 3, 4, 3, 5]);
-        // A fresh run replaces the old log.
+        assert_eq!(steps(tmp.path()), vec![1, 2, 3, 3, 4, 5]);
+        assert_eq!(log.train.last(), Some(&(5, 1.0)));
+
+        // Resuming at step 0 keeps nothing; a fresh run replaces the log.
+        drop(log);
+        MetricsLog::open(tmp.path(), Some(0)).unwrap();
+        assert!(lines(tmp.path()).is_empty());
+        let mut log = MetricsLog::open(tmp.path(), None).unwrap();
+        log.train(rec(1, 1.0)).unwrap();
+        drop(log);
         MetricsLog::open(tmp.path(), None).unwrap();
         assert!(lines(tmp.path()).is_empty());
+        // Resuming with no log starts one.
+        fs::remove_file(tmp.path().join(METRICS_FILE)).unwrap();
+        MetricsLog::open(tmp.path(), Some(7)).unwrap();
+        assert!(lines(tmp.path()).is_empty());
+        assert_eq!(names(tmp.path()), vec![METRICS_FILE]);
+    }
+
+    #[test]
+    fn resume_drops_a_torn_last_line_but_not_a_bad_one_inside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(METRICS_FILE);
+        let good = [
+            r#"{"step":1,"loss":2.0,"lr":0.001,"grad_norm":1.0,"tokens":8,"tokens_per_s":1.0,"elapsed_s":1.0}"#,
+            r#"{"step":2,"loss":1.5,"lr":0.001,"grad_norm":1.0,"tokens":8,"tokens_per_s":1.0,"elapsed_s":2.0}"#,
+        ];
+        fs::write(
+            &path,
+            format!("{}\n{}\n{{\"step\":3,\"lo", good[0], good[1]),
+        )
+        .unwrap();
+        let log = MetricsLog::open(tmp.path(), Some(5)).unwrap();
+        assert_eq!(lines(tmp.path()), good);
+        assert_eq!(log.train, vec![(1, 2.0), (2, 1.5)]);
+
+        fs::write(&path, format!("{}\nnot json\n{}\n", good[0], good[1])).unwrap();
+        let err = MetricsLog::open(tmp.path(), Some(5))
+            .err()
+            .expect("a bad line inside the log is an error")
+            .to_string();
+        assert!(
+            err.contains(METRICS_FILE) && err.contains("line 2"),
+            "{err}"
+        );
+        // The log was left as it was.
+        assert_eq!(lines(tmp.path()).len(), 3);
     }
 
     #[test]
@@ -288,24 +453,49 @@ mod tests {
         log.write_plot().unwrap();
         assert!(!tmp.path().join(PLOT_FILE).exists(), "nothing to draw yet");
         for s in 1..=20 {
-            log.train(rec(s, 5.0 / s as f64)).unwrap();
+            let loss = if s == 7 { f64::NAN } else { 5.0 / s as f64 };
+            log.train(rec(s, loss)).unwrap();
+            if s % 5 == 0 {
+                log.eval(eval(s, 6.0 / s as f64)).unwrap();
+            }
         }
-        log.eval(EvalRecord {
-            step: 10,
-            eval_loss: 0.9,
-        })
-        .unwrap();
+        log.eval(eval(20, f64::INFINITY)).unwrap();
         log.write_plot().unwrap();
         let svg = fs::read_to_string(tmp.path().join(PLOT_FILE)).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
-        assert!(svg.contains("<polyline") || svg.contains("<path"));
-        assert!(svg.contains("<circle"), "eval markers");
-        assert!(svg.contains(">step<") || svg.contains("step"), "axis label");
-        let names: Vec<String> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        assert!(svg.trim_end().ends_with("</svg>"));
+        // The train curve: 19 finite points (step 7 is NaN) in one line; the
+        // eval curve: 4 points, a line and a marker each, plus legend swatches.
+        assert!(polylines(&svg, "#0000FF").contains(&19), "{svg}");
+        assert!(polylines(&svg, "#FF0000").contains(&4), "{svg}");
+        assert_eq!(svg.matches("<circle").count(), 4);
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
+        // Title, axis labels and legend are text elements.
+        for text in ["training loss", "step", "loss", "train", "eval"] {
+            assert!(
+                svg.contains(&format!(">\n{text}\n</text>")),
+                "no text {text:?}"
+            );
+        }
+        assert_eq!(names(tmp.path()), vec![PLOT_FILE, METRICS_FILE]);
+
+        // Rewritten whole: a second call with more points replaces it.
+        log.train(rec(21, 0.1)).unwrap();
+        log.write_plot().unwrap();
+        let again = fs::read_to_string(tmp.path().join(PLOT_FILE)).unwrap();
+        assert!(polylines(&again, "#0000FF").contains(&20));
+        assert_eq!(again.matches("<svg").count(), 1);
+        assert_eq!(names(tmp.path()), vec![PLOT_FILE, METRICS_FILE]);
+    }
+
+    #[test]
+    fn a_single_point_still_draws() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut log = MetricsLog::open(tmp.path(), None).unwrap();
+        log.eval(eval(0, 3.0)).unwrap();
+        log.write_plot().unwrap();
+        let svg = fs::read_to_string(tmp.path().join(PLOT_FILE)).unwrap();
+        assert_eq!(svg.matches("<circle").count(), 1);
     }
 
     #[test]
@@ -315,5 +505,17 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("/nonexistent/run"), "{err}");
+
+        // The folder goes away under an open log: the picture cannot be
+        // written, and the error names where.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("run");
+        fs::create_dir(&dir).unwrap();
+        let mut log = MetricsLog::open(&dir, None).unwrap();
+        log.train(rec(1, 1.0)).unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        let err = log.write_plot().err().unwrap().to_string();
+        assert!(err.contains(&dir.display().to_string()), "{err}");
+        assert!(!dir.exists());
     }
 }
