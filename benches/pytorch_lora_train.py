@@ -1,65 +1,102 @@
 #!/usr/bin/env python3
 """PyTorch + PEFT side of the CPU LoRA training benchmark (float32).
 
-Trains a LoRA (rank 8, alpha 16, no dropout, on q,k,v,o,gate,up,down by
-default) on a Llama-family HF folder with torch.optim.AdamW, on rows of
-exactly --seq-len tokens made the way `engine finetune --pack` makes them:
-each {"text"} line of the JSONL tokenized without special tokens, followed by
-EOS, all concatenated and cut into rows. Step k takes rows k·B .. k·B+B-1.
+Trains a LoRA (rank 8, alpha 2 x rank = 16, no dropout, on q,k,v,o,gate,up,down
+by default) on a Llama-family HF folder with torch.optim.AdamW (constant --lr,
+no weight decay, global-norm clipping at 1.0), on rows of exactly --seq-len
+tokens made the way `engine finetune --pack` makes them from {"text"} lines:
+each line's text tokenized without special tokens, followed by EOS, all lines
+concatenated and cut into full rows (the tail that does not fill a row is
+dropped). The loss is on every token (labels = inputs; transformers shifts
+them). The benchmark only needs {"text"} lines; another kind of line is an
+error. Step k (from 0) takes rows k·B .. k·B+B-1, the rows repeated from the
+start if the file has fewer than N·B.
 
-Measures and prints one JSON line:
-  {"impl":"pytorch+peft","tokens_per_s":..,"peak_rss_mb":..,"losses":[..],...}
-where tokens_per_s = (N − 1)·B·seq_len / (time of steps 2..N) (step 1 is the
-warm-up) and peak_rss_mb is this process's peak resident set (ru_maxrss).
+Measures:
+  tokens_per_s  (N − 1)·B·seq_len / wall time of steps 2..N (step 1 is the
+                warm-up); a step is forward + backward + clip + AdamW step;
+  losses        the loss of every step;
+  peak_rss_mb   this process's peak resident set (getrusage ru_maxrss).
+With --json it prints one JSON line:
+  {"impl":"pytorch+peft","tokens_per_s":..,"peak_rss_mb":..,"losses":[..],"step_s":[..],...}
+otherwise a line per step and a summary.
 
+    .venv/bin/pip install -r benches/requirements.txt
     .venv/bin/python benches/pytorch_lora_train.py --model models/smollm2-135m-instruct \\
-        --data FILE --seq-len 256 --batch 4 --steps 6 --threads 2
+        --data FILE --seq-len 256 --batch 4 --steps 6 --threads 2 --lr 2e-4 --json
 """
 
 import argparse
 import json
+import os
 import resource
+import sys
 import time
 
-import torch
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def rows(tokenizer, path, seq_len, eos):
+def packed_rows(tokenizer, path, seq_len, eos):
+    """{"text"} lines -> token stream (each text, then EOS) -> full rows of seq_len."""
     stream = []
     with open(path) as f:
-        for line in f:
-            if line.strip():
-                stream += tokenizer.encode(json.loads(line)["text"], add_special_tokens=False)
-                stream.append(eos)
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                sys.exit(f"{path}:{n}: expected a {{\"text\": ...}} line")
+            stream += tokenizer.encode(obj["text"], add_special_tokens=False)
+            stream.append(eos)
     n = len(stream) // seq_len
-    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
+    if n == 0:
+        sys.exit(f"{path}: {len(stream)} tokens, fewer than one row of {seq_len}")
+    return stream[: n * seq_len], n
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+def main() -> int:
+    ap = argparse.ArgumentParser(description="PyTorch + PEFT CPU LoRA training benchmark (f32)")
+    ap.add_argument("--model", required=True, help="HF folder: config.json, *.safetensors, tokenizer")
+    ap.add_argument("--data", required=True, help='JSONL of {"text": ...} lines')
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument(
-        "--targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    )
+    ap.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    ap.add_argument("--targets", default=TARGETS, help="comma-separated projections")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    if min(args.seq_len, args.batch, args.threads, args.rank) < 1 or args.steps < 2:
+        sys.exit("--seq-len, --batch, --threads and --rank must be >= 1, --steps >= 2")
 
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    torch.manual_seed(args.seed)
+    import peft
+    import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is None:
+        eos = tok.eos_token_id
+    stream, n_rows = packed_rows(tok, args.data, args.seq_len, eos)
+    data = torch.tensor(stream).view(n_rows, args.seq_len)
+    need = args.steps * args.batch
+    if n_rows < need:
+        data = data.repeat((need + n_rows - 1) // n_rows, 1)
+
     config = LoraConfig(
         r=args.rank,
-        lora_alpha=2 * args.rank,
+        lora_alpha=args.alpha if args.alpha is not None else 2 * args.rank,
         lora_dropout=0.0,
         target_modules=args.targets.split(","),
         bias="none",
@@ -67,44 +104,56 @@ def main():
     )
     model = get_peft_model(model, config)
     model.train()
-    data = rows(tok, args.data, args.seq_len, tok.eos_token_id)
-    need = args.steps * args.batch
-    if len(data) < need:
-        data = data.repeat((need + len(data) - 1) // len(data), 1)
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
-    )
-    losses, times = [], []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    losses, step_s = [], []
     for step in range(args.steps):
         batch = data[step * args.batch : (step + 1) * args.batch]
         t0 = time.perf_counter()
         out = model(input_ids=batch, labels=batch)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], 1.0
-        )
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        losses.append(out.loss.item())
-    timed = sum(times[1:])
-    tokens = (args.steps - 1) * args.batch * args.seq_len
-    print(
-        json.dumps(
-            {
-                "impl": "pytorch+peft",
-                "tokens_per_s": tokens / timed,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "losses": losses,
-                "threads": args.threads,
-                "seq_len": args.seq_len,
-                "batch": args.batch,
-                "steps": args.steps,
-                "torch": torch.__version__,
-            }
-        )
-    )
+        loss = out.loss.item()
+        step_s.append(time.perf_counter() - t0)
+        losses.append(loss)
+        if not args.json:
+            print(f"step {step + 1}/{args.steps}  loss {loss:.4f}  {step_s[-1]:.2f} s  "
+                  f"{args.batch * args.seq_len / step_s[-1]:.1f} tok/s", flush=True)
+
+    tokens_per_s = (args.steps - 1) * args.batch * args.seq_len / sum(step_s[1:])
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    result = {
+        "impl": "pytorch+peft",
+        "tokens_per_s": round(tokens_per_s, 2),
+        "peak_rss_mb": round(peak_rss_mb, 1),
+        "losses": [round(x, 6) for x in losses],
+        "step_s": [round(x, 4) for x in step_s],
+        "threads": args.threads,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "steps": args.steps,
+        "lr": args.lr,
+        "lora_rank": args.rank,
+        "lora_alpha": config.lora_alpha,
+        "lora_targets": args.targets,
+        "trainable_params": sum(p.numel() for p in trainable),
+        "distinct_rows": n_rows,
+        "model": os.path.basename(os.path.normpath(args.model)),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{tokens_per_s:.1f} tok/s over steps 2..{args.steps}, peak RSS {peak_rss_mb:.0f} MiB, "
+              f"{result['trainable_params']} trainable parameters, torch {torch.__version__}, "
+              f"peft {peft.__version__}, {args.threads} threads")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
