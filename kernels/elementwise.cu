@@ -57,6 +57,12 @@ extern "C" __global__ void convert_bf16_f32(float* dst, const __nv_bfloat16* src
         dst[i] = __bfloat162float(src[i]);
 }
 
+// x *= s over n f32 elements (gradient clipping).
+extern "C" __global__ void scale_f32(float* x, float s, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        x[i] *= s;
+}
+
 // One AdamW step over n f32 elements, in torch.optim.AdamW's order (see
 // Backend::adamw_step); the scalars are formed on the host in f64 and
 // rounded once, as the CPU device forms them.

@@ -133,3 +133,15 @@ extern "C" __global__ void cross_entropy_f32(float* loss, float* dlogits, const 
             dl[c] = (expf(xr[c] - lse) - (c == (int)t ? 1.0f : 0.0f)) * scale;
     if (threadIdx.x == 0) loss[blockIdx.x] = lse - xr[t];
 }
+
+// out[0] += sum of x^2 over n elements: each block reduces its grid-stride
+// share in f32, then adds it to the f64 total atomically (out zeroed by the
+// launcher). The global gradient norm is the square root of the sum.
+extern "C" __global__ void sum_squares_f32(double* out, const float* x, int n) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        s += x[i] * x[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) atomicAdd(out, (double)s);
+}

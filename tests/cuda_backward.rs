@@ -371,3 +371,21 @@ fn add_scaled_from_f32() {
         check(&format!("{x_t} += f32"), &g, &x, tol);
     }
 }
+
+/// The global gradient norm's pieces: Σ x² (f64 total of per-block f32
+/// sums) and the clipping scale, at ragged lengths.
+#[test]
+fn sum_squares_and_scale() {
+    let (g, mut r) = (gpu(), rng());
+    for n in [1, 255, 257, 100_003] {
+        let mut x = pair(&g, &data(&mut r, n, 2.0), &[n], F32);
+        let (want, got) = (
+            Cpu.sum_squares(&x.cpu).unwrap(),
+            g.sum_squares(&x.gpu).unwrap(),
+        );
+        assert!(((got - want) / want).abs() < 1e-6, "n {n}: {got} vs {want}");
+        Cpu.scale(&mut x.cpu, 0.37).unwrap();
+        g.scale(&mut x.gpu, 0.37).unwrap();
+        check(&format!("scale n {n}"), &g, &x, 0.0);
+    }
+}

@@ -300,6 +300,13 @@ pub trait Backend: Sized + Send + Sync {
 
     // ----- optimizer -----
 
+    /// Σ x² over the tensor, accumulated in f64 on the host side (the
+    /// global gradient norm is the square root of the sum over tensors).
+    fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64>;
+
+    /// t ·= s in place (gradient clipping).
+    fn scale(&self, t: &mut Tensor<Self>, s: f32) -> Result<()>;
+
     /// One AdamW step on one parameter tensor, in torch.optim.AdamW's order
     /// (decoupled weight decay, bias correction), element-wise, with t = `step`
     /// (1 for the first step):

@@ -16,7 +16,7 @@
 //! What trains is [`Trainable`]: every weight, or only the LoRA adapter of
 //! `Llama::adapter` (the base frozen: its matrix products run backward with
 //! no weight gradient, and norms' gradients go to a scratch). Gradient
-//! clipping computes its norm on the host (CPU-first; see [`grad_norm`]).
+//! clipping reduces and scales on the device ([`clip_grad_norm`]).
 
 use crate::backend::{AdamW, Backend};
 use crate::error::{Error, Result};
@@ -846,37 +846,25 @@ pub fn adamw_update<B: Backend>(
     Ok(())
 }
 
-/// The global L2 norm of all gradients, sqrt(Σ g²), summed in f64.
-///
-/// CPU-first: it downloads every gradient to the host. A device reduction op
-/// replaces it when the CUDA trainer needs one.
+/// The global L2 norm of all gradients, sqrt(Σ g²), summed in f64 on the
+/// device (`Backend::sum_squares`).
 pub fn grad_norm<B: Backend>(be: &B, grads: &Grads<B>) -> Result<f32> {
     let mut sum = 0.0f64;
     for t in grads.tensors() {
-        sum += be
-            .download(t)?
-            .iter()
-            .map(|&x| (x as f64) * (x as f64))
-            .sum::<f64>();
+        sum += be.sum_squares(t)?;
     }
     Ok(sum.sqrt() as f32)
 }
 
 /// Global-norm clipping as torch's `clip_grad_norm_`: when the norm exceeds
-/// `max_norm`, every gradient is scaled by max_norm / (norm + 1e-6).
-/// Returns the norm before clipping. CPU-first like [`grad_norm`]: the
-/// scaling is done on the host and the result uploaded.
+/// `max_norm`, every gradient is scaled by max_norm / (norm + 1e-6), a
+/// factor rounded to f32 as torch's is. Returns the norm before clipping.
 pub fn clip_grad_norm<B: Backend>(be: &B, grads: &mut Grads<B>, max_norm: f32) -> Result<f32> {
     let norm = grad_norm(be, grads)?;
-    let coef = max_norm as f64 / (norm as f64 + 1e-6);
+    let coef = (max_norm as f64 / (norm as f64 + 1e-6)) as f32;
     if coef < 1.0 {
         for t in grads.tensors_mut() {
-            let data: Vec<f32> = be
-                .download(t)?
-                .iter()
-                .map(|&x| (x as f64 * coef) as f32)
-                .collect();
-            *t = be.upload(data, &t.shape, t.dtype)?;
+            be.scale(t, coef)?;
         }
     }
     Ok(norm)

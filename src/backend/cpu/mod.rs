@@ -12,6 +12,7 @@ use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::{dropout_keeps, shapes, AdamW, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
+use rayon::prelude::*;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -337,6 +338,22 @@ impl Backend for Cpu {
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
         assert_eq!(logits.rows_cols().0, 1, "sample takes one row of logits");
         Ok(sample::choose(view(logits), cfg, u))
+    }
+
+    fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {
+        // Fixed chunks summed in order: the same f64 total on every run.
+        let parts: Vec<f64> = view(t)
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .collect();
+        Ok(parts.iter().sum())
+    }
+
+    fn scale(&self, t: &mut Tensor<Self>, s: f32) -> Result<()> {
+        view_mut(t).par_chunks_mut(1 << 14).for_each(|c| {
+            c.iter_mut().for_each(|x| *x *= s);
+        });
+        Ok(())
     }
 
     fn adamw_step(

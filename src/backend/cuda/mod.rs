@@ -756,6 +756,30 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         Ok(sum as f32)
     }
 
+    fn sum_squares(&self, t: &Tensor<Self>) -> Result<f64> {
+        expect_dtype("sum_squares input", t, DType::F32);
+        let n = t.numel();
+        let out = self.alloc(8)?;
+        // SAFETY: the fresh 8-byte allocation.
+        unsafe { self.driver.zero(out.ptr, 8)? };
+        if n > 0 {
+            let args = Args::default().ptr(out.ptr).ptr(t.buf.ptr).int(n);
+            let blocks = blocks_for(n).min(1024);
+            self.launch("sum_squares_f32", (blocks, 1, 1), (THREADS, 1, 1), args)?;
+        }
+        let mut bytes = [0u8; 8];
+        // SAFETY: the 8-byte allocation above; the copy waits for the kernel.
+        unsafe { self.driver.download(&mut bytes, out.ptr)? };
+        Ok(f64::from_le_bytes(bytes))
+    }
+
+    fn scale(&self, t: &mut Tensor<Self>, s: f32) -> Result<()> {
+        expect_dtype("scale input", t, DType::F32);
+        let n = t.numel();
+        let args = Args::default().ptr(t.buf.ptr).float(s).int(n);
+        self.launch("scale_f32", (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
+    }
+
     fn adamw_step(
         &self,
         param: &mut Tensor<Self>,
