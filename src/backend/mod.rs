@@ -381,6 +381,15 @@ impl AdamW {
 /// (padding, prompt tokens).
 pub const IGNORE: u32 = u32::MAX;
 
+/// `cross_entropy`'s default gradient scale: 1 / the counted targets (0
+/// when every target is IGNORE), so the gradient is that of the mean loss.
+pub fn mean_scale(targets: &[u32]) -> f32 {
+    match targets.iter().filter(|&&t| t != IGNORE).count() {
+        0 => 0.0,
+        counted => 1.0 / counted as f32,
+    }
+}
+
 /// The hyperparameters of one `Backend::adamw_step` (torch.optim.AdamW's names).
 /// f64 like the Python floats torch takes: the derived scalars (1 − β1,
 /// lr/(1 − β1ᵗ), …) are formed in f64 and rounded to the device's f32 once.

@@ -92,6 +92,31 @@ pub fn write_dir_atomically(
     done
 }
 
+/// Copies a model folder's files other than its weights (config,
+/// tokenizer, generation config; not `*.safetensors`, the shard index or
+/// hidden files) into `dest`, in name order. Returns the names copied.
+pub fn copy_model_side_files(model_dir: &Path, dest: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))? {
+        let e = e.map_err(|e| Error::io(model_dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        if is_file
+            && !name.ends_with(".safetensors")
+            && name != "model.safetensors.index.json"
+            && !name.starts_with('.')
+        {
+            names.push(name);
+        }
+    }
+    names.sort();
+    for name in &names {
+        let (from, to) = (model_dir.join(name), dest.join(name));
+        fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+    }
+    Ok(names)
+}
+
 /// Writes a safetensors file whose tensors are `plan` (name, shape, dtype:
 /// F32, BF16 or F16), asking `data(i)` for tensor i's values as f32 one at a
 /// time, so that memory holds one tensor, not the model.

@@ -25,7 +25,9 @@
 
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
-use crate::model::folder::{short_f64, write_dir_atomically, write_json, write_safetensors};
+use crate::model::folder::{
+    copy_model_side_files, short_f64, write_dir_atomically, write_json, write_safetensors,
+};
 use crate::model::weights::SafetensorsFiles;
 use crate::tensor::DType;
 use rand::rngs::StdRng;
@@ -703,26 +705,7 @@ pub fn merge_to_dir(
                 }
                 Ok(w)
             })?;
-            let entries = fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))?;
-            let mut names = Vec::new();
-            for e in entries {
-                let e = e.map_err(|e| Error::io(model_dir, e))?;
-                let name = e.file_name().to_string_lossy().into_owned();
-                let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
-                if is_file
-                    && !name.ends_with(".safetensors")
-                    && name != "model.safetensors.index.json"
-                    && !name.starts_with('.')
-                {
-                    names.push(name);
-                }
-            }
-            names.sort();
-            for name in names {
-                let (from, to) = (model_dir.join(&name), tmp.join(&name));
-                fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
-                copied.push(name);
-            }
+            copied = copy_model_side_files(model_dir, tmp)?;
             Ok(())
         },
     )?;

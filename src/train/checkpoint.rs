@@ -18,7 +18,9 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::adapter::Lora;
-use crate::model::folder::{write_dir_atomically, write_json, write_safetensors};
+use crate::model::folder::{
+    copy_model_side_files, write_dir_atomically, write_json, write_safetensors,
+};
 use crate::model::llama::Llama;
 use crate::model::lora::LoraAdapter;
 use crate::model::train_step::{param_list, param_names, AdamWState, Grads};
@@ -129,16 +131,7 @@ pub fn write_weights<B: Backend>(
     write_safetensors(&dir.join("model.safetensors"), &plan, |i| {
         be.download(params[i])
     })?;
-    for entry in fs::read_dir(model_dir).map_err(|e| Error::io(model_dir, e))? {
-        let entry = entry.map_err(|e| Error::io(model_dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let is_file = entry.file_type().map(|t| t.is_file()).unwrap_or(false);
-        let weights = name.ends_with(".safetensors") || name == "model.safetensors.index.json";
-        if is_file && !weights && !name.starts_with('.') {
-            let to = dir.join(&name);
-            fs::copy(entry.path(), &to).map_err(|e| Error::io(entry.path(), e))?;
-        }
-    }
+    copy_model_side_files(model_dir, dir)?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ mod ops;
 mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{dropout_keeps, shapes, AdamW, Backend, IGNORE};
+use crate::backend::{dropout_keeps, mean_scale, shapes, AdamW, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -319,12 +319,7 @@ impl Backend for Cpu {
         scale: Option<f32>,
     ) -> Result<f32> {
         let (_, vocab) = shapes::cross_entropy(dlogits.as_deref(), logits, targets);
-        let counted = targets.iter().filter(|&&t| t != IGNORE).count();
-        let scale = scale.unwrap_or(if counted == 0 {
-            0.0
-        } else {
-            1.0 / counted as f32
-        });
+        let scale = scale.unwrap_or_else(|| mean_scale(targets));
         let dlogits = dlogits.map(view_mut);
         Ok(backward::cross_entropy(
             dlogits,

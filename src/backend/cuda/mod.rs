@@ -10,7 +10,7 @@ pub mod real;
 pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{shapes, AdamW, Backend, IGNORE};
+use crate::backend::{mean_scale, shapes, AdamW, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -100,6 +100,15 @@ impl<D: GpuDriver> Cuda<D> {
             bytes,
             driver: self.driver.clone(),
         })
+    }
+
+    /// Token ids or targets on the device, for one kernel's use: the caller
+    /// keeps the buffer alive until that kernel has run.
+    fn upload_u32(&self, values: &[u32]) -> Result<DeviceBuffer<D>> {
+        let buf = self.alloc(values.len() * 4)?;
+        // SAFETY: the allocation holds exactly the values.
+        unsafe { self.driver.upload(buf.ptr, bytemuck::cast_slice(values))? };
+        Ok(buf)
     }
 
     fn launch(
@@ -271,9 +280,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         if ids.is_empty() {
             return Ok(());
         }
-        let dev_ids = self.alloc(ids.len() * 4)?;
-        // SAFETY: the allocation holds exactly the ids.
-        unsafe { self.driver.upload(dev_ids.ptr, bytemuck::cast_slice(ids))? };
+        let dev_ids = self.upload_u32(ids)?;
         let args = Args::default()
             .ptr(out.buf.ptr)
             .ptr(dev_ids.ptr)
@@ -296,9 +303,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         if ids.is_empty() {
             return Ok(());
         }
-        let dev_ids = self.alloc(ids.len() * 4)?;
-        // SAFETY: the allocation holds exactly the ids.
-        unsafe { self.driver.upload(dev_ids.ptr, bytemuck::cast_slice(ids))? };
+        let dev_ids = self.upload_u32(ids)?;
         let args = Args::default()
             .ptr(dtable.buf.ptr)
             .ptr(dev_ids.ptr)
@@ -719,12 +724,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         if n == 0 {
             return Ok(0.0);
         }
-        let counted = targets.iter().filter(|&&t| t != IGNORE).count();
-        let scale = scale.unwrap_or(if counted == 0 {
-            0.0
-        } else {
-            1.0 / counted as f32
-        });
+        let scale = scale.unwrap_or_else(|| mean_scale(targets));
         let dl = match dlogits {
             Some(t) => {
                 expect_dtype("dlogits", t, DType::F32);
@@ -732,12 +732,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             }
             None => 0, // the kernel's null pointer: no gradient
         };
-        let (loss, dev_targets) = (self.alloc(n * 4)?, self.alloc(n * 4)?);
-        // SAFETY: the allocation holds exactly the targets.
-        unsafe {
-            self.driver
-                .upload(dev_targets.ptr, bytemuck::cast_slice(targets))?
-        };
+        let (loss, dev_targets) = (self.alloc(n * 4)?, self.upload_u32(targets)?);
         let args = Args::default()
             .ptr(loss.ptr)
             .ptr(dl)
