@@ -30,17 +30,7 @@ fn engine_raw(args: &[&str]) -> Output {
 /// A copy of a tiny model folder with the test tokenizer, for tests that break it.
 fn model_copy(variant: &str) -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("model");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(&format!("tiny_llama/{variant}"))).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    std::fs::copy(
-        fixture("tiny_llama/tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
+    let dir = common::tiny_model_copy(variant, &tmp.path().join("model"));
     (tmp, dir)
 }
 

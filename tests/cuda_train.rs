@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, sixteen_texts, tiny_model_copy};
 use engine::backend::cpu::Cpu;
 use engine::backend::cuda::driver::Emu;
 use engine::backend::cuda::Cuda;
@@ -15,40 +15,8 @@ use engine::model::lora::{LoraConfig, Target};
 use engine::train::batch::Layout;
 use engine::train::schedule::{Decay, Length};
 use engine::train::trainer::{finetune, Outcome, RunPaths, TrainOptions};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
-
-fn model(tmp: &Path) -> PathBuf {
-    let dir = tmp.join("model");
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture("tiny_llama/model")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    std::fs::copy(
-        fixture("tiny_llama/tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
-    dir
-}
-
-fn dataset(tmp: &Path) -> PathBuf {
-    let path = tmp.join("train.jsonl");
-    let mut text = String::new();
-    for i in 0..16 {
-        let words: Vec<String> = (0..7)
-            .map(|j| format!("w{}", 10 + (i * 7 + j * 13) % 300))
-            .collect();
-        text.push_str(&format!(
-            "{{\"text\": \"w{} {}\"}}\n",
-            100 + i,
-            words.join(" ")
-        ));
-    }
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn options(lora: Option<LoraConfig>, lr: f64, save_every: u64) -> TrainOptions {
     TrainOptions {
@@ -110,7 +78,10 @@ fn lora() -> LoraConfig {
 #[test]
 fn emulated_gpu_follows_the_cpu() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path()), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     for (what, opts) in [
         ("lora", options(Some(lora()), 1e-2, 0)),
         ("full", options(None, 1e-3, 0)),
@@ -157,7 +128,10 @@ fn emulated_gpu_follows_the_cpu() {
 #[test]
 fn emulated_gpu_resumes() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path()), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     for (what, opts) in [
         ("lora", options(Some(lora()), 1e-2, 3)),
         ("full", options(None, 1e-3, 3)),

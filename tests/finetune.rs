@@ -5,51 +5,16 @@
 
 mod common;
 
-use common::fixture;
+use common::{sixteen_texts, tiny_model_copy};
 use engine::backend::cpu::Cpu;
 use engine::model::lora::{parse_targets, LoraConfig};
 use engine::train::batch::Layout;
 use engine::train::schedule::{Decay, Length};
 use engine::train::trainer::{finetune, Outcome, RunPaths, TrainOptions};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
-
-/// A copy of the tiny tied model with the test tokenizer.
-fn model(tmp: &Path, variant: &str) -> PathBuf {
-    let dir = tmp.join(variant);
-    std::fs::create_dir(&dir).unwrap();
-    for entry in std::fs::read_dir(fixture(&format!("tiny_llama/{variant}"))).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
-    }
-    std::fs::copy(
-        fixture("tiny_llama/tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
-    dir
-}
-
-/// 16 short texts over the tiny vocabulary, each starting with its own
-/// word, so every next token is determined by the prefix.
-fn dataset(tmp: &Path) -> PathBuf {
-    let path = tmp.join("train.jsonl");
-    let mut text = String::new();
-    for i in 0..16 {
-        let words: Vec<String> = (0..7)
-            .map(|j| format!("w{}", 10 + (i * 7 + j * 13) % 300))
-            .collect();
-        text.push_str(&format!(
-            "{{\"text\": \"w{} {}\"}}\n",
-            100 + i,
-            words.join(" ")
-        ));
-    }
-    std::fs::write(&path, text).unwrap();
-    path
-}
 
 fn engine(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_engine"))
@@ -112,7 +77,10 @@ const LORA: &[&str] = &[
 #[test]
 fn lora_run_overfits_and_writes_its_outputs() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     let out = tmp.path().join("run");
     let mut args = vec![
         "finetune",
@@ -173,7 +141,10 @@ fn lora_run_overfits_and_writes_its_outputs() {
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     let whole = tmp.path().join("whole");
     let common_args = |out: &Path| {
         let mut a: Vec<String> = ["finetune", "--model", s(&m), "--data", s(&data)]
@@ -235,7 +206,10 @@ fn resumed_run_reproduces_the_uninterrupted_one() {
 #[test]
 fn full_run_and_interrupt() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     let out = tmp.path().join("full");
     let opts = TrainOptions {
         lora: None,
@@ -299,7 +273,10 @@ fn full_run_and_interrupt() {
 #[test]
 fn bad_input_is_one_clear_line() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     let out = tmp.path().join("o");
     let run = |data: &Path, extra: &[&str]| {
         let mut a = vec![
@@ -344,7 +321,7 @@ fn bad_input_is_one_clear_line() {
     assert!(!out.exists(), "a failed run left {}", out.display());
 
     // A resume folder from another model's run is refused.
-    let other = model(tmp.path(), "untied");
+    let other = tiny_model_copy("untied", &tmp.path().join("untied"));
     let run_other = tmp.path().join("other-run");
     ok(&engine(&[
         "finetune",
@@ -440,7 +417,10 @@ fn bad_input_is_one_clear_line() {
 #[test]
 fn sigint_saves_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let (m, data) = (model(tmp.path(), "model"), dataset(tmp.path()));
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
     let out = tmp.path().join("run");
     let mut args: Vec<&str> = vec!["finetune", "--model", s(&m), "--data", s(&data)];
     args.extend(LORA);

@@ -114,3 +114,40 @@ pub fn seeded_rng(var: &str) -> rand::rngs::StdRng {
     eprintln!("seed {seed} (replay with {var}={seed})");
     rand::rngs::StdRng::seed_from_u64(seed)
 }
+
+/// A copy of tests/fixtures/tiny_llama/`variant` at `dest`, with the
+/// word-level test tokenizer, for tests that run the model from a folder
+/// (or break it). Returns `dest`.
+pub fn tiny_model_copy(variant: &str, dest: &Path) -> PathBuf {
+    std::fs::create_dir(dest).unwrap();
+    for entry in std::fs::read_dir(fixture(&format!("tiny_llama/{variant}"))).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dest.join(entry.file_name())).unwrap();
+    }
+    std::fs::copy(
+        fixture("tiny_llama/tokenizer.json"),
+        dest.join("tokenizer.json"),
+    )
+    .unwrap();
+    dest.to_path_buf()
+}
+
+/// `dir/train.jsonl`: 16 short {"text"} lines over the tiny vocabulary,
+/// each starting with its own word, so every next token is determined by
+/// the prefix (a set a model can overfit).
+pub fn sixteen_texts(dir: &Path) -> PathBuf {
+    let path = dir.join("train.jsonl");
+    let mut text = String::new();
+    for i in 0..16 {
+        let words: Vec<String> = (0..7)
+            .map(|j| format!("w{}", 10 + (i * 7 + j * 13) % 300))
+            .collect();
+        text.push_str(&format!(
+            "{{\"text\": \"w{} {}\"}}\n",
+            100 + i,
+            words.join(" ")
+        ));
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
