@@ -5,13 +5,11 @@
 
 mod common;
 
+use common::emu::{check, data, gpu, pair, poisoned};
 use common::max_rel_err;
 use engine::backend::cpu::Cpu;
-use engine::backend::cuda::driver::Emu;
-use engine::backend::cuda::Cuda;
 use engine::backend::Backend;
-use engine::tensor::DType::{self, BF16, F32};
-use engine::tensor::Tensor;
+use engine::tensor::DType::{BF16, F32};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -20,47 +18,8 @@ const BF16_TOL: f32 = 1e-2;
 /// f32 outputs of f32 inputs: only the order of additions differs.
 const F32_TOL: f32 = 1e-6;
 
-fn gpu() -> Cuda<Emu> {
-    Cuda::new(Emu::new())
-}
-
 fn rng() -> StdRng {
     common::seeded_rng("CUDA_BACKWARD_SEED")
-}
-
-/// Random values representable in bf16, so both devices see the same inputs.
-fn data(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32())
-        .collect()
-}
-
-struct Pair {
-    cpu: Tensor<Cpu>,
-    gpu: Tensor<Cuda<Emu>>,
-}
-
-fn pair(g: &Cuda<Emu>, v: &[f32], shape: &[usize], dtype: DType) -> Pair {
-    Pair {
-        cpu: Cpu.upload(v.to_vec(), shape, F32).unwrap(),
-        gpu: g.upload(v.to_vec(), shape, dtype).unwrap(),
-    }
-}
-
-/// An output pair, the GPU side NaN so that elements a kernel skips show.
-fn poisoned(g: &Cuda<Emu>, shape: &[usize], dtype: DType) -> Pair {
-    let n = shape.iter().product();
-    Pair {
-        cpu: Cpu.zeros(shape, F32).unwrap(),
-        gpu: g.upload(vec![f32::NAN; n], shape, dtype).unwrap(),
-    }
-}
-
-fn check(what: &str, g: &Cuda<Emu>, o: &Pair, tol: f32) {
-    let want = Cpu.download(&o.cpu).unwrap();
-    let got = g.download(&o.gpu).unwrap();
-    let err = max_rel_err(&got, &want);
-    assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
 }
 
 #[test]

@@ -5,13 +5,10 @@
 
 mod common;
 
-use common::max_rel_err;
+use common::emu::{check, data, gpu, pair, poisoned};
 use engine::backend::cpu::Cpu;
-use engine::backend::cuda::driver::Emu;
-use engine::backend::cuda::Cuda;
 use engine::backend::Backend;
-use engine::tensor::DType::{self, BF16, F32};
-use engine::tensor::Tensor;
+use engine::tensor::DType::{BF16, F32};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -22,49 +19,10 @@ const BF16_TOL: f32 = 1e-2;
 /// f32 outputs from bf16 inputs: only the summation order differs.
 const F32_TOL: f32 = 1e-5;
 
-fn gpu() -> Cuda<Emu> {
-    Cuda::new(Emu::new())
-}
-
 fn rng() -> StdRng {
     let seed: u64 = rand::rng().random();
     eprintln!("seed {seed}");
     StdRng::seed_from_u64(seed)
-}
-
-/// Random values already representable in bf16, so both devices see the same inputs.
-fn data(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32())
-        .collect()
-}
-
-struct Pair {
-    cpu: Tensor<Cpu>,
-    gpu: Tensor<Cuda<Emu>>,
-}
-
-fn pair(g: &Cuda<Emu>, v: &[f32], shape: &[usize], dtype: DType) -> Pair {
-    Pair {
-        cpu: Cpu.upload(v.to_vec(), shape, F32).unwrap(),
-        gpu: g.upload(v.to_vec(), shape, dtype).unwrap(),
-    }
-}
-
-/// An output pair, the GPU side filled with NaN so skipped elements show.
-fn out(g: &Cuda<Emu>, shape: &[usize], dtype: DType) -> Pair {
-    let n = shape.iter().product();
-    Pair {
-        cpu: Cpu.zeros(shape, F32).unwrap(),
-        gpu: g.upload(vec![f32::NAN; n], shape, dtype).unwrap(),
-    }
-}
-
-fn check(what: &str, g: &Cuda<Emu>, o: &Pair, tol: f32) {
-    let want = Cpu.download(&o.cpu).unwrap();
-    let got = g.download(&o.gpu).unwrap();
-    let err = max_rel_err(&got, &want);
-    assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
 }
 
 #[test]
@@ -81,13 +39,13 @@ fn add_swiglu_rmsnorm() {
         check(&format!("add {what}"), &g, &a, BF16_TOL);
 
         let (gate, up) = (pair(&g, &x, &[n, d], BF16), pair(&g, &y, &[n, d], BF16));
-        let mut o = out(&g, &[n, d], BF16);
+        let mut o = poisoned(&g, &[n, d], BF16);
         Cpu.swiglu(&mut o.cpu, &gate.cpu, &up.cpu).unwrap();
         g.swiglu(&mut o.gpu, &gate.gpu, &up.gpu).unwrap();
         check(&format!("swiglu {what}"), &g, &o, BF16_TOL);
 
         let wt = pair(&g, &w, &[d], BF16);
-        let mut o = out(&g, &[n, d], BF16);
+        let mut o = poisoned(&g, &[n, d], BF16);
         Cpu.rmsnorm(&mut o.cpu, &gate.cpu, &wt.cpu, 1e-5).unwrap();
         g.rmsnorm(&mut o.gpu, &gate.gpu, &wt.gpu, 1e-5).unwrap();
         check(&format!("rmsnorm {what}"), &g, &o, BF16_TOL);
@@ -112,7 +70,7 @@ fn add_swiglu_rmsnorm() {
             g.download(&z).unwrap().iter().all(|&v| v == 0.0),
             "zero {what}"
         );
-        let mut o = out(&g, &[n, d], BF16);
+        let mut o = poisoned(&g, &[n, d], BF16);
         Cpu.rmsnorm(&mut o.cpu, &a.cpu, &wt.cpu, 1e-6).unwrap();
         g.rmsnorm(&mut o.gpu, &a.gpu, &wt.gpu, 1e-6).unwrap();
         check(&format!("rmsnorm f32 in {what}"), &g, &o, BF16_TOL);
@@ -125,11 +83,11 @@ fn embedding_and_copy_rows() {
     let (vocab, d) = (50, 67);
     let table = pair(&g, &data(&mut r, vocab * d, 1.0), &[vocab, d], BF16);
     let ids: Vec<u32> = (0..13).map(|_| r.random_range(0..vocab as u32)).collect();
-    let mut o = out(&g, &[ids.len(), d], BF16);
+    let mut o = poisoned(&g, &[ids.len(), d], BF16);
     Cpu.embedding(&mut o.cpu, &ids, &table.cpu).unwrap();
     g.embedding(&mut o.gpu, &ids, &table.gpu).unwrap();
     check("embedding", &g, &o, 0.0);
-    let mut o32 = out(&g, &[ids.len(), d], F32);
+    let mut o32 = poisoned(&g, &[ids.len(), d], F32);
     Cpu.embedding(&mut o32.cpu, &ids, &table.cpu).unwrap();
     g.embedding(&mut o32.gpu, &ids, &table.gpu).unwrap();
     check("embedding into f32", &g, &o32, 0.0);
@@ -174,7 +132,7 @@ fn matmul_both_outputs() {
         let x = pair(&g, &data(&mut r, n * k, 1.0), &[n, k], BF16);
         let w = pair(&g, &data(&mut r, m * k, 1.0), &[m, k], BF16);
         for (dtype, tol) in [(F32, F32_TOL), (BF16, BF16_TOL)] {
-            let mut o = out(&g, &[n, m], dtype);
+            let mut o = poisoned(&g, &[n, m], dtype);
             Cpu.matmul_nt(&mut o.cpu, &x.cpu, &w.cpu).unwrap();
             g.matmul_nt(&mut o.gpu, &x.gpu, &w.gpu).unwrap();
             check(
@@ -203,7 +161,7 @@ fn attention() {
                 );
                 let k = pair(&g, &data(&mut r, cap * kvw, 2.0), &[cap, kvw], BF16);
                 let v = pair(&g, &data(&mut r, cap * kvw, 2.0), &[cap, kvw], BF16);
-                let mut o = out(&g, &[n, heads * hd], BF16);
+                let mut o = poisoned(&g, &[n, heads * hd], BF16);
                 Cpu.attention(&mut o.cpu, &q.cpu, &k.cpu, &v.cpu, heads, kv_heads, pos0)
                     .unwrap();
                 g.attention(&mut o.gpu, &q.gpu, &k.gpu, &v.gpu, heads, kv_heads, pos0)
@@ -220,7 +178,7 @@ fn log_softmax() {
     let (g, mut r) = (gpu(), rng());
     for (n, d) in [(1, 3), (4, 320), (3, 49152)] {
         let x = pair(&g, &data(&mut r, n * d, 20.0), &[n, d], F32);
-        let mut o = out(&g, &[n, d], F32);
+        let mut o = poisoned(&g, &[n, d], F32);
         Cpu.log_softmax(&mut o.cpu, &x.cpu).unwrap();
         g.log_softmax(&mut o.gpu, &x.gpu).unwrap();
         check(&format!("log_softmax [{n}, {d}]"), &g, &o, F32_TOL);

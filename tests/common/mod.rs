@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[cfg(feature = "emu")]
+pub mod emu;
+
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};
 
