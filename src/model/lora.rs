@@ -235,6 +235,15 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// PEFT's names of an adapter's tensors over `layers` layers: per layer,
+    /// per target, A then B (the order of `LoraAdapter`'s and `Lora`'s
+    /// tensors).
+    pub fn tensor_names(&self, layers: usize) -> Vec<String> {
+        (0..layers)
+            .flat_map(|i| self.targets.iter().flat_map(move |t| t.peft_names(i)))
+            .collect()
+    }
+
     /// alpha / r, or alpha / sqrt(r) with rsLoRA.
     pub fn scaling(&self) -> f32 {
         if self.rslora {
@@ -436,7 +445,7 @@ impl LoraAdapter {
     /// PEFT's names of every tensor, in the order of `Lora::tensors` (per
     /// layer, per target, A then B).
     pub fn tensor_names(&self) -> Vec<String> {
-        self.tensors().into_iter().map(|(n, _, _)| n).collect()
+        self.config.tensor_names(self.layers.len())
     }
 
     /// Loads a PEFT LoRA adapter folder for a model with config `model`.

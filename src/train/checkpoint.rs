@@ -17,7 +17,6 @@
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::adapter::Lora;
 use crate::model::folder::{
     copy_model_side_files, write_dir_atomically, write_json, write_safetensors,
 };
@@ -138,20 +137,9 @@ pub fn write_weights<B: Backend>(
 /// The names of the trained tensors, in the order of `Grads::tensors`.
 fn trained_names<B: Backend>(model: &Llama<B>) -> Vec<String> {
     match &model.adapter {
-        Some(lora) => lora_names(lora),
+        Some(lora) => lora.config.tensor_names(lora.layers.len()),
         None => param_names(&model.weights),
     }
-}
-
-fn lora_names<B: Backend>(lora: &Lora<B>) -> Vec<String> {
-    (0..lora.layers.len())
-        .flat_map(|i| {
-            lora.config
-                .targets
-                .iter()
-                .flat_map(move |t| t.peft_names(i))
-        })
-        .collect()
 }
 
 /// The checkpoint `--resume` names: `path` itself when it holds one, else
