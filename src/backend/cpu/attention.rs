@@ -89,31 +89,23 @@ fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
         .map(|h| {
             let g = h / group;
             let mut s = vec![0.0f32; n * len];
-            // SAFETY: S is n×len (row stride len); Q_h is n×hd read at
-            // q[i·width + h·hd + c] (i < n, c < hd, inside q's n·width);
-            // K_gᵀ is hd×len read at k[j·kv_width + g·hd + c] (j < len, inside
-            // the asserted valid cache rows).
+            let mut o = vec![0.0f32; n * hd];
+            // SAFETY: S is n×len; Q_h is n rows of hd at stride width from
+            // h·hd (inside q's n·width); K_g and V_g are len rows of hd at
+            // stride kv_width from g·hd, inside the asserted valid cache
+            // rows; O_h is n×hd.
             unsafe {
-                gemm::gemm(
+                mm(
+                    &mut s,
+                    len,
                     n,
                     len,
                     hd,
-                    s.as_mut_ptr(),
-                    1,
-                    len as isize,
+                    (q[h * hd..].as_ptr(), width),
                     false,
-                    q.as_ptr().add(h * hd),
-                    1,
-                    width as isize,
-                    k.as_ptr().add(g * hd),
-                    kv_width as isize,
-                    1,
-                    0.0,
+                    (k[g * hd..].as_ptr(), kv_width),
+                    true,
                     scale,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
             for (i, row) in s.chunks_exact_mut(len).enumerate() {
@@ -121,31 +113,20 @@ fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                 softmax_in_place(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
-            let mut o = vec![0.0f32; n * hd];
-            // SAFETY: O_h is n×hd (row stride hd); P is n×len as written
-            // above; V_g is len×hd read at v[j·kv_width + g·hd + c], inside
-            // the valid cache rows.
+            // O_h = P·V_g
+            // SAFETY: P is n×len as written above; V_g and O_h as above.
             unsafe {
-                gemm::gemm(
+                mm(
+                    &mut o,
+                    hd,
                     n,
                     hd,
                     len,
-                    o.as_mut_ptr(),
-                    1,
-                    hd as isize,
+                    (s.as_ptr(), len),
                     false,
-                    s.as_ptr(),
-                    1,
-                    len as isize,
-                    v.as_ptr().add(g * hd),
-                    1,
-                    kv_width as isize,
-                    0.0,
+                    (v[g * hd..].as_ptr(), kv_width),
+                    false,
                     1.0,
-                    false,
-                    false,
-                    false,
-                    Parallelism::None,
                 );
             }
             o
@@ -168,4 +149,55 @@ pub fn softmax_in_place(s: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// dst [m, n] (row stride `dst_rs`) = scale · op(A) op(B), op(A) [m, k],
+/// op(B) [k, n], where A and B are row-major views (pointer, row stride),
+/// transposed when the flag says so.
+///
+/// # Safety
+/// Every element the product reads lies inside the allocation behind its
+/// pointer, and dst holds m rows of stride dst_rs.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn mm(
+    dst: &mut [f32],
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (*const f32, usize),
+    a_t: bool,
+    b: (*const f32, usize),
+    b_t: bool,
+    scale: f32,
+) {
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    // (column stride, row stride) of op(X) for a row-major view of stride s
+    let strides = |s: usize, t: bool| if t { (s as isize, 1) } else { (1, s as isize) };
+    let (a_cs, a_rs) = strides(a.1, a_t);
+    let (b_cs, b_rs) = strides(b.1, b_t);
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.0,
+            a_cs,
+            a_rs,
+            b.0,
+            b_cs,
+            b_rs,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
 }

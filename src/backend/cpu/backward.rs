@@ -7,7 +7,7 @@
 //! count, and partial sums are added in block order, so results are the same
 //! bit for bit on any number of threads.
 
-use super::attention::{softmax_in_place, Dims, GEMM_MIN_QUERIES};
+use super::attention::{mm, softmax_in_place, Dims, GEMM_MIN_QUERIES};
 use super::matmul::dot;
 use super::ops::silu;
 use crate::backend::IGNORE;
@@ -396,57 +396,6 @@ fn head_backward_gemm(
         mm(&mut out.dv, hd, len, hd, n, p, true, do_h, false, 1.0);
     }
     out
-}
-
-/// dst [m, n] (row stride `dst_rs`) = scale · op(A) op(B), op(A) [m, k],
-/// op(B) [k, n], where A and B are row-major views (pointer, row stride),
-/// transposed when the flag says so.
-///
-/// # Safety
-/// Every element the product reads lies inside the allocation behind its
-/// pointer, and dst holds m rows of stride dst_rs.
-#[allow(clippy::too_many_arguments)]
-unsafe fn mm(
-    dst: &mut [f32],
-    dst_rs: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    a: (*const f32, usize),
-    a_t: bool,
-    b: (*const f32, usize),
-    b_t: bool,
-    scale: f32,
-) {
-    assert!(dst.len() >= (m - 1) * dst_rs + n);
-    // (column stride, row stride) of op(X) for a row-major view of stride s
-    let strides = |s: usize, t: bool| if t { (s as isize, 1) } else { (1, s as isize) };
-    let (a_cs, a_rs) = strides(a.1, a_t);
-    let (b_cs, b_rs) = strides(b.1, b_t);
-    // SAFETY: the caller's contract.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            a.0,
-            a_cs,
-            a_rs,
-            b.0,
-            b_cs,
-            b_rs,
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
 }
 
 /// Backward of out = silu(gate) ∘ up, σ the logistic function:
