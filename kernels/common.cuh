@@ -13,6 +13,7 @@
 //   mma_m16n8k16_bf16(d, a, b, c)      d = a·b + c on one warp (tensor cores)
 //   ldmatrix_x4(r, p)                  four 8x8 b16 matrices from shared memory
 //   cp_async_16, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
+//   dropout_keeps(seed, i, p)          the dropout mask, the CPU device's bit for bit
 //
 // Fragment layout of mma.sync.m16n8k16 (PTX ISA, "Matrix Fragments for
 // mma.m16n8k16"), with g = lane / 4 and t = lane % 4; each 32-bit register
@@ -190,4 +191,19 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #if !defined(CUDA_EMU)
     asm volatile("cp.async.wait_all;\n" ::);
 #endif
+}
+
+// ---------------------------------------------------------------- dropout
+
+// Whether inverted dropout keeps element i under seed: the top 24 bits of a
+// SplitMix64 hash of (seed, i), as u in [0, 1), against p. Bit for bit the
+// CPU device's `dropout_keeps`.
+__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned long long i,
+                                              float p) {
+    unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = (float)(unsigned)(z >> 40) / 16777216.0f;
+    return u >= p;
 }

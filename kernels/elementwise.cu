@@ -177,19 +177,6 @@ extern "C" __global__ void embedding_bwd_f32(float* dtable, const unsigned* ids,
     }
 }
 
-// Whether inverted dropout keeps element i under seed: the top 24 bits of a
-// SplitMix64 hash of (seed, i), as u in [0, 1), against p. Bit for bit the
-// CPU device's `dropout_keeps`.
-__device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned long long i,
-                                              float p) {
-    unsigned long long z = seed ^ (i * 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    float u = (float)(unsigned)(z >> 40) / 16777216.0f;
-    return u >= p;
-}
-
 // Inverted dropout in place over n elements: x[i] *= keep_scale where kept,
 // else 0 (keep_scale = 1 / (1 - p), formed on the host as the CPU does).
 template <typename X>

@@ -848,3 +848,117 @@ fn llama_block_gradients_match_finite_differences() {
         );
     }
 }
+
+/// drop(x) of `Backend::dropout` with (p, seed), over x's flat indices.
+fn dropout_f64(x: &[f64], dropout: Option<(f32, u64)>) -> Vec<f64> {
+    let Some((p, seed)) = dropout else {
+        return x.to_vec();
+    };
+    let keep = (1.0 / (1.0 - p)) as f64;
+    x.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if engine::backend::dropout_keeps(seed, i as u64, p) {
+                v * keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// The LoRA branch s·(drop(x)·Aᵀ)·Bᵀ [n, out], and t = drop(x)·Aᵀ [n, r].
+fn lora_f64(
+    x: &[f64],
+    a: &[f64],
+    b: &[f64],
+    s: f64,
+    dropout: Option<(f32, u64)>,
+    (n, inp, out, r): (usize, usize, usize, usize),
+) -> (Vec<f64>, Vec<f64>) {
+    let t = matmul_nt_f64(&dropout_f64(x, dropout), a, n, r, inp);
+    let y = matmul_nt_f64(&t, b, n, out, r);
+    (y.iter().map(|v| s * v).collect(), t)
+}
+
+/// `lora_forward` against the math in f64 (y accumulates, t is
+/// overwritten), and `lora_backward`'s dx, dA, dB against finite
+/// differences of Σ dy ∘ y, with and without dropout, at sizes spanning
+/// several of the op's row blocks (64 rows) and dA's partial sums (256).
+#[test]
+fn lora_forward_and_backward_match_finite_differences() {
+    let mut rng = seeded_rng();
+    for (n, inp, out, r, dropout) in [
+        (1, 1, 1, 1, None),
+        (3, 7, 5, 2, Some((0.5, 11))),
+        (70, 9, 6, 3, Some((0.1, 12))),
+        (300, 4, 3, 2, None),
+    ] {
+        let what = format!("n {n} in {inp} out {out} r {r}, dropout {dropout:?}");
+        let s = 1.7f32;
+        let x = random_vec(&mut rng, n * inp, 1.0);
+        let a = random_vec(&mut rng, r * inp, 1.0);
+        let b = random_vec(&mut rng, out * r, 1.0);
+        let y0 = random_vec(&mut rng, n * out, 1.0);
+        let (xt, at, bt) = (
+            input(&x, &[n, inp]),
+            input(&a, &[r, inp]),
+            input(&b, &[out, r]),
+        );
+        let (x64, a64, b64) = (f64s(&x), f64s(&a), f64s(&b));
+        let dims = (n, inp, out, r);
+        let (branch, t64) = lora_f64(&x64, &a64, &b64, s as f64, dropout, dims);
+
+        let mut y = accumulator(&y0, &[n, out]);
+        let mut t = poisoned(&[n, r]);
+        Cpu.lora_forward(&mut y, &mut t, &xt, &at, &bt, s, dropout)
+            .unwrap();
+        check_grad(&format!("{what}: y"), &y, Some(&y0), &branch);
+        check_grad(&format!("{what}: t"), &t, None, &t64);
+
+        let dy = random_vec(&mut rng, n * out, 1.0);
+        let (dx0, da0, db0) = (
+            random_vec(&mut rng, n * inp, 1.0),
+            random_vec(&mut rng, r * inp, 1.0),
+            random_vec(&mut rng, out * r, 1.0),
+        );
+        let mut dx = accumulator(&dx0, &[n, inp]);
+        let mut da = accumulator(&da0, &[r, inp]);
+        let mut db = accumulator(&db0, &[out, r]);
+        let mut dt = poisoned(&[n, r]);
+        Cpu.lora_backward(
+            &mut dx,
+            &mut da,
+            &mut db,
+            &mut dt,
+            &input(&dy, &[n, out]),
+            &xt,
+            &t,
+            &at,
+            &bt,
+            s,
+            dropout,
+        )
+        .unwrap();
+        let dy64 = f64s(&dy);
+        let loss = |x: &[f64], a: &[f64], b: &[f64]| {
+            contract(&dy64, &lora_f64(x, a, b, s as f64, dropout, dims).0)
+        };
+        let want_dx = fd(&x64, |x| loss(x, &a64, &b64));
+        let want_da = fd(&a64, |a| loss(&x64, a, &b64));
+        let want_db = fd(&b64, |b| loss(&x64, &a64, b));
+        // dt = s·dy·B
+        let want_dt: Vec<f64> = (0..n * r)
+            .map(|e| {
+                let (i, k) = (e / r, e % r);
+                (0..out)
+                    .map(|o| s as f64 * dy64[i * out + o] * b64[o * r + k])
+                    .sum()
+            })
+            .collect();
+        check_grad(&format!("{what}: dx"), &dx, Some(&dx0), &want_dx);
+        check_grad(&format!("{what}: dA"), &da, Some(&da0), &want_da);
+        check_grad(&format!("{what}: dB"), &db, Some(&db0), &want_db);
+        check_grad(&format!("{what}: dt"), &dt, None, &want_dt);
+    }
+}

@@ -348,3 +348,88 @@ fn sum_squares_and_scale() {
         check(&format!("scale n {n}"), &g, &x, 0.0);
     }
 }
+
+/// The fused LoRA kernels (kernels/lora.cu) against the CPU's LoRA ops:
+/// ragged rows and columns, ranks from 1 to the kernels' limit of 128, with
+/// and without dropout, dy in bf16 and in f32 (the residual stream's
+/// gradient). y, dx, dA and dB accumulate into random values; t and dt are
+/// poisoned.
+#[test]
+fn lora_forward_and_backward() {
+    let (g, mut r) = (gpu(), rng());
+    for (n, inp, out, rank, dropout, dy_t) in [
+        (1, 8, 8, 1, None, BF16),
+        (17, 64, 192, 8, None, BF16),
+        (33, 96, 40, 16, Some((0.1, 7)), F32),
+        (20, 576, 72, 128, Some((0.3, 9)), BF16),
+        (150, 40, 24, 20, None, F32),
+    ] {
+        let what = format!("n {n} in {inp} out {out} r {rank}, dropout {dropout:?}, dy {dy_t}");
+        let s = 2.0;
+        let x = pair(&g, &data(&mut r, n * inp, 1.0), &[n, inp], BF16);
+        let a = pair(&g, &data(&mut r, rank * inp, 0.5), &[rank, inp], BF16);
+        let b = pair(&g, &data(&mut r, out * rank, 0.5), &[out, rank], BF16);
+        let mut y = pair(&g, &data(&mut r, n * out, 1.0), &[n, out], BF16);
+        let mut t = poisoned(&g, &[n, rank], F32);
+        Cpu.lora_forward(&mut y.cpu, &mut t.cpu, &x.cpu, &a.cpu, &b.cpu, s, dropout)
+            .unwrap();
+        g.lora_forward(&mut y.gpu, &mut t.gpu, &x.gpu, &a.gpu, &b.gpu, s, dropout)
+            .unwrap();
+        check(&format!("y, {what}"), &g, &y, BF16_TOL);
+        check(&format!("t, {what}"), &g, &t, 1e-5);
+
+        let dy = pair(&g, &data(&mut r, n * out, 1.0), &[n, out], dy_t);
+        let mut dx = pair(&g, &data(&mut r, n * inp, 1.0), &[n, inp], BF16);
+        let mut da = pair(&g, &data(&mut r, rank * inp, 1.0), &[rank, inp], F32);
+        let mut db = pair(&g, &data(&mut r, out * rank, 1.0), &[out, rank], F32);
+        let mut dt = poisoned(&g, &[n, rank], F32);
+        Cpu.lora_backward(
+            &mut dx.cpu,
+            &mut da.cpu,
+            &mut db.cpu,
+            &mut dt.cpu,
+            &dy.cpu,
+            &x.cpu,
+            &t.cpu,
+            &a.cpu,
+            &b.cpu,
+            s,
+            dropout,
+        )
+        .unwrap();
+        g.lora_backward(
+            &mut dx.gpu,
+            &mut da.gpu,
+            &mut db.gpu,
+            &mut dt.gpu,
+            &dy.gpu,
+            &x.gpu,
+            &t.gpu,
+            &a.gpu,
+            &b.gpu,
+            s,
+            dropout,
+        )
+        .unwrap();
+        check(&format!("dx, {what}"), &g, &dx, BF16_TOL);
+        check(&format!("dt, {what}"), &g, &dt, 1e-5);
+        check(&format!("dA, {what}"), &g, &da, 1e-5);
+        check(&format!("dB, {what}"), &g, &db, 1e-5);
+    }
+}
+
+/// Ranks above the kernels' limit are refused with an error, not run.
+#[test]
+fn lora_rank_above_the_limit_is_an_error() {
+    let g = gpu();
+    let (n, inp, out, rank) = (2, 4, 4, 129);
+    let x = g.zeros(&[n, inp], BF16).unwrap();
+    let a = g.zeros(&[rank, inp], BF16).unwrap();
+    let b = g.zeros(&[out, rank], BF16).unwrap();
+    let mut y = g.zeros(&[n, out], BF16).unwrap();
+    let mut t = g.zeros(&[n, rank], F32).unwrap();
+    let err = g
+        .lora_forward(&mut y, &mut t, &x, &a, &b, 1.0, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("rank 129"), "{err}");
+}

@@ -157,6 +157,62 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
+    /// A LoRA branch joining a Linear layer's output y = x·Wᵀ
+    /// (`model::adapter`), with s the adapter's scaling:
+    ///   t  = drop(x) · Aᵀ      [n, r]    overwritten, f32 (kept for the backward)
+    ///   y += s · t · Bᵀ        [n, out]
+    /// x [n, in], A [r, in], B [out, r]. `dropout` is (p, seed): drop is
+    /// [`Backend::dropout`] over x's elements, or the identity when None.
+    /// A GPU fuses the two products, so t makes no round trip through
+    /// device memory between them.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_forward(
+        &self,
+        y: &mut Tensor<Self>,
+        t: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        s: f32,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<()> {
+        let _ = (y, t, x, a, b, s, dropout);
+        Err(Error::Unsupported(format!(
+            "lora_forward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// Backward of `lora_forward`, with ds = s·dy:
+    ///   dt  = ds · B            [n, r]    into `dt` (f32 scratch), overwritten
+    ///   dB += dsᵀ · t           [out, r]
+    ///   dA += dtᵀ · drop(x)     [r, in]
+    ///   dx += drop'(dt · A)     [n, in]
+    /// where drop' applies the forward's mask again (dropout is its own
+    /// backward). dA, dB (f32) and dx accumulate. t is what the forward
+    /// wrote; `dropout` must be the forward's.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        da: &mut Tensor<Self>,
+        db: &mut Tensor<Self>,
+        dt: &mut Tensor<Self>,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        t: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        s: f32,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<()> {
+        let _ = (dx, da, db, dt, dy, x, t, a, b, s, dropout);
+        Err(Error::Unsupported(format!(
+            "lora_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// Rotary position embedding in place, HF "rotate half" layout: in each head
     /// of width hd, element i pairs with i + hd/2 and turns by angle
     /// pos · theta^(−2i/hd); row r has position pos0 + r. x [n, heads·hd].

@@ -202,3 +202,52 @@ pub fn cross_entropy<B: Backend>(
     }
     (n, vocab)
 }
+
+/// The sizes of a LoRA branch: x [n, inp], A [r, inp], B [out, r].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoraDims {
+    pub n: usize,
+    pub inp: usize,
+    pub out: usize,
+    pub r: usize,
+}
+
+/// `lora_forward`'s y [n, out], t [n, r] for x [n, in], A [r, in], B [out, r].
+pub fn lora_forward<B: Backend>(
+    y: &Tensor<B>,
+    t: &Tensor<B>,
+    x: &Tensor<B>,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+) -> LoraDims {
+    let (n, inp) = x.rows_cols();
+    let (r, a_in) = a.rows_cols();
+    let (out, b_r) = b.rows_cols();
+    assert_eq!(a_in, inp, "A {:?} for x {:?}", a.shape, x.shape);
+    assert_eq!(b_r, r, "B {:?} for A {:?}", b.shape, a.shape);
+    assert_eq!(y.rows_cols(), (n, out), "y {:?}", y.shape);
+    assert_eq!(t.rows_cols(), (n, r), "t {:?}", t.shape);
+    LoraDims { n, inp, out, r }
+}
+
+/// `lora_backward`'s tensors: those of the forward, their gradients shaped
+/// alike, and dt [n, r].
+#[allow(clippy::too_many_arguments)]
+pub fn lora_backward<B: Backend>(
+    dx: &Tensor<B>,
+    da: &Tensor<B>,
+    db: &Tensor<B>,
+    dt: &Tensor<B>,
+    dy: &Tensor<B>,
+    x: &Tensor<B>,
+    t: &Tensor<B>,
+    a: &Tensor<B>,
+    b: &Tensor<B>,
+) -> LoraDims {
+    let dims = lora_forward(dy, t, x, a, b);
+    assert_eq!(dx.shape, x.shape, "dx {:?} for x {:?}", dx.shape, x.shape);
+    assert_eq!(da.shape, a.shape, "dA {:?} for A {:?}", da.shape, a.shape);
+    assert_eq!(db.shape, b.shape, "dB {:?} for B {:?}", db.shape, b.shape);
+    assert_eq!(dt.shape, t.shape, "dt {:?} for t {:?}", dt.shape, t.shape);
+    dims
+}

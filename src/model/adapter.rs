@@ -10,15 +10,16 @@
 //!   dB += (s·dy)ᵀ · t,   dt = (s·dy) · B
 //!   dA += dtᵀ · drop(x),  dx += drop'(dt · A)
 //!
-//! Dropout's mask is a pure function of its seed (`Backend::dropout`), so the
-//! backward recomputes drop(x) instead of keeping it; only t is kept per
-//! adapted projection.
+//! Both run as one device op each (`Backend::lora_forward`,
+//! `lora_backward`; fused kernels on a GPU). Dropout's mask is a pure
+//! function of its seed (`Backend::dropout`), so the backward recomputes
+//! drop(x) instead of keeping it; only t (f32) is kept per adapted
+//! projection.
 //!
 //! The host-side adapter, its PEFT files and merging are in `model::lora`.
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraAdapter, LoraConfig, LoraPair, Target};
 use crate::tensor::{DType, Tensor};
 
@@ -147,9 +148,9 @@ impl<B: Backend> Lora<B> {
     }
 
     /// Adds the LoRA branch of `(layer, target)` to `y = x·Wᵀ` (already
-    /// computed), when that projection is adapted; keeps t [n, r] in
-    /// `keep_t` when given (training). `dropout` is (p, seed), None for
-    /// inference.
+    /// computed), when that projection is adapted (`Backend::lora_forward`);
+    /// keeps t [n, r] (f32) in `keep_t` when given (training). `dropout` is
+    /// (p, seed), None for inference.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -165,33 +166,18 @@ impl<B: Backend> Lora<B> {
         let Some(w) = self.get(layer, target) else {
             return Ok(());
         };
-        let n = x.shape[0];
-        let xd = match dropout {
-            Some((p, seed)) if p > 0.0 => {
-                s.xd.shape = x.shape.clone();
-                be.copy_rows(&mut s.xd, 0, x, 0, n)?;
-                be.dropout(&mut s.xd, p, seed)?;
-                &s.xd
-            }
-            _ => x,
-        };
         let t = match keep_t {
             Some(t) => t,
-            None => {
-                s.t.shape = vec![n, self.config.rank];
-                &mut s.t
-            }
+            None => s.t(x.shape[0]),
         };
-        be.matmul_nt(t, xd, &w.a)?;
-        s.u.shape = y.shape.clone();
-        be.matmul_nt(&mut s.u, t, &w.b)?;
-        be.add_scaled(y, &s.u, self.scaling())
+        be.lora_forward(y, t, x, &w.a, &w.b, self.scaling(), dropout)
     }
 
-    /// The backward of [`Lora::forward`] for `(layer, target)`: adds into
-    /// `grads`' A and B and into dx (the gradient of the projection's input;
-    /// the base weight's dx term is the caller's). `t` is what the forward
-    /// kept; `dropout` must be the forward's.
+    /// The backward of [`Lora::forward`] for `(layer, target)`
+    /// (`Backend::lora_backward`): adds into `grads`' A and B and into dx
+    /// (the gradient of the projection's input; the base weight's dx term is
+    /// the caller's). `t` is what the forward kept; `dropout` must be the
+    /// forward's.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -212,53 +198,40 @@ impl<B: Backend> Lora<B> {
         let g = grads
             .get_mut(layer, target)
             .expect("gradients shaped like the adapter");
-        let n = x.shape[0];
-        // ds = s·dy; dt = ds·B and dB += dsᵀ·t in one call.
-        s.u.shape = dy.shape.clone();
-        be.zero(&mut s.u)?;
-        be.add_scaled(&mut s.u, dy, self.scaling())?;
-        s.t.shape = vec![n, self.config.rank];
-        be.zero(&mut s.t)?;
-        be.matmul_nt_backward(&mut s.t, Some(&mut g.b), &s.u, t, &w.b)?;
-        match dropout {
-            Some((p, seed)) if p > 0.0 => {
-                // drop(x) again, from the same seed; dx += drop'(dt·A).
-                s.xd.shape = x.shape.clone();
-                be.copy_rows(&mut s.xd, 0, x, 0, n)?;
-                be.dropout(&mut s.xd, p, seed)?;
-                s.dxd.shape = x.shape.clone();
-                be.zero(&mut s.dxd)?;
-                be.matmul_nt_backward(&mut s.dxd, Some(&mut g.a), &s.t, &s.xd, &w.a)?;
-                be.dropout(&mut s.dxd, p, seed)?;
-                be.add_assign(dx, &s.dxd)
-            }
-            _ => be.matmul_nt_backward(dx, Some(&mut g.a), &s.t, x, &w.a),
-        }
+        let dt = s.t(x.shape[0]);
+        let (a, b, scaling) = (&w.a, &w.b, self.scaling());
+        be.lora_backward(dx, &mut g.a, &mut g.b, dt, dy, x, t, a, b, scaling, dropout)
     }
 }
 
-/// Scratch of the LoRA branches for up to `rows` rows, reshaped per use.
+/// Scratch of the LoRA branches for up to `rows` rows: t [n, r] (f32) at
+/// inference, dt in the backward.
 pub struct LoraScratch<B: Backend> {
-    t: Tensor<B>,   // [n, r]: t at inference, dt in the backward
-    u: Tensor<B>,   // [n, out]: t·Bᵀ, or s·dy in the backward
-    xd: Tensor<B>,  // [n, in]: drop(x)
-    dxd: Tensor<B>, // [n, in]: d drop(x)
+    t: Tensor<B>,
+    rows: usize,
 }
 
 impl<B: Backend> LoraScratch<B> {
-    pub fn new(be: &B, c: &LlamaConfig, rank: usize, rows: usize) -> Result<Self> {
-        let widest = Target::ALL
-            .iter()
-            .flat_map(|t| t.shape(c))
-            .max()
-            .unwrap_or(0);
-        let dt = be.dtype();
-        let wide = |cols: usize| be.zeros_with_capacity(&[rows, cols], rows * widest, dt);
+    pub fn new(be: &B, rank: usize, rows: usize) -> Result<Self> {
         Ok(LoraScratch {
-            t: be.zeros(&[rows, rank], dt)?,
-            u: wide(widest)?,
-            xd: wide(widest)?,
-            dxd: wide(widest)?,
+            t: be.zeros(&[rows, rank], DType::F32)?,
+            rows,
         })
+    }
+
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        self.rows * self.t.shape[1] * self.t.dtype.size()
+    }
+
+    /// The scratch as an [n, r] tensor.
+    fn t(&mut self, n: usize) -> &mut Tensor<B> {
+        assert!(
+            n <= self.rows,
+            "LoRA scratch for {} rows, asked for {n}",
+            self.rows
+        );
+        self.t.shape[0] = n;
+        &mut self.t
     }
 }

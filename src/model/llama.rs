@@ -153,7 +153,7 @@ impl<B: Backend> Llama<B> {
             up: t(f)?,
             act: t(f)?,
             lora: match &self.adapter {
-                Some(l) => Some(LoraScratch::new(be, c, l.config.rank, max_rows)?),
+                Some(l) => Some(LoraScratch::new(be, l.config.rank, max_rows)?),
                 None => None,
             },
         })

@@ -241,7 +241,7 @@ pub struct LayerActivations<B: Backend> {
     pub gate: Tensor<B>,  // [n, f]
     pub up: Tensor<B>,    // [n, f]
     pub act: Tensor<B>,   // silu(gate) ∘ up [n, f]
-    /// With an adapter: t = drop(x)·Aᵀ [n, r] of each adapted projection,
+    /// With an adapter: t = drop(x)·Aᵀ [n, r] (f32) of each adapted projection,
     /// in the order of the adapter's targets.
     pub lora_t: Vec<Tensor<B>>,
 }
@@ -297,7 +297,7 @@ impl<B: Backend> TrainActivations<B> {
         for _ in 0..c.num_layers {
             let lora_t = match lora {
                 Some(l) => (0..l.config.targets.len())
-                    .map(|_| t(n, l.config.rank))
+                    .map(|_| be.zeros(&[n, l.config.rank], DType::F32))
                     .collect::<Result<Vec<_>>>()?,
                 None => Vec::new(),
             };
@@ -343,7 +343,7 @@ impl<B: Backend> TrainActivations<B> {
             s_dv: t(seq, kvw)?,
             dnorm_frozen: be.zeros(&[d], DType::F32)?,
             lora: lora
-                .map(|l| LoraScratch::new(be, c, l.config.rank, n))
+                .map(|l| LoraScratch::new(be, l.config.rank, n))
                 .transpose()?,
         })
     }

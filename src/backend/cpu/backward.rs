@@ -86,7 +86,7 @@ pub fn rmsnorm_backward(
 }
 
 /// Rows of the output per gemm task in the matmul backward.
-const ROW_BLOCK: usize = 64;
+pub(super) const ROW_BLOCK: usize = 64;
 
 /// Backward of out[n, m] = x[n, k] · w[m, k]ᵀ:
 ///   dx[n, k] += dout[n, m] · w[m, k]
@@ -116,6 +116,7 @@ pub fn matmul_nt_backward(
                     k,
                     (dout.as_ptr(), 1, m as isize),
                     (w.as_ptr(), 1, k as isize),
+                    1.0,
                 )
             };
         });
@@ -137,26 +138,28 @@ pub fn matmul_nt_backward(
                         k,
                         (dout.as_ptr().add(j0), m as isize, 1),
                         (x.as_ptr(), 1, k as isize),
+                        1.0,
                     )
                 };
             });
     }
 }
 
-/// Single-threaded dst[r, c] += Σ_l lhs[r, l] · rhs[l, c] through the gemm
-/// crate, for (r, c, l) < (rows, cols, inner); dst has row stride `dst_rs`
-/// and each operand is (pointer, column stride, row stride).
+/// Single-threaded dst[r, c] += scale · Σ_l lhs[r, l] · rhs[l, c] through
+/// the gemm crate, for (r, c, l) < (rows, cols, inner); dst has row stride
+/// `dst_rs` and each operand is (pointer, column stride, row stride).
 ///
 /// # Safety
 /// Every element addressed by those strides must be valid (dst for writes).
-unsafe fn gemm_acc(
+pub(super) unsafe fn gemm_acc(
     (rows, cols, inner): (usize, usize, usize),
     dst: *mut f32,
     dst_rs: usize,
     (lhs, lhs_cs, lhs_rs): (*const f32, isize, isize),
     (rhs, rhs_cs, rhs_rs): (*const f32, isize, isize),
+    scale: f32,
 ) {
-    // SAFETY: the caller's promise. With read_dst, dst = 1·dst + 1·lhs·rhs.
+    // SAFETY: the caller's promise. With read_dst, dst = 1·dst + scale·lhs·rhs.
     unsafe {
         gemm::gemm(
             rows,
@@ -173,7 +176,7 @@ unsafe fn gemm_acc(
             rhs_cs,
             rhs_rs,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,

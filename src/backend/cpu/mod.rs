@@ -4,12 +4,13 @@
 
 mod attention;
 mod backward;
+mod lora;
 mod matmul;
 mod ops;
 mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{dropout_keeps, mean_scale, shapes, AdamW, Backend};
+use crate::backend::{mean_scale, shapes, AdamW, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -184,6 +185,48 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn lora_forward(
+        &self,
+        y: &mut Tensor<Self>,
+        t: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        s: f32,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<()> {
+        let dims = shapes::lora_forward(y, t, x, a, b);
+        let (x, a, b) = (view(x), view(a), view(b));
+        lora::forward((view_mut(y), view_mut(t)), x, (a, b), s, dropout, dims);
+        Ok(())
+    }
+
+    fn lora_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        da: &mut Tensor<Self>,
+        db: &mut Tensor<Self>,
+        dt: &mut Tensor<Self>,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        t: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        s: f32,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<()> {
+        let dims = shapes::lora_backward(dx, da, db, dt, dy, x, t, a, b);
+        lora::backward(
+            (view_mut(dx), view_mut(da), view_mut(db), view_mut(dt)),
+            (view(dy), view(x), view(t)),
+            (view(a), view(b)),
+            s,
+            dropout,
+            dims,
+        );
+        Ok(())
+    }
+
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
         let (_, hd) = shapes::rope(x, heads);
         ops::rope(view_mut(x), heads * hd, heads, pos0, theta);
@@ -293,14 +336,7 @@ impl Backend for Cpu {
     }
 
     fn dropout(&self, x: &mut Tensor<Self>, p: f32, seed: u64) -> Result<()> {
-        let keep_scale = 1.0 / (1.0 - p);
-        for (i, v) in view_mut(x).iter_mut().enumerate() {
-            *v = if dropout_keeps(seed, i as u64, p) {
-                *v * keep_scale
-            } else {
-                0.0
-            };
-        }
+        ops::dropout(view_mut(x), 0, p, seed);
         Ok(())
     }
 

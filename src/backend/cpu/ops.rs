@@ -1,5 +1,6 @@
 //! Row-wise and element-wise ops of the CPU device.
 
+use crate::backend::dropout_keeps;
 use rayon::prelude::*;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -72,4 +73,18 @@ pub fn log_softmax(out: &mut [f32], x: &[f32], d: usize) {
                 *o = x - lse;
             }
         });
+}
+
+/// Inverted dropout in place over elements whose flat indices start at
+/// `first`: x[i] ← x[i] / (1 − p) where `dropout_keeps(seed, first + i, p)`,
+/// else 0.
+pub fn dropout(x: &mut [f32], first: usize, p: f32, seed: u64) {
+    let keep_scale = 1.0 / (1.0 - p);
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = if dropout_keeps(seed, (first + i) as u64, p) {
+            *v * keep_scale
+        } else {
+            0.0
+        };
+    }
 }

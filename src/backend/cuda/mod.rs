@@ -10,6 +10,7 @@ pub mod real;
 pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
+use crate::backend::shapes::LoraDims;
 use crate::backend::{mean_scale, shapes, AdamW, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
@@ -73,6 +74,26 @@ const THREADS: u32 = 256;
 /// Blocks for a grid-stride loop over `n` elements.
 fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 65535) as u32
+}
+
+/// The largest LoRA rank of kernels/lora.cu (`LORA_MAX_RANK`).
+const LORA_MAX_RANK: usize = 128;
+
+/// A LoRA dropout's kernel arguments (p, 1/(1 − p), seed); p = 0 means none.
+fn dropout_args(dropout: Option<(f32, u64)>) -> (f32, f32, u64) {
+    match dropout {
+        Some((p, seed)) if p > 0.0 => (p, 1.0 / (1.0 - p), seed),
+        _ => (0.0, 1.0, 0),
+    }
+}
+
+fn lora_rank_fits(r: usize) -> Result<()> {
+    if r > LORA_MAX_RANK {
+        return Err(Error::Unsupported(format!(
+            "LoRA rank {r} is above the CUDA device's limit of {LORA_MAX_RANK}"
+        )));
+    }
+    Ok(())
 }
 
 fn expect_dtype<D: GpuDriver>(what: &str, t: &Tensor<Cuda<D>>, dtype: DType) {
@@ -162,6 +183,43 @@ impl<D: GpuDriver> Cuda<D> {
             .int(b_rs)
             .int(b_cs);
         let grid = (nn.div_ceil(64) as u32, mm.div_ceil(64) as u32, 1);
+        self.launch(kernel, grid, (THREADS, 1, 1), args)
+    }
+
+    /// g(k, c) += scale · Σ_i u[i, k] · drop(v[i, c]) (`lora_grad_*` in
+    /// kernels/lora.cu), g(k, c) at g[k·g_sk + c·g_sc]; u [n, r] f32, v
+    /// [n, cols]; `drop` is (p, 1/(1 − p), seed).
+    #[allow(clippy::too_many_arguments)]
+    fn lora_grad(
+        &self,
+        kernel: &str,
+        g: &mut Tensor<Self>,
+        u: &Tensor<Self>,
+        v: &Tensor<Self>,
+        (g_sk, g_sc): (usize, usize),
+        scale: f32,
+        (p, keep_scale, seed): (f32, f32, u64),
+    ) -> Result<()> {
+        let (n, r) = u.rows_cols();
+        let (_, cols) = v.rows_cols();
+        let args = Args::default()
+            .ptr(g.buf.ptr)
+            .ptr(u.buf.ptr)
+            .ptr(v.buf.ptr)
+            .int(n)
+            .int(cols)
+            .int(r)
+            .int(g_sk)
+            .int(g_sc)
+            .float(scale)
+            .float(p)
+            .float(keep_scale)
+            .u64(seed);
+        let grid = (
+            cols.div_ceil(THREADS as usize) as u32,
+            r.div_ceil(16) as u32,
+            n.div_ceil(128) as u32,
+        );
         self.launch(kernel, grid, (THREADS, 1, 1), args)
     }
 }
@@ -440,6 +498,99 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             self.matmul_acc(dw, dout, (m, k, n), (1, m), &x.buf, (k, 1))?;
         }
         Ok(())
+    }
+
+    fn lora_forward(
+        &self,
+        y: &mut Tensor<Self>,
+        t: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        s: f32,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<()> {
+        let dims = shapes::lora_forward(y, t, x, a, b);
+        lora_rank_fits(dims.r)?;
+        for (what, v) in [("y", &*y), ("x", x), ("A", a), ("B", b)] {
+            expect_dtype(what, v, DType::BF16);
+        }
+        expect_dtype("t", t, DType::F32);
+        if dims.n == 0 {
+            return Ok(());
+        }
+        let (p, keep_scale, seed) = dropout_args(dropout);
+        let args = Args::default()
+            .ptr(y.buf.ptr)
+            .ptr(t.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(a.buf.ptr)
+            .ptr(b.buf.ptr)
+            .int(dims.n)
+            .int(dims.inp)
+            .int(dims.out)
+            .int(dims.r)
+            .float(s)
+            .float(p)
+            .float(keep_scale)
+            .u64(seed);
+        let grid = (dims.n.div_ceil(16) as u32, 1, 1);
+        self.launch("lora_fwd_bf16", grid, (THREADS, 1, 1), args)
+    }
+
+    fn lora_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        da: &mut Tensor<Self>,
+        db: &mut Tensor<Self>,
+        dt: &mut Tensor<Self>,
+        dy: &Tensor<Self>,
+        x: &Tensor<Self>,
+        t: &Tensor<Self>,
+        a: &Tensor<Self>,
+        b: &Tensor<Self>,
+        s: f32,
+        dropout: Option<(f32, u64)>,
+    ) -> Result<()> {
+        let dims = shapes::lora_backward(dx, da, db, dt, dy, x, t, a, b);
+        lora_rank_fits(dims.r)?;
+        for (what, v) in [("dx", &*dx), ("x", x), ("A", a), ("B", b)] {
+            expect_dtype(what, v, DType::BF16);
+        }
+        for (what, v) in [("dA", &*da), ("dB", &*db), ("dt", &*dt), ("t", t)] {
+            expect_dtype(what, v, DType::F32);
+        }
+        let (suffix, grad) = match dy.dtype {
+            DType::BF16 => ("bf16", "lora_grad_bf16"),
+            DType::F32 => ("f32", "lora_grad_f32"),
+            other => panic!("lora_backward of a {other} dy"),
+        };
+        let LoraDims { n, inp, out, r } = dims;
+        if n == 0 {
+            return Ok(());
+        }
+        let (p, keep_scale, seed) = dropout_args(dropout);
+        // dt = s·dy·B, dx += drop'(dt·A)
+        let args = Args::default()
+            .ptr(dx.buf.ptr)
+            .ptr(dt.buf.ptr)
+            .ptr(dy.buf.ptr)
+            .ptr(a.buf.ptr)
+            .ptr(b.buf.ptr)
+            .int(n)
+            .int(inp)
+            .int(out)
+            .int(r)
+            .float(s)
+            .float(p)
+            .float(keep_scale)
+            .u64(seed);
+        let grid = (n.div_ceil(16) as u32, 1, 1);
+        self.launch(&format!("lora_bwd_x_{suffix}"), grid, (THREADS, 1, 1), args)?;
+        // dA [r, in] += dtᵀ·drop(x); dB [out, r] += s·dyᵀ·t
+        let drop = (p, keep_scale, seed);
+        self.lora_grad("lora_grad_bf16", da, dt, x, (inp, 1), 1.0, drop)?;
+        self.lora_grad(grad, db, t, dy, (1, r), s, (0.0, 1.0, 0))
     }
 
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {

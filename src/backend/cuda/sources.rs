@@ -19,6 +19,7 @@ pub const HEADERS: &[(&str, &str)] = &[("common.cuh", include_str!("../../../ker
 pub const KERNELS: &[(&str, &str)] = &[
     kernel_file!("attention.cu"),
     kernel_file!("elementwise.cu"),
+    kernel_file!("lora.cu"),
     kernel_file!("matmul.cu"),
     kernel_file!("norm.cu"),
     kernel_file!("sampling.cu"),
