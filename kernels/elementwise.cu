@@ -63,22 +63,49 @@ extern "C" __global__ void scale_f32(float* x, float s, int n) {
         x[i] *= s;
 }
 
-// One AdamW step over n f32 elements, in torch.optim.AdamW's order (see
-// Backend::adamw_step); the scalars are formed on the host in f64 and
-// rounded once, as the CPU device forms them.
-extern "C" __global__ void adamw_f32(float* param, float* m, float* v, const float* grad, int n,
-                                     float decay, float step_size, float bc2_sqrt,
-                                     float one_minus_b1, float one_minus_b2, float beta2,
-                                     float eps) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+// One AdamW step over every trainable tensor in one launch, in
+// torch.optim.AdamW's order (see Backend::adamw_step); the scalars are formed
+// on the host in f64 and rounded once, as the CPU device forms them.
+//
+// `table` holds ADAMW_WORDS words per tensor: param, m, v, grad (f32), the
+// bf16 working copy refreshed from param (0: none), the element count, and
+// the tensor's first block. Block b steps elements
+// (b − first)·ADAMW_CHUNK .. +ADAMW_CHUNK of the last tensor whose first
+// block is ≤ b. Grid: the blocks of all tensors; block ADAMW_THREADS.
+#define ADAMW_WORDS 7
+#define ADAMW_THREADS 256
+#define ADAMW_CHUNK (4 * ADAMW_THREADS)
+
+extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)
+    adamw_f32(const unsigned long long* table, int tensors, float decay, float step_size,
+              float bc2_sqrt, float one_minus_b1, float one_minus_b2, float beta2, float eps) {
+    const unsigned long long b = blockIdx.x;
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (table[mid * ADAMW_WORDS + 6] <= b) lo = mid;
+        else hi = mid - 1;
+    }
+    const unsigned long long* e = table + lo * ADAMW_WORDS;
+    float* param = reinterpret_cast<float*>(e[0]);
+    float* m = reinterpret_cast<float*>(e[1]);
+    float* v = reinterpret_cast<float*>(e[2]);
+    const float* grad = reinterpret_cast<const float*>(e[3]);
+    __nv_bfloat16* copy = reinterpret_cast<__nv_bfloat16*>(e[4]);
+    const long long n = (long long)e[5];
+    const long long start = (long long)(b - e[6]) * ADAMW_CHUNK;
+    const long long end = min(n, start + ADAMW_CHUNK);
+    for (long long i = start + threadIdx.x; i < end; i += ADAMW_THREADS) {
         float g = grad[i];
         float p = param[i] * decay;
         float mi = m[i] + one_minus_b1 * (g - m[i]);
         float vi = v[i] * beta2 + one_minus_b2 * g * g;
         float denom = sqrtf(vi) / bc2_sqrt + eps;
-        param[i] = p - step_size * (mi / denom);
+        p -= step_size * (mi / denom);
+        param[i] = p;
         m[i] = mi;
         v[i] = vi;
+        if (copy) copy[i] = __float2bfloat16_rn(p);
     }
 }
 

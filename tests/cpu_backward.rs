@@ -21,7 +21,7 @@ mod common;
 use common::{SENTINEL, SPARE};
 
 use engine::backend::cpu::Cpu;
-use engine::backend::{AdamW, Backend, IGNORE};
+use engine::backend::{AdamW, AdamWTensors, Backend, IGNORE};
 use engine::tensor::DType::F32;
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -582,11 +582,23 @@ fn adamw_matches_torch() {
                 weight_decay: hp("weight_decay"),
                 step: s as u64 + 1,
             };
-            for (t, [p, m, v]) in state.iter_mut().enumerate() {
-                let grad = floats(&step["grads"][t]);
-                Cpu.adamw_step(p, m, v, &input(&grad, &shapes[t]), &adamw)
-                    .unwrap();
-                for (name, got) in [("params", &*p), ("m", &*m), ("v", &*v)] {
+            let grads: Vec<Tensor<Cpu>> = (0..state.len())
+                .map(|t| input(&floats(&step["grads"][t]), &shapes[t]))
+                .collect();
+            let mut tensors: Vec<AdamWTensors<Cpu>> = state
+                .iter_mut()
+                .zip(&grads)
+                .map(|([param, m, v], grad)| AdamWTensors {
+                    param,
+                    m,
+                    v,
+                    grad,
+                    copy: None,
+                })
+                .collect();
+            Cpu.adamw_step(&mut tensors, &adamw).unwrap();
+            for (t, [p, m, v]) in state.iter().enumerate() {
+                for (name, got) in [("params", p), ("m", m), ("v", v)] {
                     let want = f64s(&floats(&step[name][t]));
                     let what = format!("case {c} step {} tensor {t}: {name}", s + 1);
                     assert_close(&what, &got.buf[..got.numel()], &want, 1e-6);

@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::emu::{check, data, gpu, pair, poisoned};
+use common::emu::{check, data, gpu, pair, poisoned, Pair};
 use common::max_rel_err;
 use engine::backend::cpu::Cpu;
-use engine::backend::Backend;
+use engine::backend::cuda::driver::Emu;
+use engine::backend::cuda::Cuda;
+use engine::backend::{AdamWTensors, Backend};
 use engine::tensor::DType::{BF16, F32};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -277,18 +279,34 @@ fn attention_backward() {
     }
 }
 
-/// AdamW on f32 master weights against the CPU op, two steps (bias
-/// correction changes between them), with weight decay; and the conversion
-/// that refreshes a bf16 working copy.
+/// AdamW over several tensors in one launch against the CPU op, two steps
+/// (bias correction changes between them), with weight decay: sizes around
+/// the kernel's 1024-element chunks, an empty tensor, and bf16 working
+/// copies refreshed in the same pass for some. Then the conversions of
+/// f32 ↔ bf16.
 #[test]
 fn adamw_step_and_convert() {
     let (g, mut r) = (gpu(), rng());
-    let n = 1000 + 37;
-    let mut p = pair(&g, &data(&mut r, n, 1.0), &[n], F32);
-    let mut m = pair(&g, &vec![0.0; n], &[n], F32);
-    let mut v = pair(&g, &vec![0.0; n], &[n], F32);
+    let sizes = [1, 1023, 0, 1025, 3000, 37];
+    let with_copy = |i: usize| i % 2 == 0;
+    let mut params: Vec<Pair> = sizes
+        .iter()
+        .map(|&n| pair(&g, &data(&mut r, n, 1.0), &[n], F32))
+        .collect();
+    let mut ms: Vec<Pair> = sizes
+        .iter()
+        .map(|&n| pair(&g, &vec![0.0; n], &[n], F32))
+        .collect();
+    let mut vs: Vec<Pair> = sizes
+        .iter()
+        .map(|&n| pair(&g, &vec![0.0; n], &[n], F32))
+        .collect();
+    let mut copies: Vec<Pair> = sizes.iter().map(|&n| poisoned(&g, &[n], BF16)).collect();
     for step in 1..=2 {
-        let grad = pair(&g, &data(&mut r, n, 0.1), &[n], F32);
+        let grads: Vec<Pair> = sizes
+            .iter()
+            .map(|&n| pair(&g, &data(&mut r, n, 0.1), &[n], F32))
+            .collect();
         let hp = engine::backend::AdamW {
             lr: 1e-2,
             beta1: 0.9,
@@ -297,14 +315,56 @@ fn adamw_step_and_convert() {
             weight_decay: 0.1,
             step,
         };
-        Cpu.adamw_step(&mut p.cpu, &mut m.cpu, &mut v.cpu, &grad.cpu, &hp)
-            .unwrap();
-        g.adamw_step(&mut p.gpu, &mut m.gpu, &mut v.gpu, &grad.gpu, &hp)
-            .unwrap();
-        check(&format!("param, step {step}"), &g, &p, 1e-6);
-        check(&format!("m, step {step}"), &g, &m, 1e-6);
-        check(&format!("v, step {step}"), &g, &v, 1e-6);
+        let mut cpu_side: Vec<AdamWTensors<Cpu>> = Vec::new();
+        let mut gpu_side: Vec<AdamWTensors<Cuda<Emu>>> = Vec::new();
+        for (i, (((p, m), v), (grad, copy))) in params
+            .iter_mut()
+            .zip(&mut ms)
+            .zip(&mut vs)
+            .zip(grads.iter().zip(&mut copies))
+            .enumerate()
+        {
+            cpu_side.push(AdamWTensors {
+                param: &mut p.cpu,
+                m: &mut m.cpu,
+                v: &mut v.cpu,
+                grad: &grad.cpu,
+                copy: with_copy(i).then_some(&mut copy.cpu),
+            });
+            gpu_side.push(AdamWTensors {
+                param: &mut p.gpu,
+                m: &mut m.gpu,
+                v: &mut v.gpu,
+                grad: &grad.gpu,
+                copy: with_copy(i).then_some(&mut copy.gpu),
+            });
+        }
+        Cpu.adamw_step(&mut cpu_side, &hp).unwrap();
+        g.adamw_step(&mut gpu_side, &hp).unwrap();
+        for (i, n) in sizes.into_iter().enumerate() {
+            let what = format!("tensor {i} of {n}, step {step}");
+            check(&format!("param, {what}"), &g, &params[i], 1e-6);
+            check(&format!("m, {what}"), &g, &ms[i], 1e-6);
+            check(&format!("v, {what}"), &g, &vs[i], 1e-6);
+            if with_copy(i) {
+                // the copy is param rounded to bf16, exactly
+                let want: Vec<f32> = g
+                    .download(&params[i].gpu)
+                    .unwrap()
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect();
+                assert_eq!(g.download(&copies[i].gpu).unwrap(), want, "copy, {what}");
+            }
+        }
     }
+    let untouched = g.download(&copies[1].gpu).unwrap();
+    assert!(
+        untouched.iter().all(|x| x.is_nan()),
+        "a tensor without a copy wrote one"
+    );
+    let n = sizes[4];
+    let p = &params[4];
     let mut copy = poisoned(&g, &[n], BF16);
     Cpu.convert(&mut copy.cpu, &p.cpu).unwrap();
     g.convert(&mut copy.gpu, &p.gpu).unwrap();

@@ -363,24 +363,18 @@ pub trait Backend: Sized + Send + Sync {
     /// t ·= s in place (gradient clipping).
     fn scale(&self, t: &mut Tensor<Self>, s: f32) -> Result<()>;
 
-    /// One AdamW step on one parameter tensor, in torch.optim.AdamW's order
-    /// (decoupled weight decay, bias correction), element-wise, with t = `step`
-    /// (1 for the first step):
+    /// One AdamW step on every trainable tensor at once (one launch on a
+    /// GPU), in torch.optim.AdamW's order (decoupled weight decay, bias
+    /// correction), element-wise, with t = `step` (1 for the first step):
     ///   param ·= 1 − lr·weight_decay
     ///   m      = m + (1 − β1)(grad − m)
     ///   v      = β2·v + (1 − β2)·grad²
     ///   param −= lr/(1 − β1ᵗ) · m / (sqrt(v)/sqrt(1 − β2ᵗ) + eps)
-    /// param, m, v are updated in place (f32 master weights and state); all
-    /// four tensors have the same shape.
-    fn adamw_step(
-        &self,
-        param: &mut Tensor<Self>,
-        m: &mut Tensor<Self>,
-        v: &mut Tensor<Self>,
-        grad: &Tensor<Self>,
-        hp: &AdamW,
-    ) -> Result<()> {
-        let _ = (param, m, v, grad, hp);
+    ///   copy   = param, in copy's element type (when given)
+    /// param, m, v (f32: master weights and state) are updated in place; the
+    /// tensors of one entry have the same shape.
+    fn adamw_step(&self, tensors: &mut [AdamWTensors<'_, Self>], hp: &AdamW) -> Result<()> {
+        let _ = (tensors, hp);
         Err(Error::Unsupported(format!(
             "adamw_step is not implemented on the {} device yet",
             self.name()
@@ -399,6 +393,17 @@ pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
     z ^= z >> 31;
     let u = (z >> 40) as f32 / (1u32 << 24) as f32;
     u >= p
+}
+
+/// One trainable tensor of `Backend::adamw_step`: the f32 parameter (the
+/// master copy on a device that trains in bf16), its moments and gradient,
+/// and the working copy the forward reads, refreshed in the same pass.
+pub struct AdamWTensors<'a, B: Backend> {
+    pub param: &'a mut Tensor<B>,
+    pub m: &'a mut Tensor<B>,
+    pub v: &'a mut Tensor<B>,
+    pub grad: &'a Tensor<B>,
+    pub copy: Option<&'a mut Tensor<B>>,
 }
 
 /// The f32 scalars of one AdamW step, derived from [`AdamW`] in f64 and

@@ -18,7 +18,7 @@
 //! no weight gradient, and norms' gradients go to a scratch). Gradient
 //! clipping reduces and scales on the device ([`clip_grad_norm`]).
 
-use crate::backend::{AdamW, Backend};
+use crate::backend::{AdamW, AdamWTensors, Backend};
 use crate::error::{Error, Result};
 use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::llama::{LayerWeights, Llama, LlamaWeights};
@@ -803,7 +803,7 @@ impl<B: Backend> AdamWState<B> {
     }
 }
 
-/// One AdamW step (`Backend::adamw_step`) on every trainable tensor, with
+/// One AdamW step (`Backend::adamw_step`, one launch) on every trainable tensor, with
 /// `hp.step` the step number from 1. Gradients are left as they are: zero
 /// them before the next step's first `forward_backward`.
 pub fn adamw_update<B: Backend>(
@@ -829,21 +829,35 @@ pub fn adamw_update<B: Backend>(
     let ms = state.m.tensors_mut();
     let vs = state.v.tensors_mut();
     assert!(params.len() == gs.len() && ms.len() == gs.len() && vs.len() == gs.len());
-    match state.master.as_mut() {
-        None => {
-            for (((p, g), m), v) in params.into_iter().zip(gs).zip(ms).zip(vs) {
-                be.adamw_step(p, m, v, g, hp)?;
-            }
-        }
-        Some(master) => {
-            let masters = master.tensors_mut();
-            for ((((p, w), g), m), v) in params.into_iter().zip(masters).zip(gs).zip(ms).zip(vs) {
-                be.adamw_step(w, m, v, g, hp)?;
-                be.convert(p, w)?;
-            }
-        }
-    }
-    Ok(())
+    // With masters, AdamW steps the f32 master and refreshes the working
+    // weight from it in the same pass.
+    let masters: Vec<Option<&mut Tensor<B>>> = match state.master.as_mut() {
+        Some(master) => master.tensors_mut().into_iter().map(Some).collect(),
+        None => gs.iter().map(|_| None).collect(),
+    };
+    let mut tensors: Vec<AdamWTensors<B>> = params
+        .into_iter()
+        .zip(masters)
+        .zip(gs)
+        .zip(ms.into_iter().zip(vs))
+        .map(|(((p, master), grad), (m, v))| match master {
+            Some(w) => AdamWTensors {
+                param: w,
+                m,
+                v,
+                grad,
+                copy: Some(p),
+            },
+            None => AdamWTensors {
+                param: p,
+                m,
+                v,
+                grad,
+                copy: None,
+            },
+        })
+        .collect();
+    be.adamw_step(&mut tensors, hp)
 }
 
 /// The global L2 norm of all gradients, sqrt(Σ g²), summed in f64 on the

@@ -10,7 +10,7 @@ mod ops;
 mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{mean_scale, shapes, AdamW, Backend};
+use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -387,16 +387,21 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut Tensor<Self>,
-        m: &mut Tensor<Self>,
-        v: &mut Tensor<Self>,
-        grad: &Tensor<Self>,
-        hp: &AdamW,
-    ) -> Result<()> {
-        shapes::same_shape("adamw_step", &[param, m, v, grad]);
-        optim::adamw(view_mut(param), view_mut(m), view_mut(v), view(grad), hp);
+    fn adamw_step(&self, tensors: &mut [AdamWTensors<'_, Self>], hp: &AdamW) -> Result<()> {
+        for t in tensors {
+            let AdamWTensors {
+                param,
+                m,
+                v,
+                grad,
+                copy,
+            } = t;
+            shapes::same_shape("adamw_step", &[param, m, v, grad]);
+            optim::adamw(view_mut(param), view_mut(m), view_mut(v), view(grad), hp);
+            if let Some(copy) = copy {
+                self.convert(copy, param)?;
+            }
+        }
         Ok(())
     }
 }

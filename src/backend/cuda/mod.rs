@@ -11,7 +11,7 @@ pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::shapes::LoraDims;
-use crate::backend::{mean_scale, shapes, AdamW, Backend, IGNORE};
+use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -123,10 +123,11 @@ impl<D: GpuDriver> Cuda<D> {
         })
     }
 
-    /// Token ids or targets on the device, for one kernel's use: the caller
-    /// keeps the buffer alive until that kernel has run.
-    fn upload_u32(&self, values: &[u32]) -> Result<DeviceBuffer<D>> {
-        let buf = self.alloc(values.len() * 4)?;
+    /// Token ids, targets or a kernel's table on the device, for one
+    /// kernel's use: the caller keeps the buffer alive until that kernel has
+    /// run.
+    fn upload_slice<T: bytemuck::Pod>(&self, values: &[T]) -> Result<DeviceBuffer<D>> {
+        let buf = self.alloc(std::mem::size_of_val(values))?;
         // SAFETY: the allocation holds exactly the values.
         unsafe { self.driver.upload(buf.ptr, bytemuck::cast_slice(values))? };
         Ok(buf)
@@ -338,7 +339,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         if ids.is_empty() {
             return Ok(());
         }
-        let dev_ids = self.upload_u32(ids)?;
+        let dev_ids = self.upload_slice(ids)?;
         let args = Args::default()
             .ptr(out.buf.ptr)
             .ptr(dev_ids.ptr)
@@ -361,7 +362,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         if ids.is_empty() {
             return Ok(());
         }
-        let dev_ids = self.upload_u32(ids)?;
+        let dev_ids = self.upload_slice(ids)?;
         let args = Args::default()
             .ptr(dtable.buf.ptr)
             .ptr(dev_ids.ptr)
@@ -883,7 +884,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             }
             None => 0, // the kernel's null pointer: no gradient
         };
-        let (loss, dev_targets) = (self.alloc(n * 4)?, self.upload_u32(targets)?);
+        let (loss, dev_targets) = (self.alloc(n * 4)?, self.upload_slice(targets)?);
         let args = Args::default()
             .ptr(loss.ptr)
             .ptr(dl)
@@ -926,26 +927,52 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         self.launch("scale_f32", (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
     }
 
-    fn adamw_step(
-        &self,
-        param: &mut Tensor<Self>,
-        m: &mut Tensor<Self>,
-        v: &mut Tensor<Self>,
-        grad: &Tensor<Self>,
-        hp: &AdamW,
-    ) -> Result<()> {
-        shapes::same_shape("adamw_step", &[param, m, v, grad]);
-        for (what, t) in [("param", &*param), ("m", &*m), ("v", &*v), ("grad", grad)] {
-            expect_dtype(what, t, DType::F32);
+    fn adamw_step(&self, tensors: &mut [AdamWTensors<'_, Self>], hp: &AdamW) -> Result<()> {
+        // The table of `adamw_f32` (kernels/elementwise.cu): per tensor its
+        // pointers, element count and first block.
+        const CHUNK: usize = 4 * THREADS as usize;
+        let mut table = Vec::with_capacity(tensors.len() * 7);
+        let mut blocks = 0usize;
+        for t in tensors.iter() {
+            shapes::same_shape("adamw_step", &[t.param, t.m, t.v, t.grad]);
+            for (what, x) in [
+                ("param", &*t.param),
+                ("m", &*t.m),
+                ("v", &*t.v),
+                ("grad", t.grad),
+            ] {
+                expect_dtype(what, x, DType::F32);
+            }
+            let copy = match &t.copy {
+                Some(c) => {
+                    assert_eq!(c.shape, t.param.shape, "adamw_step: copy's shape");
+                    expect_dtype("copy", c, DType::BF16);
+                    c.buf.ptr
+                }
+                None => 0,
+            };
+            let n = t.param.numel();
+            if n == 0 {
+                continue;
+            }
+            let ptrs = [
+                t.param.buf.ptr,
+                t.m.buf.ptr,
+                t.v.buf.ptr,
+                t.grad.buf.ptr,
+                copy,
+            ];
+            table.extend(ptrs.into_iter().chain([n as u64, blocks as u64]));
+            blocks += n.div_ceil(CHUNK);
+        }
+        if blocks == 0 {
+            return Ok(());
         }
         let c = hp.scalars();
-        let n = param.numel();
+        let table_buf = self.upload_slice(&table)?;
         let args = Args::default()
-            .ptr(param.buf.ptr)
-            .ptr(m.buf.ptr)
-            .ptr(v.buf.ptr)
-            .ptr(grad.buf.ptr)
-            .int(n)
+            .ptr(table_buf.ptr)
+            .int(table.len() / 7)
             .float(c.decay)
             .float(c.step_size)
             .float(c.bc2_sqrt)
@@ -953,7 +980,8 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .float(c.one_minus_beta2)
             .float(c.beta2)
             .float(c.eps);
-        self.launch("adamw_f32", (blocks_for(n), 1, 1), (THREADS, 1, 1), args)
+        let grid = u32::try_from(blocks).expect("AdamW blocks fit a grid");
+        self.launch("adamw_f32", (grid, 1, 1), (THREADS, 1, 1), args)
     }
 
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
