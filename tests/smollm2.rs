@@ -294,3 +294,57 @@ fn captain_style_example_fits_the_readme_command() {
     assert!(stdout.contains("trained 2 steps"), "{stdout}");
     assert!(out.join("adapter_model.safetensors").exists());
 }
+
+/// The end-to-end check of the training kernels: 3 LoRA steps of
+/// SmolLM2 on the emulated CUDA device (bf16 weights and activations, f32
+/// masters) follow the CPU device's (f32) losses within 2%. Measured on
+/// the 2-core AMD EPYC VM: 1.8648 / 1.6482 / 1.4447 vs 1.8774 / 1.6283 /
+/// 1.4216 (0.7%, 1.2%, 1.6%); 50 to 70 s per emulated step.
+#[cfg(feature = "emu")]
+#[test]
+fn emulated_lora_steps_follow_the_cpu() {
+    let Some(dir) = model_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let data = fixture("smollm2_lora/train.jsonl");
+    let losses = |device: &str| -> Vec<f64> {
+        let out = tmp.path().join(device);
+        engine(&[
+            "finetune",
+            "--model",
+            dir.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--lora-rank",
+            "2",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--seq-len",
+            "64",
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+            "--lr",
+            "1e-3",
+            "--out",
+            out.to_str().unwrap(),
+            "--device",
+            device,
+        ]);
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|r| r["loss"].as_f64())
+            .collect()
+    };
+    let (cpu, emu) = (losses("cpu"), losses("emu"));
+    assert_eq!((cpu.len(), emu.len()), (3, 3), "cpu {cpu:?}, emu {emu:?}");
+    for (step, (c, e)) in cpu.iter().zip(&emu).enumerate() {
+        assert!(
+            (e - c).abs() <= 0.02 * c,
+            "step {}: emu loss {e} vs cpu {c} (all: {emu:?} vs {cpu:?})",
+            step + 1
+        );
+    }
+}
