@@ -246,6 +246,10 @@ struct FinetuneArgs {
     /// Continue the run in this folder (its latest checkpoint) or from this checkpoint.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Recompute each layer's activations in the backward instead of keeping
+    /// them: less memory for about one more forward pass; the same results.
+    #[arg(long)]
+    recompute: bool,
     /// Where the model runs.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
@@ -532,6 +536,7 @@ fn finetune_cmd<B: Backend>(be: B, a: &FinetuneArgs) -> Result<()> {
         seed: a.seed,
         eval_every: a.eval_every,
         save_every: a.save_every,
+        recompute: a.recompute,
     };
     let paths = RunPaths {
         model: &a.model,

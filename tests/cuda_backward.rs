@@ -288,7 +288,7 @@ fn attention_backward() {
 fn adamw_step_and_convert() {
     let (g, mut r) = (gpu(), rng());
     let sizes = [1, 1023, 0, 1025, 3000, 37];
-    let with_copy = |i: usize| i % 2 == 0;
+    let with_copy = |i: usize| i.is_multiple_of(2);
     let mut params: Vec<Pair> = sizes
         .iter()
         .map(|&n| pair(&g, &data(&mut r, n, 1.0), &[n], F32))

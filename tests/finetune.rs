@@ -229,6 +229,7 @@ fn full_run_and_interrupt() {
         seed: 1,
         eval_every: 0,
         save_every: 0,
+        recompute: false,
     };
     let paths = RunPaths {
         model: &m,
@@ -458,4 +459,64 @@ fn sigint_saves_a_checkpoint() {
     // the log holds exactly the steps the checkpoint has
     assert_eq!(losses(&out).len() as u64, step);
     assert!(out.join(&state).join("adapter_model.safetensors").exists());
+}
+
+/// The act_mib records of metrics.jsonl, one per train record.
+fn act_mib(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| {
+            v["act_mib"]
+                .as_f64()
+                .expect("a train record without act_mib")
+        })
+        .collect()
+}
+
+/// --recompute: the same losses (recomputation repeats the forward's ops
+/// exactly, LoRA dropout masks included) in less activation memory, which
+/// every train record reports as act_mib; and a run is resumed with or
+/// without it, as it does not change the numbers.
+#[test]
+fn recompute_keeps_the_losses_and_uses_less_activation_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (m, data) = (
+        tiny_model_copy("model", &tmp.path().join("model")),
+        sixteen_texts(tmp.path()),
+    );
+    let run = |out: &Path, extra: &[&str]| {
+        let mut a = vec!["finetune", "--model", s(&m), "--data", s(&data)];
+        a.extend(LORA);
+        a.extend(["--lora-dropout", "0.1", "--steps", "2", "--save-every", "1"]);
+        a.extend(["--out", s(out)]);
+        a.extend(extra);
+        let done = engine(&a);
+        ok(&done);
+        String::from_utf8_lossy(&done.stderr).into_owned()
+    };
+    let (kept, recomputed) = (tmp.path().join("kept"), tmp.path().join("recomputed"));
+    let err = run(&kept, &[]);
+    assert!(
+        err.contains("activations: ") && !err.contains("recomputed"),
+        "{err}"
+    );
+    let err = run(&recomputed, &["--recompute"]);
+    assert!(err.contains("(recomputed per layer)"), "{err}");
+    assert_eq!(losses(&kept), losses(&recomputed));
+    let (a, b) = (act_mib(&kept), act_mib(&recomputed));
+    assert_eq!((a.len(), b.len()), (2, 2));
+    assert!(
+        a[0] > 0.0 && b[0] > 0.0 && b[0] < a[0],
+        "act_mib {a:?} vs {b:?}"
+    );
+    // Resuming the run without it from its step-1 checkpoint, with it,
+    // redoes step 2 with the same loss.
+    let want = losses(&kept);
+    let err = run(&kept, &["--recompute", "--resume", s(&kept)]);
+    assert!(err.contains("resuming from"), "{err}");
+    assert_eq!(losses(&kept), want);
+    assert_eq!(act_mib(&kept), vec![a[0], b[1]]);
 }

@@ -17,6 +17,10 @@
 //! `Llama::adapter` (the base frozen: its matrix products run backward with
 //! no weight gradient, and norms' gradients go to a scratch). Gradient
 //! clipping reduces and scales on the device ([`clip_grad_norm`]).
+//!
+//! Activation checkpointing per layer ([`TrainActivations::with_recompute`])
+//! keeps only each layer's input through the forward and recomputes the
+//! layer's activations in the backward: less memory for more compute.
 
 use crate::backend::{AdamW, AdamWTensors, Backend};
 use crate::error::{Error, Result};
@@ -228,9 +232,9 @@ fn trainable_params_mut<'a, B: Backend>(
     }
 }
 
-/// What the backward of one layer needs, for all batch·seq rows.
+/// What the backward of one layer needs, for all batch·seq rows. (The
+/// layer's input, the residual stream, is `TrainActivations::x_in[l]`.)
 pub struct LayerActivations<B: Backend> {
-    pub x_in: Tensor<B>,  // residual stream entering the block [n, d], f32
     pub h1: Tensor<B>,    // rmsnorm(x_in) · attn_norm [n, d]
     pub q: Tensor<B>,     // after rope [n, heads·hd]
     pub k: Tensor<B>,     // after rope [n, kv_heads·hd]
@@ -241,16 +245,58 @@ pub struct LayerActivations<B: Backend> {
     pub gate: Tensor<B>,  // [n, f]
     pub up: Tensor<B>,    // [n, f]
     pub act: Tensor<B>,   // silu(gate) ∘ up [n, f]
-    /// With an adapter: t = drop(x)·Aᵀ [n, r] (f32) of each adapted projection,
+    /// With an adapter: t = drop(x)·Aᵀ [n, r] of each adapted projection,
     /// in the order of the adapter's targets.
     pub lora_t: Vec<Tensor<B>>,
 }
 
+impl<B: Backend> LayerActivations<B> {
+    fn tensors(&self) -> impl Iterator<Item = &Tensor<B>> {
+        [
+            &self.h1,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.x_mid,
+            &self.h2,
+            &self.gate,
+            &self.up,
+            &self.act,
+        ]
+        .into_iter()
+        .chain(&self.lora_t)
+    }
+}
+
+/// One sequence's attention buffers [seq, ·]: RoPE and attention run a
+/// sequence at a time.
+struct SeqScratch<B: Backend> {
+    q: Tensor<B>,
+    k: Tensor<B>,
+    v: Tensor<B>,
+    att: Tensor<B>, // the output; in the backward, its gradient
+    dq: Tensor<B>,
+    dk: Tensor<B>,
+    dv: Tensor<B>,
+}
+
 /// Activations of one `forward_backward` call on `batch` sequences of `seq`
 /// tokens, kept for the backward, plus the scratch the backward uses.
+///
+/// With `recompute` (activation checkpointing per layer) the forward keeps
+/// only each layer's input `x_in[l]` and runs every layer into one shared
+/// working set, `layers[0]`; the backward re-runs layer l's forward from
+/// `x_in[l]` before its backward. Same ops on the same inputs: the same
+/// numbers, for about one more forward's compute and a layer's activations
+/// instead of all of them.
 pub struct TrainActivations<B: Backend> {
     pub batch: usize,
     pub seq: usize,
+    pub recompute: bool,
+    /// The residual stream entering each block [n, d], f32, one per layer.
+    pub x_in: Vec<Tensor<B>>,
+    /// Each layer's activations; with `recompute`, the one working set.
     pub layers: Vec<LayerActivations<B>>,
     pub x_out: Tensor<B>,   // residual stream after the last block [n, d], f32
     pub hf: Tensor<B>,      // rmsnorm(x_out) · norm [n, d]
@@ -267,14 +313,7 @@ pub struct TrainActivations<B: Backend> {
     dact: Tensor<B>, // [n, f]
     dgate: Tensor<B>,
     dup: Tensor<B>,
-    // one sequence: [seq, ·]
-    s_q: Tensor<B>,
-    s_k: Tensor<B>,
-    s_v: Tensor<B>,
-    s_att: Tensor<B>,
-    s_dq: Tensor<B>,
-    s_dk: Tensor<B>,
-    s_dv: Tensor<B>,
+    s: SeqScratch<B>,
     /// The gradient of a frozen RMSNorm gain (LoRA), computed and dropped [d].
     dnorm_frozen: Tensor<B>,
     lora: Option<LoraScratch<B>>,
@@ -283,6 +322,17 @@ pub struct TrainActivations<B: Backend> {
 impl<B: Backend> TrainActivations<B> {
     /// Activations for `model` as it is now: set the adapter first.
     pub fn new(model: &Llama<B>, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_recompute(model, batch, seq, false)
+    }
+
+    /// [`TrainActivations::new`], recomputing each layer's activations in
+    /// the backward when `recompute` is set.
+    pub fn with_recompute(
+        model: &Llama<B>,
+        batch: usize,
+        seq: usize,
+        recompute: bool,
+    ) -> Result<Self> {
         let c = &model.config;
         let be = &model.backend;
         let n = batch * seq;
@@ -293,8 +343,10 @@ impl<B: Backend> TrainActivations<B> {
         // The residual stream and its gradient stay f32 on every device.
         let f32t = |cols: usize| be.zeros(&[n, cols], DType::F32);
         let lora = model.adapter.as_ref();
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for _ in 0..c.num_layers {
+        // Without recompute one set per layer, with it one shared set.
+        let sets = if recompute { 1 } else { c.num_layers };
+        let mut layers = Vec::with_capacity(sets);
+        for _ in 0..sets {
             let lora_t = match lora {
                 Some(l) => (0..l.config.targets.len())
                     .map(|_| be.zeros(&[n, l.config.rank], DType::F32))
@@ -302,7 +354,6 @@ impl<B: Backend> TrainActivations<B> {
                 None => Vec::new(),
             };
             layers.push(LayerActivations {
-                x_in: f32t(d)?,
                 h1: t(n, d)?,
                 q: t(n, qw)?,
                 k: t(n, kvw)?,
@@ -319,6 +370,8 @@ impl<B: Backend> TrainActivations<B> {
         Ok(TrainActivations {
             batch,
             seq,
+            recompute,
+            x_in: (0..c.num_layers).map(|_| f32t(d)).collect::<Result<_>>()?,
             layers,
             x_out: f32t(d)?,
             hf: t(n, d)?,
@@ -334,18 +387,58 @@ impl<B: Backend> TrainActivations<B> {
             dact: t(n, f)?,
             dgate: t(n, f)?,
             dup: t(n, f)?,
-            s_q: t(seq, qw)?,
-            s_k: t(seq, kvw)?,
-            s_v: t(seq, kvw)?,
-            s_att: t(seq, qw)?,
-            s_dq: t(seq, qw)?,
-            s_dk: t(seq, kvw)?,
-            s_dv: t(seq, kvw)?,
+            s: SeqScratch {
+                q: t(seq, qw)?,
+                k: t(seq, kvw)?,
+                v: t(seq, kvw)?,
+                att: t(seq, qw)?,
+                dq: t(seq, qw)?,
+                dk: t(seq, kvw)?,
+                dv: t(seq, kvw)?,
+            },
             dnorm_frozen: be.zeros(&[d], DType::F32)?,
             lora: lora
                 .map(|l| LoraScratch::new(be, l.config.rank, n))
                 .transpose()?,
         })
+    }
+
+    /// Device bytes of every activation and scratch buffer held: with
+    /// `recompute`, one layer's activations and every layer's input instead
+    /// of every layer's activations.
+    pub fn bytes(&self) -> usize {
+        let s = &self.s;
+        let held = [
+            &self.x_out,
+            &self.hf,
+            &self.logits,
+            &self.dlogits,
+            &self.proj,
+            &self.dx,
+            &self.dh,
+            &self.datt,
+            &self.dq,
+            &self.dk,
+            &self.dv,
+            &self.dact,
+            &self.dgate,
+            &self.dup,
+            &s.q,
+            &s.k,
+            &s.v,
+            &s.att,
+            &s.dq,
+            &s.dk,
+            &s.dv,
+            &self.dnorm_frozen,
+        ];
+        let layers = self.layers.iter().flat_map(|la| la.tensors());
+        held.into_iter()
+            .chain(&self.x_in)
+            .chain(layers)
+            .map(|t| t.numel() * t.dtype.size())
+            .sum::<usize>()
+            + self.lora.as_ref().map_or(0, LoraScratch::bytes)
     }
 }
 
@@ -427,6 +520,69 @@ fn linear_backward<B: Backend>(
     )
 }
 
+/// The forward of block `l` over all rows, from its input `x_in` [n, d]
+/// (f32): its activations into `la` (the LoRA t's included), and, when
+/// `x_out` is given, its output x_out = x_mid + act·Wdᵀ [n, d] (f32). `proj`
+/// and `s` are scratch. Both the forward and the backward's recomputation run it,
+/// so the two compute the same numbers.
+#[allow(clippy::too_many_arguments)]
+fn layer_forward<B: Backend>(
+    model: &Llama<B>,
+    br: &mut Option<Branches<B>>,
+    la: &mut LayerActivations<B>,
+    x_out: Option<&mut Tensor<B>>,
+    proj: &mut Tensor<B>,
+    s: &mut SeqScratch<B>,
+    x_in: &Tensor<B>,
+    l: usize,
+    batch: usize,
+    seq: usize,
+) -> Result<()> {
+    let (c, be, lw) = (&model.config, &model.backend, &model.weights.layers[l]);
+    let (heads, kv_heads, theta, eps) = (c.num_heads, c.num_kv_heads, c.rope_theta, c.rms_norm_eps);
+    let n = batch * seq;
+    let ts = &mut la.lora_t;
+    be.rmsnorm(&mut la.h1, x_in, &lw.attn_norm, eps)?;
+    linear(be, br, &mut la.q, &la.h1, &lw.wq, ts, l, Target::QProj)?;
+    linear(be, br, &mut la.k, &la.h1, &lw.wk, ts, l, Target::KProj)?;
+    linear(be, br, &mut la.v, &la.h1, &lw.wv, ts, l, Target::VProj)?;
+    for i in 0..batch {
+        let r = i * seq;
+        be.copy_rows(&mut s.q, 0, &la.q, r, seq)?;
+        be.copy_rows(&mut s.k, 0, &la.k, r, seq)?;
+        be.copy_rows(&mut s.v, 0, &la.v, r, seq)?;
+        be.rope(&mut s.q, heads, 0, theta)?;
+        be.rope(&mut s.k, kv_heads, 0, theta)?;
+        be.attention(&mut s.att, &s.q, &s.k, &s.v, heads, kv_heads, 0)?;
+        be.copy_rows(&mut la.q, r, &s.q, 0, seq)?;
+        be.copy_rows(&mut la.k, r, &s.k, 0, seq)?;
+        be.copy_rows(&mut la.att, r, &s.att, 0, seq)?;
+    }
+    linear(be, br, proj, &la.att, &lw.wo, ts, l, Target::OProj)?;
+    be.copy_rows(&mut la.x_mid, 0, x_in, 0, n)?;
+    be.add_assign(&mut la.x_mid, proj)?;
+    be.rmsnorm(&mut la.h2, &la.x_mid, &lw.ffn_norm, eps)?;
+    linear(
+        be,
+        br,
+        &mut la.gate,
+        &la.h2,
+        &lw.w_gate,
+        ts,
+        l,
+        Target::GateProj,
+    )?;
+    linear(be, br, &mut la.up, &la.h2, &lw.w_up, ts, l, Target::UpProj)?;
+    be.swiglu(&mut la.act, &la.gate, &la.up)?;
+    // (Run also when recomputing: it keeps the down projection's LoRA t.)
+    linear(be, br, proj, &la.act, &lw.w_down, ts, l, Target::DownProj)?;
+    if let Some(x_out) = x_out {
+        be.copy_rows(x_out, 0, &la.x_mid, 0, n)?;
+        be.add_assign(x_out, proj)?;
+    }
+    Ok(())
+}
+
 /// One forward and backward over `batch` sequences of `seq` tokens.
 ///
 /// `ids` and `targets` are [batch·seq]; a target of `backend::IGNORE` counts
@@ -442,6 +598,8 @@ fn linear_backward<B: Backend>(
 ///   h2 = rmsnorm(x_mid)·ffn_norm; x_out = x_mid + (silu(h2·Wgᵀ) ∘ h2·Wuᵀ)·Wdᵀ
 /// then logits = rmsnorm(x)·norm·Wheadᵀ and the fused cross-entropy. With
 /// an adapter, each adapted product adds its LoRA branch (`model::adapter`).
+/// With `a.recompute`, the backward re-runs each layer's forward (the same
+/// [`layer_forward`]) before that layer's backward: the same numbers.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward<B: Backend>(
     model: &Llama<B>,
@@ -513,78 +671,13 @@ pub fn forward_backward<B: Backend>(
     };
 
     // ----- forward -----
-    be.embedding(&mut a.layers[0].x_in, ids, &w.embed)?;
+    be.embedding(&mut a.x_in[0], ids, &w.embed)?;
     for l in 0..c.num_layers {
-        let lw = &w.layers[l];
-        let (done, rest) = a.layers.split_at_mut(l + 1);
-        let la = &mut done[l];
-        let ts = &mut la.lora_t;
-        be.rmsnorm(&mut la.h1, &la.x_in, &lw.attn_norm, eps)?;
-        linear(be, &mut br, &mut la.q, &la.h1, &lw.wq, ts, l, Target::QProj)?;
-        linear(be, &mut br, &mut la.k, &la.h1, &lw.wk, ts, l, Target::KProj)?;
-        linear(be, &mut br, &mut la.v, &la.h1, &lw.wv, ts, l, Target::VProj)?;
-        for s in 0..batch {
-            let r = s * seq;
-            be.copy_rows(&mut a.s_q, 0, &la.q, r, seq)?;
-            be.copy_rows(&mut a.s_k, 0, &la.k, r, seq)?;
-            be.copy_rows(&mut a.s_v, 0, &la.v, r, seq)?;
-            be.rope(&mut a.s_q, heads, 0, theta)?;
-            be.rope(&mut a.s_k, kv_heads, 0, theta)?;
-            be.attention(&mut a.s_att, &a.s_q, &a.s_k, &a.s_v, heads, kv_heads, 0)?;
-            be.copy_rows(&mut la.q, r, &a.s_q, 0, seq)?;
-            be.copy_rows(&mut la.k, r, &a.s_k, 0, seq)?;
-            be.copy_rows(&mut la.att, r, &a.s_att, 0, seq)?;
-        }
-        linear(
-            be,
-            &mut br,
-            &mut a.proj,
-            &la.att,
-            &lw.wo,
-            ts,
-            l,
-            Target::OProj,
-        )?;
-        be.copy_rows(&mut la.x_mid, 0, &la.x_in, 0, n)?;
-        be.add_assign(&mut la.x_mid, &a.proj)?;
-        be.rmsnorm(&mut la.h2, &la.x_mid, &lw.ffn_norm, eps)?;
-        linear(
-            be,
-            &mut br,
-            &mut la.gate,
-            &la.h2,
-            &lw.w_gate,
-            ts,
-            l,
-            Target::GateProj,
-        )?;
-        linear(
-            be,
-            &mut br,
-            &mut la.up,
-            &la.h2,
-            &lw.w_up,
-            ts,
-            l,
-            Target::UpProj,
-        )?;
-        be.swiglu(&mut la.act, &la.gate, &la.up)?;
-        linear(
-            be,
-            &mut br,
-            &mut a.proj,
-            &la.act,
-            &lw.w_down,
-            ts,
-            l,
-            Target::DownProj,
-        )?;
-        let next = match rest.first_mut() {
-            Some(next) => &mut next.x_in,
-            None => &mut a.x_out,
-        };
-        be.copy_rows(next, 0, &la.x_mid, 0, n)?;
-        be.add_assign(next, &a.proj)?;
+        let (done, rest) = a.x_in.split_at_mut(l + 1);
+        let next = rest.first_mut().unwrap_or(&mut a.x_out);
+        let la = &mut a.layers[if a.recompute { 0 } else { l }];
+        let (x, proj, s) = (&done[l], &mut a.proj, &mut a.s);
+        layer_forward(model, &mut br, la, Some(next), proj, s, x, l, batch, seq)?;
     }
     be.rmsnorm(&mut a.hf, &a.x_out, &w.norm, eps)?;
     be.matmul_nt(&mut a.logits, &a.hf, head)?;
@@ -608,7 +701,24 @@ pub fn forward_backward<B: Backend>(
     };
     be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &a.x_out, &w.norm, eps)?;
     for l in (0..c.num_layers).rev() {
-        let (lw, la) = (&w.layers[l], &a.layers[l]);
+        // Recompute: the working set still holds the last layer's forward;
+        // every other layer's is run again from its input.
+        if a.recompute && l + 1 < c.num_layers {
+            let (la, x) = (&mut a.layers[0], &a.x_in[l]);
+            layer_forward(
+                model,
+                &mut br,
+                la,
+                None,
+                &mut a.proj,
+                &mut a.s,
+                x,
+                l,
+                batch,
+                seq,
+            )?;
+        }
+        let (lw, la) = (&w.layers[l], &a.layers[if a.recompute { 0 } else { l }]);
         let ts = &la.lora_t;
         let mut gl = gfull.as_deref_mut().map(|g| &mut g.layers[l]);
         // x_out = x_mid + act · Wdᵀ: dx flows on unchanged, and into the block
@@ -684,29 +794,29 @@ pub fn forward_backward<B: Backend>(
         // att = attention(rope(q), rope(k), v), one sequence at a time
         for s in 0..batch {
             let r = s * seq;
-            be.copy_rows(&mut a.s_att, 0, &a.datt, r, seq)?; // s_att holds d(att) here
-            be.copy_rows(&mut a.s_q, 0, &la.q, r, seq)?;
-            be.copy_rows(&mut a.s_k, 0, &la.k, r, seq)?;
-            be.copy_rows(&mut a.s_v, 0, &la.v, r, seq)?;
-            be.zero(&mut a.s_dk)?;
-            be.zero(&mut a.s_dv)?;
+            be.copy_rows(&mut a.s.att, 0, &a.datt, r, seq)?; // s.att holds d(att) here
+            be.copy_rows(&mut a.s.q, 0, &la.q, r, seq)?;
+            be.copy_rows(&mut a.s.k, 0, &la.k, r, seq)?;
+            be.copy_rows(&mut a.s.v, 0, &la.v, r, seq)?;
+            be.zero(&mut a.s.dk)?;
+            be.zero(&mut a.s.dv)?;
             be.attention_backward(
-                &mut a.s_dq,
-                &mut a.s_dk,
-                &mut a.s_dv,
-                &a.s_att,
-                &a.s_q,
-                &a.s_k,
-                &a.s_v,
+                &mut a.s.dq,
+                &mut a.s.dk,
+                &mut a.s.dv,
+                &a.s.att,
+                &a.s.q,
+                &a.s.k,
+                &a.s.v,
                 heads,
                 kv_heads,
                 0,
             )?;
-            be.rope_backward(&mut a.s_dq, heads, 0, theta)?;
-            be.rope_backward(&mut a.s_dk, kv_heads, 0, theta)?;
-            be.copy_rows(&mut a.dq, r, &a.s_dq, 0, seq)?;
-            be.copy_rows(&mut a.dk, r, &a.s_dk, 0, seq)?;
-            be.copy_rows(&mut a.dv, r, &a.s_dv, 0, seq)?;
+            be.rope_backward(&mut a.s.dq, heads, 0, theta)?;
+            be.rope_backward(&mut a.s.dk, kv_heads, 0, theta)?;
+            be.copy_rows(&mut a.dq, r, &a.s.dq, 0, seq)?;
+            be.copy_rows(&mut a.dk, r, &a.s.dk, 0, seq)?;
+            be.copy_rows(&mut a.dv, r, &a.s.dv, 0, seq)?;
         }
         // q, k, v = h1 · Wqᵀ, h1 · Wkᵀ, h1 · Wvᵀ
         be.zero(&mut a.dh)?;
@@ -755,7 +865,7 @@ pub fn forward_backward<B: Backend>(
             Some(g) => &mut g.attn_norm,
             None => &mut a.dnorm_frozen,
         };
-        be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &la.x_in, &lw.attn_norm, eps)?;
+        be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &a.x_in[l], &lw.attn_norm, eps)?;
     }
     // x = embed[ids]
     if let Some(g) = gfull {

@@ -2,8 +2,10 @@
 //! `loss.svg`, the loss curve.
 //!
 //! Train records, one per optimizer step:
-//! `{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3}`
-//! (`tokens`: token positions processed in the step). Eval records:
+//! `{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3,"act_mib":85.5}`
+//! (`tokens`: token positions processed in the step; `act_mib`: the device
+//! memory the run's activations and their scratch hold, in MiB; absent from
+//! older logs, read back as NaN and written back without it). Eval records:
 //! `{"step":50,"eval_loss":2.02}`. JSON has no NaN or infinity: a float that
 //! is not finite (the loss of a step with no counted targets, a diverged
 //! gradient norm) is written as `null`, read back as NaN, and left out of
@@ -39,6 +41,21 @@ pub struct TrainRecord {
     pub tokens_per_s: f64,
     #[serde(with = "finite")]
     pub elapsed_s: f64,
+    #[serde(
+        with = "finite",
+        default = "not_known",
+        skip_serializing_if = "is_not_known"
+    )]
+    pub act_mib: f64,
+}
+
+/// A field an older log lacks: NaN, and left out when written back.
+fn not_known() -> f64 {
+    f64::NAN
+}
+
+fn is_not_known(x: &f64) -> bool {
+    x.is_nan()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -278,6 +295,7 @@ mod tests {
             tokens: 64,
             tokens_per_s: 100.0,
             elapsed_s: step as f64,
+            act_mib: 1.5,
         }
     }
 
@@ -333,6 +351,7 @@ mod tests {
             tokens: 2048,
             tokens_per_s: 1534.2,
             elapsed_s: 17.3,
+            act_mib: 85.5,
         };
         log.train(t.clone()).unwrap();
         log.eval(eval(12, 2.02)).unwrap();
@@ -340,12 +359,23 @@ mod tests {
         assert_eq!(
             l,
             vec![
-                r#"{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3}"#,
+                r#"{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3,"act_mib":85.5}"#,
                 r#"{"step":12,"eval_loss":2.02}"#,
             ]
         );
         let back = read_log(&tmp.path().join(METRICS_FILE)).unwrap();
         assert_eq!(back, vec![Record::Train(t), Record::Eval(eval(12, 2.02))]);
+        // A log written before `act_mib` existed still reads: NaN, unknown.
+        let old = tmp.path().join("old.jsonl");
+        fs::write(
+            &old,
+            format!("{}\n", &l[0].replace(r#","act_mib":85.5"#, "")),
+        )
+        .unwrap();
+        match &read_log(&old).unwrap()[..] {
+            [Record::Train(r)] => assert!(r.step == 12 && r.act_mib.is_nan()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

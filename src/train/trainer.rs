@@ -63,6 +63,10 @@ pub struct TrainOptions {
     pub eval_every: u64,
     /// A checkpoint every K steps; 0: none (Ctrl-C still writes one).
     pub save_every: u64,
+    /// Recompute each layer's activations in the backward instead of
+    /// keeping them (activation checkpointing per layer): less memory, about
+    /// one more forward of compute, the same numbers.
+    pub recompute: bool,
 }
 
 /// The files of a run.
@@ -219,7 +223,24 @@ pub fn finetune<B: Backend>(
             let a = match acts.entry(b.rows) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(TrainActivations::new(&model, b.rows, b.seq_len)?)
+                    let a = TrainActivations::with_recompute(
+                        &model,
+                        b.rows,
+                        b.seq_len,
+                        opts.recompute,
+                    )?;
+                    say(format!(
+                        "activations: {:.1} MiB for {}×{} tokens{}",
+                        mib(a.bytes()),
+                        b.rows,
+                        b.seq_len,
+                        if opts.recompute {
+                            " (recomputed per layer)"
+                        } else {
+                            ""
+                        }
+                    ));
+                    e.insert(a)
                 }
             };
             let seed = dropout_seed(opts.seed, step, micro);
@@ -261,6 +282,7 @@ pub fn finetune<B: Backend>(
             tokens: tokens as u64,
             tokens_per_s,
             elapsed_s: elapsed,
+            act_mib: mib(acts.values().map(TrainActivations::bytes).sum()),
         })?;
         bar.set_position(done);
         bar.set_message(format!("loss {last_loss:.4} | {tokens_per_s:.0} tok/s"));
@@ -366,7 +388,14 @@ fn dropout_seed(seed: u64, step: u64, micro: usize) -> u64 {
     seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (step << 20 | micro as u64)
 }
 
+/// Bytes in MiB.
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// The settings that decide a run's numbers; a resumed run must match them.
+/// (`recompute` changes memory and time, not the numbers: it is left out,
+/// so a run may be resumed with or without it.)
 fn run_settings(o: &TrainOptions, total: u64, (examples, tokens): (usize, usize)) -> Json {
     json!({
         "method": if o.lora.is_some() { "lora" } else { "full" },
