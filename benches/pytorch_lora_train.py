@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""PyTorch + PEFT side of the CPU LoRA training benchmark (float32).
+"""PyTorch + PEFT side of the LoRA training benchmark: float32 on the CPU
+(the default), or bf16 on a GPU with --device cuda.
 
 Trains a LoRA (rank 8, alpha 2 x rank = 16, no dropout, on q,k,v,o,gate,up,down
 by default) on a Llama-family HF folder with torch.optim.AdamW (constant --lr,
@@ -12,11 +13,23 @@ them). The benchmark only needs {"text"} lines; another kind of line is an
 error. Step k (from 0) takes rows k·B .. k·B+B-1, the rows repeated from the
 start if the file has fewer than N·B.
 
+--device cuda, as close to engine's CUDA device as PyTorch gets: the frozen
+base weights in bf16 (engine keeps them in bf16), the LoRA weights and their
+AdamW state in f32 (PEFT's default autocast_adapter_dtype; engine's f32
+master weights), and the forward under torch.autocast(bf16), so the matrix
+products take bf16 inputs with f32 accumulation; the loss upcasts the logits
+to f32 (engine's logits are f32). Attention is transformers' default (SDPA).
+
 Measures:
   tokens_per_s  (N − 1)·B·seq_len / wall time of steps 2..N (step 1 is the
-                warm-up); a step is forward + backward + clip + AdamW step;
+                warm-up); a step is forward + backward + clip + AdamW step
+                (on a GPU, timed between torch.cuda.synchronize() calls);
   losses        the loss of every step;
-  peak_rss_mb   this process's peak resident set (getrusage ru_maxrss).
+  peak_rss_mb   this process's peak resident set (getrusage ru_maxrss);
+  max_memory_allocated_mb, max_memory_reserved_mb
+                with --device cuda: torch.cuda's peaks (tensors; and the
+                caching allocator's reservation; neither counts the CUDA
+                context).
 With --json it prints one JSON line:
   {"impl":"pytorch+peft","tokens_per_s":..,"peak_rss_mb":..,"losses":[..],"step_s":[..],...}
 otherwise a line per step and a summary.
@@ -27,6 +40,7 @@ otherwise a line per step and a summary.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -55,7 +69,7 @@ def packed_rows(tokenizer, path, seq_len, eos):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="PyTorch + PEFT CPU LoRA training benchmark (f32)")
+    ap = argparse.ArgumentParser(description="PyTorch + PEFT LoRA training benchmark (CPU f32, GPU bf16)")
     ap.add_argument("--model", required=True, help="HF folder: config.json, *.safetensors, tokenizer")
     ap.add_argument("--data", required=True, help='JSONL of {"text": ...} lines')
     ap.add_argument("--seq-len", type=int, default=256)
@@ -67,6 +81,8 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
     ap.add_argument("--targets", default=TARGETS, help="comma-separated projections")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cpu: float32; cuda: bf16 base weights and autocast, f32 LoRA (GPU 0)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args()
     if min(args.seq_len, args.batch, args.threads, args.rank) < 1 or args.steps < 2:
@@ -74,6 +90,9 @@ def main() -> int:
 
     import torch
 
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: torch {torch.__version__} sees no CUDA GPU")
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(args.seed)
@@ -83,7 +102,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(args.device)
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     if eos is None:
@@ -102,21 +122,29 @@ def main() -> int:
         bias="none",
         task_type="CAUSAL_LM",
     )
+    # With bf16 base weights PEFT creates the adapters in f32
+    # (autocast_adapter_dtype=True, its default).
     model = get_peft_model(model, config)
     model.train()
+    data = data.to(args.device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
     losses, step_s = [], []
     for step in range(args.steps):
         batch = data[step * args.batch : (step + 1) * args.batch]
+        sync()
         t0 = time.perf_counter()
-        out = model(input_ids=batch, labels=batch)
+        with autocast:
+            out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss = out.loss.item()
+        sync()
         step_s.append(time.perf_counter() - t0)
         losses.append(loss)
         if not args.json:
@@ -131,6 +159,7 @@ def main() -> int:
         "peak_rss_mb": round(peak_rss_mb, 1),
         "losses": [round(x, 6) for x in losses],
         "step_s": [round(x, 4) for x in step_s],
+        "device": args.device,
         "threads": args.threads,
         "seq_len": args.seq_len,
         "batch": args.batch,
@@ -146,12 +175,20 @@ def main() -> int:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
+    if cuda:
+        result["gpu"] = torch.cuda.get_device_name(0)
+        result["precision"] = "bf16 base weights + bf16 autocast, f32 LoRA and AdamW"
+        result["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["max_memory_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{tokens_per_s:.1f} tok/s over steps 2..{args.steps}, peak RSS {peak_rss_mb:.0f} MiB, "
               f"{result['trainable_params']} trainable parameters, torch {torch.__version__}, "
               f"peft {peft.__version__}, {args.threads} threads")
+        if cuda:
+            print(f"{result['gpu']}: max_memory_allocated {result['max_memory_allocated_mb']:.0f} MiB, "
+                  f"reserved {result['max_memory_reserved_mb']:.0f} MiB")
     return 0
 
 
