@@ -281,6 +281,20 @@ struct SeqScratch<B: Backend> {
     dv: Tensor<B>,
 }
 
+/// Rows of logits made at a time: the head's product, the cross-entropy
+/// and the head's backward run over chunks of this many rows, so the
+/// [n, vocab] logits (and their gradient) are never held whole — for
+/// SmolLM2's 49152-token vocabulary, 48 MiB each instead of 192 KiB per row.
+const LOGIT_ROWS: usize = 256;
+
+/// The scratch of [`head_loss_backward`], for up to `LOGIT_ROWS` rows.
+struct HeadScratch<B: Backend> {
+    hf: Tensor<B>,      // a chunk of rmsnorm(x_out) · norm [c, d]
+    logits: Tensor<B>,  // [c, vocab], f32
+    dlogits: Tensor<B>, // [c, vocab], f32
+    dh: Tensor<B>,      // [c, d]
+}
+
 /// Activations of one `forward_backward` call on `batch` sequences of `seq`
 /// tokens, kept for the backward, plus the scratch the backward uses.
 ///
@@ -298,10 +312,9 @@ pub struct TrainActivations<B: Backend> {
     pub x_in: Vec<Tensor<B>>,
     /// Each layer's activations; with `recompute`, the one working set.
     pub layers: Vec<LayerActivations<B>>,
-    pub x_out: Tensor<B>,   // residual stream after the last block [n, d], f32
-    pub hf: Tensor<B>,      // rmsnorm(x_out) · norm [n, d]
-    pub logits: Tensor<B>,  // [n, vocab], f32
-    pub dlogits: Tensor<B>, // [n, vocab], f32
+    pub x_out: Tensor<B>, // residual stream after the last block [n, d], f32
+    pub hf: Tensor<B>,    // rmsnorm(x_out) · norm [n, d]
+    head: HeadScratch<B>,
     // backward scratch, all rows
     proj: Tensor<B>, // a block's output before the residual add [n, d]
     dx: Tensor<B>,   // gradient of the residual stream [n, d], f32
@@ -375,8 +388,12 @@ impl<B: Backend> TrainActivations<B> {
             layers,
             x_out: f32t(d)?,
             hf: t(n, d)?,
-            logits: f32t(vocab)?,
-            dlogits: f32t(vocab)?,
+            head: HeadScratch {
+                hf: t(n.min(LOGIT_ROWS), d)?,
+                logits: be.zeros(&[n.min(LOGIT_ROWS), vocab], DType::F32)?,
+                dlogits: be.zeros(&[n.min(LOGIT_ROWS), vocab], DType::F32)?,
+                dh: t(n.min(LOGIT_ROWS), d)?,
+            },
             proj: t(n, d)?,
             dx: f32t(d)?,
             dh: t(n, d)?,
@@ -411,8 +428,10 @@ impl<B: Backend> TrainActivations<B> {
         let held = [
             &self.x_out,
             &self.hf,
-            &self.logits,
-            &self.dlogits,
+            &self.head.hf,
+            &self.head.logits,
+            &self.head.dlogits,
+            &self.head.dh,
             &self.proj,
             &self.dx,
             &self.dh,
@@ -583,6 +602,40 @@ fn layer_forward<B: Backend>(
     Ok(())
 }
 
+/// The loss head over `LOGIT_ROWS` rows at a time, forward and backward:
+///   logits = hf · Wheadᵀ;  the fused cross-entropy (dlogits scaled by
+///   `loss_scale`);  dh = dlogits · Whead,  dWhead += dlogitsᵀ · hf
+/// with dh [n, d] overwritten and dWhead (`dhead`, None when frozen)
+/// accumulated. Returns the summed loss over the counted targets.
+#[allow(clippy::too_many_arguments)]
+fn head_loss_backward<B: Backend>(
+    be: &B,
+    h: &mut HeadScratch<B>,
+    dh: &mut Tensor<B>,
+    mut dhead: Option<&mut Tensor<B>>,
+    hf: &Tensor<B>,
+    head: &Tensor<B>,
+    targets: &[u32],
+    loss_scale: f32,
+) -> Result<f32> {
+    let n = targets.len();
+    let mut loss = 0.0f64;
+    for r0 in (0..n).step_by(LOGIT_ROWS) {
+        let rows = LOGIT_ROWS.min(n - r0);
+        for t in [&mut h.hf, &mut h.logits, &mut h.dlogits, &mut h.dh] {
+            t.shape[0] = rows;
+        }
+        be.copy_rows(&mut h.hf, 0, hf, r0, rows)?;
+        be.matmul_nt(&mut h.logits, &h.hf, head)?;
+        let chunk = &targets[r0..r0 + rows];
+        loss += be.cross_entropy(Some(&mut h.dlogits), &h.logits, chunk, Some(loss_scale))? as f64;
+        be.zero(&mut h.dh)?;
+        be.matmul_nt_backward(&mut h.dh, dhead.as_deref_mut(), &h.dlogits, &h.hf, head)?;
+        be.copy_rows(dh, r0, &h.dh, 0, rows)?;
+    }
+    Ok(loss as f32)
+}
+
 /// One forward and backward over `batch` sequences of `seq` tokens.
 ///
 /// `ids` and `targets` are [batch·seq]; a target of `backend::IGNORE` counts
@@ -680,19 +733,18 @@ pub fn forward_backward<B: Backend>(
         layer_forward(model, &mut br, la, Some(next), proj, s, x, l, batch, seq)?;
     }
     be.rmsnorm(&mut a.hf, &a.x_out, &w.norm, eps)?;
-    be.matmul_nt(&mut a.logits, &a.hf, head)?;
-    let loss = be.cross_entropy(Some(&mut a.dlogits), &a.logits, targets, Some(loss_scale))?;
+    // logits = hf · Wheadᵀ, the loss, and (the backward starting) dh and
+    // the head's gradient — a tied head's adds into the embedding's.
+    let dhead = gfull
+        .as_deref_mut()
+        .map(|g| g.lm_head.as_mut().unwrap_or(&mut g.embed));
+    let (h, dh, hf) = (&mut a.head, &mut a.dh, &a.hf);
+    let loss = head_loss_backward(be, h, dh, dhead, hf, head, targets, loss_scale)?;
 
     // ----- backward: the same list reversed -----
     if let Some(br) = br.as_mut() {
         br.grads = glora;
     }
-    // logits = hf · Wheadᵀ; a tied head's gradient adds into the embedding's.
-    be.zero(&mut a.dh)?;
-    let dhead = gfull
-        .as_deref_mut()
-        .map(|g| g.lm_head.as_mut().unwrap_or(&mut g.embed));
-    be.matmul_nt_backward(&mut a.dh, dhead, &a.dlogits, &a.hf, head)?;
     // hf = rmsnorm(x_out) · norm; dx collects every block's contribution.
     be.zero(&mut a.dx)?;
     let dnorm = match gfull.as_deref_mut() {
