@@ -3,10 +3,10 @@
 //! SmolLM2-135M shapes (d 576, FFN 1536, 9 heads / 3 KV heads of 64, vocab
 //! 49152) for a prefill of 128 and of 512 tokens and for one decode step over a
 //! 512-token cache; the training step's kernels (backward GEMMs, attention
-//! backward, the other backward ops, fused cross-entropy, dropout) on a
-//! sequence of 128 and of 512 tokens; the optimizer's (AdamW, conversions,
-//! gradient norm and clipping) on a LoRA A of rank 8, an FFN weight and the
-//! embedding.
+//! backward, the other backward ops, fused cross-entropy, dropout, the fused
+//! LoRA kernels) on a sequence of 128 and of 512 tokens; the optimizer's
+//! (AdamW, conversions, gradient norm and clipping) on a LoRA A of rank 8, an
+//! FFN weight and the embedding.
 //!
 //! Each case first runs once on random bf16-representable inputs, its output
 //! poisoned with NaN (an output that accumulates or is updated in place
@@ -20,7 +20,7 @@
 //!   timed with CUDA events. GB/s counts the bytes a kernel must move at least
 //!   (each input read once, each output written once; L2 is not flushed
 //!   between launches; an accumulated output counts as read and written),
-//!   TFLOP/s the multiply-adds of matmul and attention (forward and
+//!   TFLOP/s the multiply-adds of matmul, attention and LoRA (forward and
 //!   backward; see `Case::flops`). Each forward matmul shape gets a cuBLAS
 //!   row (bf16 in, f32 compute), the upper bound, and each version its time
 //!   over cuBLAS's.
@@ -66,6 +66,8 @@ const EPS: f32 = 1e-5;
 const CACHE: usize = 512;
 /// The LoRA dropout of the dropout rows.
 const DROPOUT: f32 = 0.1;
+/// The LoRA rows' alpha: their scaling s is alpha / r.
+const LORA_ALPHA: f32 = 32.0;
 
 /// Tolerances of tests/cuda_ops.rs, relative to the largest reference value.
 const BF16_TOL: f32 = 1e-2;
@@ -116,12 +118,12 @@ enum Family {
     /// x [n, k] · w [m, k]ᵀ as `matmul_nt_backward` launches it: a bf16 c is
     /// dx [n, k] += dout · w, an f32 c is dw [m, k] += doutᵀ · x.
     MatmulAcc { a_f32: bool, c_f32: bool },
-    /// (dq, stats, dout, q, k, v, heads, kv_heads, hd, pos0); grid (n,
-    /// heads), block 32. dq is overwritten; stats (lse, D per query and head)
-    /// feed the dkv kernel.
+    /// (dq, dsum, dout, q, k, v, out, lse, n, heads, kv_heads, hd, pos0);
+    /// grid (n, heads), block 32; out and lse are the forward's. dq is
+    /// overwritten; dsum (D per query and head) feeds the dkv kernel.
     AttentionBwdDq,
-    /// (dk, dv, stats, dout, q, k, v, n, heads, kv_heads, hd, pos0); grid
-    /// (pos0 + n, kv_heads), block 32; after the dq kernel, whose stats it
+    /// (dk, dv, lse, dsum, dout, q, k, v, n, heads, kv_heads, hd, pos0); grid
+    /// (pos0 + n, kv_heads), block 32; after the dq kernel, whose dsum it
     /// reads (launched once in `prepare`, untimed). dk, dv accumulate.
     AttentionBwdDkv,
     /// (dx, dw, dout, x, w, d, eps); a block of 256 per row; dx and dw f32,
@@ -137,6 +139,25 @@ enum Family {
     CrossEntropy,
     /// (x, p, keep_scale, seed, n), in place; grid-stride.
     Dropout { f32_x: bool },
+    /// A LoRA branch (A [r, in], B [out, r], scaling s; `Case::lora`) on a
+    /// projection x [n, in] → y [n, out], one row per kernel launched as
+    /// `Backend::lora_forward` / `lora_backward` of the Cuda device launch
+    /// them (raw launches rather than the methods, so that each of the
+    /// backward's three kernels gets its own time and figures; the input a
+    /// kernel takes from the one before, t or dt, is the CPU device's).
+    /// t = drop(x)·Aᵀ (f32, written), y += s·t·Bᵀ: (y, t, x, a, b, n, in,
+    /// out, r, s, p, keep_scale, seed); grid ceil(n / 16), block 256.
+    LoraFwd,
+    /// dt = s·dy·B (f32, written), dx += drop'(dt·A), dy f32 where it is
+    /// the residual stream's gradient: (dx, dt, dy, a, b, n, in, out, r, s,
+    /// p, keep_scale, seed); grid ceil(n / 16), block 256.
+    LoraBwdX { f32_dy: bool },
+    /// g(k, c) += scale·Σ_i u[i, k]·drop(v[i, c]), f32, chunks of 128 rows
+    /// adding atomically: dA [r, in] += dtᵀ·drop(x) (v = x, bf16), or dB
+    /// [out, r] += s·dyᵀ·t (v = dy); (g, u, v, n, cols, r, g_sk, g_sc, scale,
+    /// p, keep_scale, seed); grid (ceil(cols / 256), ceil(r / 16),
+    /// ceil(n / 128)), block 256.
+    LoraGrad { f32_v: bool },
 
     // ----- the optimizer's kernels (phase "optimizer", per weight tensor) -----
     /// (dst, src, n); grid-stride. f32 master weights into their bf16
@@ -178,6 +199,7 @@ impl Family {
             | EmbeddingBwd
             | CrossEntropy
             | Dropout { .. } => Stage::Train,
+            LoraFwd | LoraBwdX { .. } | LoraGrad { .. } => Stage::Train,
             Convert { .. } | AdamW | SumSquares | Scale => Stage::Optimizer,
             _ => Stage::Forward,
         }
@@ -244,8 +266,8 @@ const SPECS: &[Spec] = &[
     spec("matmul_acc_f32_bf16", acc(true, false), 10),
     spec("matmul_acc_bf16_f32", acc(false, true), 10),
     spec("matmul_acc_f32_f32", acc(true, true), 10),
-    spec("attention_bwd_dq_bf16", Family::AttentionBwdDq, 10),
-    spec("attention_bwd_dkv_bf16", Family::AttentionBwdDkv, 12),
+    spec("attention_bwd_dq_bf16", Family::AttentionBwdDq, 13),
+    spec("attention_bwd_dkv_bf16", Family::AttentionBwdDkv, 13),
     spec("rmsnorm_bwd_f32_bf16", Family::RmsnormBwd, 7),
     spec("rope_bwd_bf16", Family::Rope { backward: true }, 6),
     spec("swiglu_bwd_bf16", Family::SwigluBwd, 6),
@@ -255,6 +277,12 @@ const SPECS: &[Spec] = &[
     spec("dropout_f32", Family::Dropout { f32_x: true }, 5),
     spec("add_scaled_bf16_f32", add(false, true), 4),
     spec("add_scaled_f32_f32", add(true, true), 4),
+    // The LoRA branch, forward and backward (kernels/lora.cu).
+    spec("lora_fwd_bf16", Family::LoraFwd, 13),
+    spec("lora_bwd_x_bf16", Family::LoraBwdX { f32_dy: false }, 13),
+    spec("lora_bwd_x_f32", Family::LoraBwdX { f32_dy: true }, 13),
+    spec("lora_grad_bf16", Family::LoraGrad { f32_v: false }, 12),
+    spec("lora_grad_f32", Family::LoraGrad { f32_v: true }, 12),
     // The optimizer.
     spec("convert_f32_bf16", Family::Convert { to_f32: false }, 3),
     spec("convert_bf16_f32", Family::Convert { to_f32: true }, 3),
@@ -293,6 +321,18 @@ struct Case {
     pos0: usize,
     m: usize,
     k: usize,
+    /// The LoRA families' branch; m is the projection's out, k its in.
+    lora: Lora,
+}
+
+/// A LoRA case's rank, dropout, and for `lora_grad_*` which gradient.
+#[derive(Clone, Copy, Debug, Default)]
+struct Lora {
+    r: usize,
+    /// With dropout [`DROPOUT`] on the branch's input.
+    dropout: bool,
+    /// dB [out, r] += s·dyᵀ·t rather than dA [r, in] += dtᵀ·drop(x).
+    db: bool,
 }
 
 impl Case {
@@ -325,7 +365,8 @@ impl Case {
                 };
                 size(a_f32) * n * m + 2 * b + 2 * size(c_f32) * c
             }
-            Family::AttentionBwdDq => qkv + 2 * n * HEADS * HD + 8 * HEADS * n,
+            // dout and out read besides q, dq (qkv's output), k, v; lse read, D written.
+            Family::AttentionBwdDq => qkv + 2 * 2 * n * HEADS * HD + 8 * HEADS * n,
             // dk, dv read and written.
             Family::AttentionBwdDkv => {
                 qkv + 4 * (2 * (self.pos0 + n) * KV_HEADS * HD) + 8 * HEADS * n
@@ -336,6 +377,23 @@ impl Case {
             Family::EmbeddingBwd => 4 * n + n * D * (4 + 8),
             Family::CrossEntropy => 8 * n * VOCAB + 8 * n,
             Family::Dropout { f32_x } => 2 * size(f32_x) * n * D,
+            // x [n, in] (k), y / dy [n, out] (m), A [r, in], B [out, r], t
+            // and dt [n, r] f32; y, dx (bf16) and dA, dB (f32) read and
+            // written.
+            Family::LoraFwd => {
+                let r = self.lora.r;
+                2 * n * k + 2 * r * (k + m) + 2 * 2 * n * m + 4 * n * r
+            }
+            Family::LoraBwdX { f32_dy } => {
+                let r = self.lora.r;
+                size(f32_dy) * n * m + 2 * r * (k + m) + 2 * 2 * n * k + 4 * n * r
+            }
+            Family::LoraGrad { f32_v } => {
+                let r = self.lora.r;
+                // u (dt or t) read; v (x or dy) read; g read and written.
+                let cols = if self.lora.db { m } else { k };
+                4 * n * r + size(f32_v) * n * cols + 2 * 4 * r * cols
+            }
             Family::Convert { .. } => (4 + 2) * m * k,
             // param, m, v read and written; grad read; the bf16 copy written.
             Family::AdamW => (3 * 8 + 4 + 2) * self.elements(),
@@ -371,14 +429,23 @@ impl Case {
         self.tensors().iter().map(|[m, k]| m * k).sum()
     }
 
-    /// Floating-point operations of matmul and attention (a multiply-add is
-    /// two); None for the others.
+    /// Floating-point operations of matmul, attention and LoRA (a
+    /// multiply-add is two); None for the others.
     fn flops(&self) -> Option<f64> {
         match self.spec.family {
             Family::Matmul { .. } | Family::Cublas { .. } => {
                 Some(2.0 * (self.n * self.m * self.k) as f64)
             }
             Family::MatmulAcc { .. } => Some(2.0 * (self.n * self.m * self.k) as f64),
+            // Both of the branch's products (the forward's x·Aᵀ and t·Bᵀ,
+            // the backward's dy·B and dt·A), or one gradient's.
+            Family::LoraFwd | Family::LoraBwdX { .. } => {
+                Some(2.0 * (self.n * self.lora.r * (self.k + self.m)) as f64)
+            }
+            Family::LoraGrad { .. } => {
+                let cols = if self.lora.db { self.m } else { self.k };
+                Some(2.0 * (self.n * self.lora.r * cols) as f64)
+            }
             Family::Attention
             | Family::AttentionPrefill
             | Family::AttentionBwdDq
@@ -435,6 +502,19 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
         ("down", D, FFN, true),
         ("lm head", VOCAB, D, true),
     ];
+    // LoRA branches of a training step (`model::adapter`): (layer, out, in,
+    // dy f32, rank, dropout). dy is f32 where it is the residual stream's
+    // gradient (down), as for the backward GEMMs; the q branch also with
+    // dropout.
+    let lora = [
+        ("q", D, D, false, 16, false),
+        ("q", D, D, false, 16, true),
+        ("gate", FFN, D, false, 16, false),
+        ("down", D, FFN, true, 16, false),
+        ("q", D, D, false, 64, false),
+        ("gate", FFN, D, false, 64, false),
+        ("down", D, FFN, true, 64, false),
+    ];
     // The weight tensors of an optimizer step: a LoRA A of rank 8, an FFN
     // weight, and the largest, the embedding (tied to the LM head).
     let tensors = [
@@ -452,6 +532,7 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
             pos0,
             m,
             k,
+            lora: Lora::default(),
         };
         let specs: Vec<&'static Spec> = (specs.iter().copied())
             .filter(|s| s.family.stage() == stage)
@@ -486,6 +567,50 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                             format!("{layer} dx [{n},{k}] += [{n},{m}]·[{m},{k}]")
                         };
                         out.push(case(what, s, m, k));
+                    }
+                }
+                // Each LoRA branch: its forward, then the backward's kernels
+                // in the order `lora_backward` launches them.
+                for (layer, m, k, dy_f32, r, dropout) in lora {
+                    let drop = if dropout {
+                        format!(", dropout {DROPOUT}")
+                    } else {
+                        String::new()
+                    };
+                    let name = format!("{layer} LoRA r {r}{drop}:");
+                    let x = if dropout { "drop(x)" } else { "x" };
+                    let dx = format!("s·dy [{n},{m}]·B·A");
+                    let dx = if dropout { format!("drop({dx})") } else { dx };
+                    for &s in &specs {
+                        let mut rows = Vec::new();
+                        match s.family {
+                            Family::LoraFwd => rows.push((
+                                format!("{name} y [{n},{m}] += s·{x} [{n},{k}]·Aᵀ·Bᵀ"),
+                                false,
+                            )),
+                            Family::LoraBwdX { f32_dy } if f32_dy == dy_f32 => {
+                                rows.push((format!("{name} dx [{n},{k}] += {dx}"), false))
+                            }
+                            Family::LoraGrad { f32_v } => {
+                                if !f32_v {
+                                    let what = format!("{name} dA [{r},{k}] += dtᵀ·{x} [{n},{k}]");
+                                    rows.push((what, false));
+                                }
+                                // dB takes no dropout: the same as without.
+                                if f32_v == dy_f32 && !dropout {
+                                    let what = format!("{name} dB [{m},{r}] += s·dyᵀ [{m},{n}]·t");
+                                    rows.push((what, true));
+                                }
+                            }
+                            _ => {}
+                        }
+                        for (what, db) in rows {
+                            let lora = Lora { r, dropout, db };
+                            out.push(Case {
+                                lora,
+                                ..case(what, s, m, k)
+                            });
+                        }
                     }
                 }
             }
@@ -543,6 +668,7 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                 Family::Convert { .. } | Family::AdamW | Family::SumSquares | Family::Scale => {
                     continue
                 }
+                Family::LoraFwd | Family::LoraBwdX { .. } | Family::LoraGrad { .. } => continue,
             };
             out.push(case(what, s, 0, 0));
         }
@@ -804,12 +930,22 @@ impl<D: GpuDriver> Bench<'_, D> {
                     cpu(&kv, &[cap, kv_width])?,
                     cpu(&vv, &[cap, kv_width])?,
                 );
-                Cpu.attention(&mut want, &qc, &kc, &vc, HEADS, KV_HEADS, pos0)?;
+                let mut want_lse = Cpu.zeros(&[HEADS, n], F32)?;
+                Cpu.attention(
+                    &mut want,
+                    Some(&mut want_lse),
+                    &qc,
+                    &kc,
+                    &vc,
+                    HEADS,
+                    KV_HEADS,
+                    pos0,
+                )?;
                 let q = self.up(&qv, &[n, width], BF16)?;
                 let kt = self.up(&kv, &[cap, kv_width], BF16)?;
                 let vt = self.up(&vv, &[cap, kv_width], BF16)?;
                 let out = self.poisoned(&[n, width], BF16)?;
-                // The log-sum-exp the prefill kernel saves is not checked here.
+                // The log-sum-exp the prefill kernel saves for the backward.
                 let lse = self.poisoned(&[HEADS, n], F32)?;
                 let call = if case.spec.family == Family::Attention {
                     let args = Args::default().ptr(out.buf.ptr).ptr(q.buf.ptr);
@@ -822,9 +958,15 @@ impl<D: GpuDriver> Bench<'_, D> {
                     let args = args.int(n).int(HEADS).int(KV_HEADS).int(HD).int(pos0);
                     kernel((n.div_ceil(64), HEADS), 128, args)
                 };
+                let mut outs = vec![output("out", out, want.buf, bf16)];
+                if case.spec.family == Family::Attention {
+                    drop(lse);
+                } else {
+                    outs.push(output("lse", lse, want_lse.buf, tol(true)));
+                }
                 Prepared {
-                    inputs: vec![q, kt, vt, lse],
-                    outs: vec![output("out", out, want.buf, bf16)],
+                    inputs: vec![q, kt, vt],
+                    outs,
                     call,
                 }
             }
@@ -1005,14 +1147,34 @@ impl<D: GpuDriver> Bench<'_, D> {
                 let mut dq_c = Cpu.zeros(&[n, width], F32)?;
                 let mut dk_c = cpu(&zeros, &[cap, kv_width])?;
                 let mut dv_c = cpu(&zeros, &[cap, kv_width])?;
+                let (q_c, k_c, v_c) = (
+                    cpu(&qv, &[n, width])?,
+                    cpu(&kv, &[cap, kv_width])?,
+                    cpu(&vv, &[cap, kv_width])?,
+                );
+                // The forward's output and log-sum-exp (the CPU's, for both).
+                let mut out_c = Cpu.zeros(&[n, width], F32)?;
+                let mut lse_c = Cpu.zeros(&[HEADS, n], F32)?;
+                Cpu.attention(
+                    &mut out_c,
+                    Some(&mut lse_c),
+                    &q_c,
+                    &k_c,
+                    &v_c,
+                    HEADS,
+                    KV_HEADS,
+                    pos0,
+                )?;
                 Cpu.attention_backward(
                     &mut dq_c,
                     &mut dk_c,
                     &mut dv_c,
                     &cpu(&dov, &[n, width])?,
-                    &cpu(&qv, &[n, width])?,
-                    &cpu(&kv, &[cap, kv_width])?,
-                    &cpu(&vv, &[cap, kv_width])?,
+                    &q_c,
+                    &k_c,
+                    &v_c,
+                    &out_c,
+                    &lse_c,
                     HEADS,
                     KV_HEADS,
                     pos0,
@@ -1021,14 +1183,17 @@ impl<D: GpuDriver> Bench<'_, D> {
                 let dout = self.up(&dov, &[n, width], BF16)?;
                 let kt = self.up(&kv, &[cap, kv_width], BF16)?;
                 let vt = self.up(&vv, &[cap, kv_width], BF16)?;
+                let out = self.up(&out_c.buf, &[n, width], BF16)?;
+                let lse = self.up(&lse_c.buf, &[HEADS, n], F32)?;
                 let dq = self.poisoned(&[n, width], BF16)?;
-                // lse and D of every (query, head), from the dq kernel to the
-                // dkv kernel; checked through the dkv kernel's outputs.
-                let stats = self.poisoned(&[n, 2 * HEADS], F32)?;
-                let args = Args::default().ptr(dq.buf.ptr).ptr(stats.buf.ptr);
+                // D of every (query, head), from the dq kernel to the dkv
+                // kernel; checked through the dkv kernel's outputs.
+                let dsum = self.poisoned(&[HEADS, n], F32)?;
+                let args = Args::default().ptr(dq.buf.ptr).ptr(dsum.buf.ptr);
                 let args = args.ptr(dout.buf.ptr).ptr(q.buf.ptr);
                 let args = args.ptr(kt.buf.ptr).ptr(vt.buf.ptr);
-                let args = args.int(HEADS).int(KV_HEADS).int(HD).int(pos0);
+                let args = args.ptr(out.buf.ptr).ptr(lse.buf.ptr);
+                let args = args.int(n).int(HEADS).int(KV_HEADS).int(HD).int(pos0);
                 let dq_call = Call::Kernel {
                     name: "attention_bwd_dq_bf16",
                     grid: (n as u32, HEADS as u32, 1),
@@ -1037,21 +1202,21 @@ impl<D: GpuDriver> Bench<'_, D> {
                 };
                 if case.spec.family == Family::AttentionBwdDq {
                     Prepared {
-                        inputs: vec![q, dout, kt, vt, stats],
+                        inputs: vec![q, dout, kt, vt, out, lse, dsum],
                         outs: vec![output("dq", dq, dq_c.buf, bf16)],
                         call: dq_call,
                     }
                 } else {
-                    // The statistics the launcher's first kernel leaves, untimed.
+                    // D, which the launcher's first kernel leaves, untimed.
                     self.launch(&dq_call)?;
                     let dk = self.up(&zeros, &[cap, kv_width], BF16)?;
                     let dv = self.up(&zeros, &[cap, kv_width], BF16)?;
                     let args = Args::default().ptr(dk.buf.ptr).ptr(dv.buf.ptr);
-                    let args = args.ptr(stats.buf.ptr).ptr(dout.buf.ptr);
+                    let args = args.ptr(lse.buf.ptr).ptr(dsum.buf.ptr).ptr(dout.buf.ptr);
                     let args = args.ptr(q.buf.ptr).ptr(kt.buf.ptr).ptr(vt.buf.ptr);
                     let args = args.int(n).int(HEADS).int(KV_HEADS).int(HD).int(pos0);
                     Prepared {
-                        inputs: vec![q, dout, kt, vt, stats, dq],
+                        inputs: vec![q, dout, kt, vt, out, lse, dsum, dq],
                         outs: vec![
                             output("dk", dk, dk_c.buf, bf16),
                             output("dv", dv, dv_c.buf, bf16),
@@ -1184,6 +1349,9 @@ impl<D: GpuDriver> Bench<'_, D> {
                     call: kernel((blocks_for(n * D) as usize, 1), 256, args),
                 }
             }
+            Family::LoraFwd | Family::LoraBwdX { .. } | Family::LoraGrad { .. } => {
+                self.prepare_lora(case, rng)?
+            }
             Family::Convert { to_f32 } => {
                 // f32 master weights hold any f32 (rounded into bf16); a bf16
                 // working copy widens exactly.
@@ -1285,6 +1453,141 @@ impl<D: GpuDriver> Bench<'_, D> {
                     inputs: vec![],
                     outs: vec![output("x", out, want.buf, tol(true))],
                     call: kernel((blocks_for(len) as usize, 1), 256, args),
+                }
+            }
+        })
+    }
+
+    /// A LoRA case: the CPU device's forward and backward of the branch,
+    /// then the one kernel of the case, launched as the Cuda device's
+    /// `lora_forward` / `lora_backward` launch it. y, dx, dA and dB
+    /// accumulate into random values; t and dt are poisoned. A kernel that
+    /// reads what the one before it wrote (dA's dt, dB's t) gets the CPU
+    /// device's values.
+    fn prepare_lora(&self, case: &Case, rng: &mut StdRng) -> Result<Prepared<D>> {
+        let (n, out, inp) = (case.n, case.m, case.k);
+        let Lora { r, dropout, db } = case.lora;
+        let s = LORA_ALPHA / r as f32;
+        let drop = dropout.then(|| (DROPOUT, rng.random::<u64>()));
+        // The dropout arguments as the launchers form them; p = 0: none.
+        let (p, keep_scale, seed) = match drop {
+            Some((p, seed)) => (p, 1.0 / (1.0 - p), seed),
+            None => (0.0, 1.0, 0),
+        };
+        let dy_f32 = match case.spec.family {
+            Family::LoraBwdX { f32_dy } => f32_dy,
+            Family::LoraGrad { f32_v } => db && f32_v,
+            _ => false,
+        };
+        let (xv, av, bv) = (
+            data(rng, n * inp, 1.0),
+            data(rng, r * inp, 0.5),
+            data(rng, out * r, 0.5),
+        );
+        let (yv, dyv, dxv) = (
+            data(rng, n * out, 1.0),
+            data(rng, n * out, 1.0),
+            data(rng, n * inp, 1.0),
+        );
+        let (dav, dbv) = (data(rng, r * inp, 1.0), data(rng, out * r, 1.0));
+        let (x_c, a_c, b_c) = (
+            cpu(&xv, &[n, inp])?,
+            cpu(&av, &[r, inp])?,
+            cpu(&bv, &[out, r])?,
+        );
+        let (mut y_c, mut t_c) = (cpu(&yv, &[n, out])?, Cpu.zeros(&[n, r], F32)?);
+        Cpu.lora_forward(&mut y_c, &mut t_c, &x_c, &a_c, &b_c, s, drop)?;
+        let (mut dx_c, mut dt_c) = (cpu(&dxv, &[n, inp])?, Cpu.zeros(&[n, r], F32)?);
+        let (mut da_c, mut db_c) = (cpu(&dav, &[r, inp])?, cpu(&dbv, &[out, r])?);
+        Cpu.lora_backward(
+            &mut dx_c,
+            &mut da_c,
+            &mut db_c,
+            &mut dt_c,
+            &cpu(&dyv, &[n, out])?,
+            &x_c,
+            &t_c,
+            &a_c,
+            &b_c,
+            s,
+            drop,
+        )?;
+        let (bf16, f32_tol) = (Check::Tol(BF16_TOL), Check::Tol(F32_TOL));
+        let call = |grid: (usize, usize, usize), args| Call::Kernel {
+            name: case.spec.name,
+            grid: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block: 256,
+            args,
+        };
+        let ab = || -> Result<_> {
+            Ok((
+                self.up(&av, &[r, inp], BF16)?,
+                self.up(&bv, &[out, r], BF16)?,
+            ))
+        };
+        Ok(match case.spec.family {
+            Family::LoraFwd => {
+                let (x, (a, b)) = (self.up(&xv, &[n, inp], BF16)?, ab()?);
+                let y = self.up(&yv, &[n, out], BF16)?;
+                let t = self.poisoned(&[n, r], F32)?;
+                let args = Args::default().ptr(y.buf.ptr).ptr(t.buf.ptr);
+                let args = args.ptr(x.buf.ptr).ptr(a.buf.ptr).ptr(b.buf.ptr);
+                let args = args.int(n).int(inp).int(out).int(r).float(s);
+                let args = args.float(p).float(keep_scale).u64(seed);
+                Prepared {
+                    inputs: vec![x, a, b],
+                    outs: vec![
+                        output("y", y, y_c.buf, bf16),
+                        output("t", t, t_c.buf, f32_tol),
+                    ],
+                    call: call((n.div_ceil(16), 1, 1), args),
+                }
+            }
+            Family::LoraBwdX { .. } => {
+                let (dy, (a, b)) = (self.up(&dyv, &[n, out], dtype(dy_f32))?, ab()?);
+                let dx = self.up(&dxv, &[n, inp], BF16)?;
+                let dt = self.poisoned(&[n, r], F32)?;
+                let args = Args::default().ptr(dx.buf.ptr).ptr(dt.buf.ptr);
+                let args = args.ptr(dy.buf.ptr).ptr(a.buf.ptr).ptr(b.buf.ptr);
+                let args = args.int(n).int(inp).int(out).int(r).float(s);
+                let args = args.float(p).float(keep_scale).u64(seed);
+                Prepared {
+                    inputs: vec![dy, a, b],
+                    outs: vec![
+                        output("dx", dx, dx_c.buf, bf16),
+                        output("dt", dt, dt_c.buf, f32_tol),
+                    ],
+                    call: call((n.div_ceil(16), 1, 1), args),
+                }
+            }
+            _ => {
+                // dA [r, in] += dtᵀ·drop(x), or dB [out, r] += s·dyᵀ·t
+                // (dropout-free), as `lora_backward` passes them.
+                let (name, g, u, v, want) = if db {
+                    let g = self.up(&dbv, &[out, r], F32)?;
+                    let u = self.up(&t_c.buf, &[n, r], F32)?;
+                    let v = self.up(&dyv, &[n, out], dtype(dy_f32))?;
+                    ("dB", g, u, v, db_c.buf)
+                } else {
+                    let g = self.up(&dav, &[r, inp], F32)?;
+                    let u = self.up(&dt_c.buf, &[n, r], F32)?;
+                    let v = self.up(&xv, &[n, inp], BF16)?;
+                    ("dA", g, u, v, da_c.buf)
+                };
+                let (cols, (g_sk, g_sc), scale, (p, keep_scale, seed)) = if db {
+                    (out, (1, r), s, (0.0, 1.0, 0))
+                } else {
+                    (inp, (inp, 1), 1.0, (p, keep_scale, seed))
+                };
+                let args = Args::default().ptr(g.buf.ptr).ptr(u.buf.ptr);
+                let args = args.ptr(v.buf.ptr).int(n).int(cols).int(r);
+                let args = args.int(g_sk).int(g_sc).float(scale);
+                let args = args.float(p).float(keep_scale).u64(seed);
+                let grid = (cols.div_ceil(256), r.div_ceil(16), n.div_ceil(128));
+                Prepared {
+                    inputs: vec![u, v],
+                    outs: vec![output(name, g, want, f32_tol)],
+                    call: call(grid, args),
                 }
             }
         })

@@ -346,14 +346,14 @@ extern "C" __global__ void __launch_bounds__(ATT_PF_THREADS)
 // ================================================================ backward
 //
 // Version 1 of the backward (the readable reference), in two kernels over the
-// same inputs as the forward plus dout, with P = softmax(q·k^T · scale)
-// recomputed rather than stored:
+// forward's inputs, its output `out` and its log-sum-exp `lse` [heads, n]
+// (written by attention_prefill_bf16), plus dout. P is recomputed from the
+// saved lse, p_ij = exp(q_i·k_j · scale − lse_i), never stored:
 //
 //   attention_bwd_dq_bf16   grid (n, heads), block 32: one warp per query row
-//     (i, h). Pass 1: the row's log-sum-exp lse_i (online). Pass 2: D_i =
-//     sum_j p_ij dp_ij with dp_ij = dout_i·v_j. Pass 3: dq_i = scale * sum_j
-//     p_ij (dp_ij - D_i) k_j (overwritten). Writes lse_i and D_i to `stats`
-//     [n, heads, 2] for the second kernel.
+//     (i, h). D_i = dout_i·out_i (= sum_j p_ij dp_ij, dp_ij = dout_i·v_j);
+//     dq_i = scale * sum_j p_ij (dp_ij - D_i) k_j (overwritten). Writes D_i
+//     to `dsum` [heads, n] for the second kernel.
 //   attention_bwd_dkv_bf16  grid (len, kv_heads), block 32: one warp per key
 //     row (j, g), over the heads h of group g and the queries i that see j:
 //     dv_j += sum p_ij dout_i, dk_j += scale * sum p_ij (dp_ij - D_i) q_i.
@@ -368,49 +368,36 @@ __device__ __forceinline__ float warp_dot(const __nv_bfloat16* a, const __nv_bfl
     return warp_sum(s);
 }
 
-extern "C" __global__ void attention_bwd_dq_bf16(__nv_bfloat16* dq, float* stats,
+extern "C" __global__ void attention_bwd_dq_bf16(__nv_bfloat16* dq, float* dsum,
                                                  const __nv_bfloat16* dout,
                                                  const __nv_bfloat16* q, const __nv_bfloat16* k,
-                                                 const __nv_bfloat16* v, int heads, int kv_heads,
-                                                 int hd, int pos0) {
+                                                 const __nv_bfloat16* v,
+                                                 const __nv_bfloat16* out, const float* lse,
+                                                 int n, int heads, int kv_heads, int hd,
+                                                 int pos0) {
     const int i = blockIdx.x, h = blockIdx.y, g = h / (heads / kv_heads);
     const int width = heads * hd, kv_width = kv_heads * hd, visible = pos0 + i + 1;
     const float scale = rsqrtf((float)hd);
     const __nv_bfloat16* qi = q + (size_t)i * width + h * hd;
     const __nv_bfloat16* doi = dout + (size_t)i * width + h * hd;
-    // pass 1: lse over the visible keys, online
-    float m = -FLT_MAX_F, l = 0.0f;
-    for (int j = 0; j < visible; j++) {
-        float s = warp_dot(qi, k + (size_t)j * kv_width + g * hd, hd) * scale;
-        float m2 = fmaxf(m, s);
-        l = l * expf(m - m2) + expf(s - m2);
-        m = m2;
-    }
-    const float lse = m + logf(l);
-    // pass 2: D = sum_j p_j dp_j
-    float dsum = 0.0f;
-    for (int j = 0; j < visible; j++) {
-        float p = expf(warp_dot(qi, k + (size_t)j * kv_width + g * hd, hd) * scale - lse);
-        dsum += p * warp_dot(doi, v + (size_t)j * kv_width + g * hd, hd);
-    }
-    // pass 3: dq = scale * sum_j p_j (dp_j - D) k_j
+    const float lse_i = lse[(size_t)h * n + i];
+    const float d = warp_dot(doi, out + (size_t)i * width + h * hd, hd);
+    // dq = scale * sum_j p_j (dp_j - D) k_j
     float acc[ATT_PER_LANE] = {};
     for (int j = 0; j < visible; j++) {
         const __nv_bfloat16* kj = k + (size_t)j * kv_width + g * hd;
-        float p = expf(warp_dot(qi, kj, hd) * scale - lse);
-        float ds = p * (warp_dot(doi, v + (size_t)j * kv_width + g * hd, hd) - dsum) * scale;
+        float p = expf(warp_dot(qi, kj, hd) * scale - lse_i);
+        float ds = p * (warp_dot(doi, v + (size_t)j * kv_width + g * hd, hd) - d) * scale;
         for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) acc[e] += ds * __bfloat162float(kj[c]);
     }
     __nv_bfloat16* dqi = dq + (size_t)i * width + h * hd;
     for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) dqi[c] = __float2bfloat16(acc[e]);
-    if (threadIdx.x == 0) {
-        stats[((size_t)i * heads + h) * 2] = lse;
-        stats[((size_t)i * heads + h) * 2 + 1] = dsum;
-    }
+    if (threadIdx.x == 0) dsum[(size_t)h * n + i] = d;
 }
 
 extern "C" __global__ void attention_bwd_dkv_bf16(__nv_bfloat16* dk, __nv_bfloat16* dv,
-                                                  const float* stats, const __nv_bfloat16* dout,
+                                                  const float* lse, const float* dsum,
+                                                  const __nv_bfloat16* dout,
                                                   const __nv_bfloat16* q, const __nv_bfloat16* k,
                                                   const __nv_bfloat16* v, int n, int heads,
                                                   int kv_heads, int hd, int pos0) {
@@ -425,10 +412,8 @@ extern "C" __global__ void attention_bwd_dkv_bf16(__nv_bfloat16* dk, __nv_bfloat
         for (int h = g * group; h < (g + 1) * group; h++) {
             const __nv_bfloat16* qi = q + (size_t)i * width + h * hd;
             const __nv_bfloat16* doi = dout + (size_t)i * width + h * hd;
-            float lse = stats[((size_t)i * heads + h) * 2];
-            float dsum = stats[((size_t)i * heads + h) * 2 + 1];
-            float p = expf(warp_dot(qi, kj, hd) * scale - lse);
-            float ds = p * (warp_dot(doi, vj, hd) - dsum) * scale;
+            float p = expf(warp_dot(qi, kj, hd) * scale - lse[(size_t)h * n + i]);
+            float ds = p * (warp_dot(doi, vj, hd) - dsum[(size_t)h * n + i]) * scale;
             for (int e = 0, c = threadIdx.x; c < hd; e++, c += 32) {
                 dv_acc[e] += p * __bfloat162float(doi[c]);
                 dk_acc[e] += ds * __bfloat162float(qi[c]);

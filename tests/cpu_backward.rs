@@ -414,6 +414,21 @@ fn attention_backward_matches_finite_differences() {
         // rows past pos0 + n are NaN: reading them would show
         kt.buf[len * kv_width..].fill(f32::NAN);
         vt.buf[len * kv_width..].fill(f32::NAN);
+        let qt = input(&q, &[a.n, width]);
+        // the forward's output and log-sum-exp, which the backward reads
+        let mut out = poisoned(&[a.n, width]);
+        let mut lse = poisoned(&[a.heads, a.n]);
+        Cpu.attention(
+            &mut out,
+            Some(&mut lse),
+            &qt,
+            &kt,
+            &vt,
+            a.heads,
+            a.kv_heads,
+            a.pos0,
+        )
+        .unwrap();
         let mut dq = poisoned(&[a.n, width]);
         let mut dk = accumulator(&dk0, &[capacity, kv_width]);
         let mut dv = accumulator(&dv0, &[capacity, kv_width]);
@@ -422,9 +437,11 @@ fn attention_backward_matches_finite_differences() {
             &mut dk,
             &mut dv,
             &input(&dout, &[a.n, width]),
-            &input(&q, &[a.n, width]),
+            &qt,
             &kt,
             &vt,
+            &out,
+            &lse,
             a.heads,
             a.kv_heads,
             a.pos0,
@@ -768,8 +785,18 @@ fn llama_block_gradients_match_finite_differences() {
     be.rope(&mut q, c.heads, 0, c.theta).unwrap();
     be.rope(&mut k, c.kv_heads, 0, c.theta).unwrap();
     let mut att = zeros(&[n, qw]);
-    be.attention(&mut att, &q, &k, &vv, c.heads, c.kv_heads, 0)
-        .unwrap();
+    let mut lse = zeros(&[c.heads, n]);
+    be.attention(
+        &mut att,
+        Some(&mut lse),
+        &q,
+        &k,
+        &vv,
+        c.heads,
+        c.kv_heads,
+        0,
+    )
+    .unwrap();
     let mut proj = zeros(&[n, d]);
     be.matmul_nt(&mut proj, &att, wo).unwrap();
     let mut x1 = up(&be.download(&x0).unwrap(), &[n, d]);
@@ -825,7 +852,7 @@ fn llama_block_gradients_match_finite_differences() {
         .unwrap();
     let (mut dq, mut dk, mut dv) = (zeros(&[n, qw]), zeros(&[n, kvw]), zeros(&[n, kvw]));
     be.attention_backward(
-        &mut dq, &mut dk, &mut dv, &datt, &q, &k, &vv, c.heads, c.kv_heads, 0,
+        &mut dq, &mut dk, &mut dv, &datt, &q, &k, &vv, &att, &lse, c.heads, c.kv_heads, 0,
     )
     .unwrap();
     be.rope_backward(&mut dq, c.heads, 0, c.theta).unwrap();

@@ -160,10 +160,11 @@ fn attention_ref(
     kv_heads: usize,
     hd: usize,
     pos0: usize,
-) -> Vec<f64> {
+) -> (Vec<f64>, Vec<f64>) {
     let (width, kv_width) = (heads * hd, kv_heads * hd);
     let group = heads / kv_heads;
     let mut out = vec![0.0; n * width];
+    let mut lse = vec![0.0; heads * n];
     for i in 0..n {
         for h in 0..heads {
             let g = h / group;
@@ -178,6 +179,7 @@ fn attention_ref(
             let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
             let sum: f64 = weights.iter().sum();
+            lse[h * n + i] = max + sum.ln();
             let o = &mut out[i * width + h * hd..][..hd];
             for (j, p) in weights.iter().enumerate() {
                 let vj = &v[j * kv_width + g * hd..][..hd];
@@ -187,7 +189,7 @@ fn attention_ref(
             }
         }
     }
-    out
+    (out, lse)
 }
 
 /// silu(g) · u, silu(g) = g / (1 + e^−g).
@@ -489,11 +491,13 @@ fn attention() {
                     let k = input(&k_data, &[capacity, kv_width]);
                     let v = input(&v_data, &[capacity, kv_width]);
                     let mut out = output(&[n, width]);
-                    Cpu.attention(&mut out, &q, &k, &v, heads, kv_heads, pos0)
+                    let mut lse = output(&[heads, n]);
+                    Cpu.attention(&mut out, Some(&mut lse), &q, &k, &v, heads, kv_heads, pos0)
                         .unwrap();
-                    let want =
+                    let (want, want_lse) =
                         attention_ref(&q_data, &k_data, &v_data, n, heads, kv_heads, hd, pos0);
                     check_output(&what, &out, &want);
+                    check_output(&format!("{what}: lse"), &lse, &want_lse);
                 }
             }
         }

@@ -97,7 +97,7 @@ impl Case {
         let k = up(&self.k, self.cap, kv_heads * hd);
         let v = up(&self.v, self.cap, kv_heads * hd);
         let mut out = Cpu.zeros(&[n, heads * hd], F32).unwrap();
-        Cpu.attention(&mut out, &q, &k, &v, heads, kv_heads, pos0)
+        Cpu.attention(&mut out, None, &q, &k, &v, heads, kv_heads, pos0)
             .unwrap();
         Cpu.download(&out).unwrap()
     }

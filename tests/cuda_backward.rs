@@ -204,9 +204,10 @@ fn matmul_nt_backward() {
     }
 }
 
-/// dq (overwritten), dk and dv (accumulated into random values) against the
-/// CPU op, with GQA, a cache prefix (pos0), a head width that is not a
-/// multiple of 32, and cache rows past pos0 + n that must stay untouched.
+/// The training forward's lse, then dq (overwritten), dk and dv
+/// (accumulated into random values) against the CPU op, with GQA, a cache
+/// prefix (pos0), a head width that is not a multiple of 32, and cache rows
+/// past pos0 + n that must stay untouched.
 #[test]
 fn attention_backward() {
     let (g, mut r) = (gpu(), rng());
@@ -234,6 +235,45 @@ fn attention_backward() {
             &[cap, kv_width],
             BF16,
         );
+        // The forward's out and log-sum-exp, on each device; the flash
+        // kernel (the one that writes lse) takes hd 8..128, powers of 2:
+        // for others the GPU refuses, and gets the CPU's forward instead.
+        let mut out = poisoned(&g, &[n, width], BF16);
+        let mut lse = poisoned(&g, &[heads, n], F32);
+        Cpu.attention(
+            &mut out.cpu,
+            Some(&mut lse.cpu),
+            &q.cpu,
+            &k.cpu,
+            &v.cpu,
+            heads,
+            kv_heads,
+            pos0,
+        )
+        .unwrap();
+        let fwd = g.attention(
+            &mut out.gpu,
+            Some(&mut lse.gpu),
+            &q.gpu,
+            &k.gpu,
+            &v.gpu,
+            heads,
+            kv_heads,
+            pos0,
+        );
+        if [8, 16, 32, 64, 128].contains(&hd) {
+            fwd.unwrap();
+            check(&format!("out, {what}"), &g, &out, BF16_TOL);
+            check(&format!("lse, {what}"), &g, &lse, 1e-5);
+        } else {
+            assert!(fwd.unwrap_err().to_string().contains("head_dim"));
+            out.gpu = g
+                .upload(Cpu.download(&out.cpu).unwrap(), &[n, width], BF16)
+                .unwrap();
+            lse.gpu = g
+                .upload(Cpu.download(&lse.cpu).unwrap(), &[heads, n], F32)
+                .unwrap();
+        }
         let mut dq = poisoned(&g, &[n, width], BF16);
         let mut dk = pair(
             &g,
@@ -255,6 +295,8 @@ fn attention_backward() {
             &q.cpu,
             &k.cpu,
             &v.cpu,
+            &out.cpu,
+            &lse.cpu,
             heads,
             kv_heads,
             pos0,
@@ -268,6 +310,8 @@ fn attention_backward() {
             &q.gpu,
             &k.gpu,
             &v.gpu,
+            &out.gpu,
+            &lse.gpu,
             heads,
             kv_heads,
             pos0,

@@ -162,10 +162,14 @@ fn attention() {
                 let k = pair(&g, &data(&mut r, cap * kvw, 2.0), &[cap, kvw], BF16);
                 let v = pair(&g, &data(&mut r, cap * kvw, 2.0), &[cap, kvw], BF16);
                 let mut o = poisoned(&g, &[n, heads * hd], BF16);
-                Cpu.attention(&mut o.cpu, &q.cpu, &k.cpu, &v.cpu, heads, kv_heads, pos0)
-                    .unwrap();
-                g.attention(&mut o.gpu, &q.gpu, &k.gpu, &v.gpu, heads, kv_heads, pos0)
-                    .unwrap();
+                Cpu.attention(
+                    &mut o.cpu, None, &q.cpu, &k.cpu, &v.cpu, heads, kv_heads, pos0,
+                )
+                .unwrap();
+                g.attention(
+                    &mut o.gpu, None, &q.gpu, &k.gpu, &v.gpu, heads, kv_heads, pos0,
+                )
+                .unwrap();
                 let what = format!("attention {heads}/{kv_heads} hd {hd} pos0 {pos0} n {n}");
                 check(&what, &g, &o, BF16_TOL);
             }

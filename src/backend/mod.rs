@@ -237,10 +237,15 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Causal grouped-query attention of n new queries at positions pos0..pos0+n
     /// over the cached keys/values 0..pos0+n, scaled by 1/sqrt(hd).
-    /// out, q [n, heads·hd]; k, v [capacity, kv_heads·hd].
+    /// out, q [n, heads·hd]; k, v [capacity, kv_heads·hd]. With `lse` [heads,
+    /// n] (f32, training), also writes each row's log-sum-exp
+    /// lse[h, i] = ln Σ_j exp(q[i,h]·k[j,g]/sqrt(hd)), from which the backward
+    /// recomputes the softmax.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         out: &mut Tensor<Self>,
+        lse: Option<&mut Tensor<Self>>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -251,9 +256,11 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Backward of `attention`
     /// (`out[i,h] = Σ_j p_ij v[j,g]`, p_ij = softmax_j(q[i,h]·k[j,g]/sqrt(hd)),
-    /// j ≤ pos0 + i), with the softmax recomputed:
+    /// j ≤ pos0 + i), with the softmax recomputed from the forward's `out` and
+    /// `lse` (p_ij = exp(q[i,h]·k[j,g]/sqrt(hd) − lse[h,i])), never stored:
+    ///   D_ih     = dout[i,h]·out[i,h]
     ///   dv[j,g] += Σ_i p_ij dout[i,h]
-    ///   ds_ij    = p_ij (dout[i,h]·v[j,g] − dout[i,h]·out[i,h])
+    ///   ds_ij    = p_ij (dout[i,h]·v[j,g] − D_ih)
     ///   dq[i,h]  = Σ_j ds_ij k[j,g] / sqrt(hd)
     ///   dk[j,g] += Σ_i ds_ij q[i,h] / sqrt(hd)
     /// dq [n, heads·hd] is overwritten; dk, dv [capacity, kv_heads·hd]
@@ -269,11 +276,13 @@ pub trait Backend: Sized + Send + Sync {
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
+        out: &Tensor<Self>,
+        lse: &Tensor<Self>,
         heads: usize,
         kv_heads: usize,
         pos0: usize,
     ) -> Result<()> {
-        let _ = (dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
+        let _ = (dq, dk, dv, dout, q, k, v, out, lse, heads, kv_heads, pos0);
         Err(Error::Unsupported(format!(
             "attention_backward is not implemented on the {} device yet",
             self.name()

@@ -162,15 +162,33 @@ pub fn attention_backward<B: Backend>(
     q: &Tensor<B>,
     k: &Tensor<B>,
     v: &Tensor<B>,
+    out: &Tensor<B>,
+    lse: &Tensor<B>,
     heads: usize,
     kv_heads: usize,
     pos0: usize,
 ) -> (usize, usize) {
     let dims = attention(dout, q, k, v, heads, kv_heads, pos0);
+    assert_eq!(
+        out.shape, q.shape,
+        "out {:?} for q {:?}",
+        out.shape, q.shape
+    );
+    attention_lse(lse, heads, dims.0);
     assert_eq!(dq.shape, q.shape, "dq {:?} for q {:?}", dq.shape, q.shape);
     assert_eq!(dk.shape, k.shape, "dk {:?} for k {:?}", dk.shape, k.shape);
     assert_eq!(dv.shape, v.shape, "dv {:?} for v {:?}", dv.shape, v.shape);
     dims
+}
+
+/// The log-sum-exp of attention's n rows per head: [heads, n].
+pub fn attention_lse<B: Backend>(lse: &Tensor<B>, heads: usize, n: usize) {
+    assert_eq!(
+        lse.shape,
+        [heads, n],
+        "lse {:?} for {heads} heads, {n} rows",
+        lse.shape
+    );
 }
 
 /// Element-wise ops whose tensors all share one shape (swiglu and its

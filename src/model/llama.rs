@@ -204,6 +204,7 @@ impl<B: Backend> Llama<B> {
             be.copy_rows(&mut cache.v[l], pos0, &a.v, 0, n)?;
             be.attention(
                 &mut a.att,
+                None,
                 &a.q,
                 &cache.k[l],
                 &cache.v[l],

@@ -235,11 +235,13 @@ fn trainable_params_mut<'a, B: Backend>(
 /// What the backward of one layer needs, for all batch·seq rows. (The
 /// layer's input, the residual stream, is `TrainActivations::x_in[l]`.)
 pub struct LayerActivations<B: Backend> {
-    pub h1: Tensor<B>,    // rmsnorm(x_in) · attn_norm [n, d]
-    pub q: Tensor<B>,     // after rope [n, heads·hd]
-    pub k: Tensor<B>,     // after rope [n, kv_heads·hd]
-    pub v: Tensor<B>,     // [n, kv_heads·hd]
-    pub att: Tensor<B>,   // attention output [n, heads·hd]
+    pub h1: Tensor<B>,  // rmsnorm(x_in) · attn_norm [n, d]
+    pub q: Tensor<B>,   // after rope [n, heads·hd]
+    pub k: Tensor<B>,   // after rope [n, kv_heads·hd]
+    pub v: Tensor<B>,   // [n, kv_heads·hd]
+    pub att: Tensor<B>, // attention output [n, heads·hd]
+    /// attention's log-sum-exp per sequence, head and row [batch·heads, seq], f32
+    pub lse: Tensor<B>,
     pub x_mid: Tensor<B>, // x_in + att·Woᵀ [n, d], f32
     pub h2: Tensor<B>,    // rmsnorm(x_mid) · ffn_norm [n, d]
     pub gate: Tensor<B>,  // [n, f]
@@ -258,6 +260,7 @@ impl<B: Backend> LayerActivations<B> {
             &self.k,
             &self.v,
             &self.att,
+            &self.lse,
             &self.x_mid,
             &self.h2,
             &self.gate,
@@ -276,6 +279,8 @@ struct SeqScratch<B: Backend> {
     k: Tensor<B>,
     v: Tensor<B>,
     att: Tensor<B>, // the output; in the backward, its gradient
+    out: Tensor<B>, // the output again, in the backward
+    lse: Tensor<B>, // [heads, seq], f32
     dq: Tensor<B>,
     dk: Tensor<B>,
     dv: Tensor<B>,
@@ -372,6 +377,7 @@ impl<B: Backend> TrainActivations<B> {
                 k: t(n, kvw)?,
                 v: t(n, kvw)?,
                 att: t(n, qw)?,
+                lse: be.zeros(&[batch * c.num_heads, seq], DType::F32)?,
                 x_mid: f32t(d)?,
                 h2: t(n, d)?,
                 gate: t(n, f)?,
@@ -409,6 +415,8 @@ impl<B: Backend> TrainActivations<B> {
                 k: t(seq, kvw)?,
                 v: t(seq, kvw)?,
                 att: t(seq, qw)?,
+                out: t(seq, qw)?,
+                lse: be.zeros(&[c.num_heads, seq], DType::F32)?,
                 dq: t(seq, qw)?,
                 dk: t(seq, kvw)?,
                 dv: t(seq, kvw)?,
@@ -446,6 +454,8 @@ impl<B: Backend> TrainActivations<B> {
             &s.k,
             &s.v,
             &s.att,
+            &s.out,
+            &s.lse,
             &s.dq,
             &s.dk,
             &s.dv,
@@ -572,7 +582,9 @@ fn layer_forward<B: Backend>(
         be.copy_rows(&mut s.v, 0, &la.v, r, seq)?;
         be.rope(&mut s.q, heads, 0, theta)?;
         be.rope(&mut s.k, kv_heads, 0, theta)?;
-        be.attention(&mut s.att, &s.q, &s.k, &s.v, heads, kv_heads, 0)?;
+        let lse = Some(&mut s.lse);
+        be.attention(&mut s.att, lse, &s.q, &s.k, &s.v, heads, kv_heads, 0)?;
+        be.copy_rows(&mut la.lse, i * heads, &s.lse, 0, heads)?;
         be.copy_rows(&mut la.q, r, &s.q, 0, seq)?;
         be.copy_rows(&mut la.k, r, &s.k, 0, seq)?;
         be.copy_rows(&mut la.att, r, &s.att, 0, seq)?;
@@ -850,6 +862,8 @@ pub fn forward_backward<B: Backend>(
             be.copy_rows(&mut a.s.q, 0, &la.q, r, seq)?;
             be.copy_rows(&mut a.s.k, 0, &la.k, r, seq)?;
             be.copy_rows(&mut a.s.v, 0, &la.v, r, seq)?;
+            be.copy_rows(&mut a.s.out, 0, &la.att, r, seq)?;
+            be.copy_rows(&mut a.s.lse, 0, &la.lse, s * heads, heads)?;
             be.zero(&mut a.s.dk)?;
             be.zero(&mut a.s.dv)?;
             be.attention_backward(
@@ -860,6 +874,8 @@ pub fn forward_backward<B: Backend>(
                 &a.s.q,
                 &a.s.k,
                 &a.s.v,
+                &a.s.out,
+                &a.s.lse,
                 heads,
                 kv_heads,
                 0,

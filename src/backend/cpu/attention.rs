@@ -24,18 +24,31 @@ pub struct Dims {
 pub const GEMM_MIN_QUERIES: usize = 8;
 
 /// out[i, h] = Σ_j softmax_j(q[i,h]·k[j,g] / sqrt(hd)) v[j,g], j ≤ pos0 + i,
-/// with g = h / (heads / kv_heads) the key/value head that head h shares.
-pub fn causal(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
+/// with g = h / (heads / kv_heads) the key/value head that head h shares;
+/// and, when asked, each row's log-sum-exp of the scores into lse [heads, n].
+pub fn causal(
+    out: &mut [f32],
+    lse: Option<&mut [f32]>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+) {
     assert_eq!(out.len(), dims.n * dims.heads * dims.hd);
     assert!(k.len() >= (dims.pos0 + dims.n) * dims.kv_heads * dims.hd);
-    if dims.n >= GEMM_MIN_QUERIES {
+    // Row statistics in [heads, n] order.
+    let row_lse = if dims.n >= GEMM_MIN_QUERIES {
         causal_gemm(out, q, k, v, dims)
     } else {
         causal_loop(out, q, k, v, dims)
+    };
+    if let Some(lse) = lse {
+        lse.copy_from_slice(&row_lse);
     }
 }
 
-fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
+/// Returns the log-sum-exp of each row, [heads, n].
+fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> Vec<f32> {
     let Dims {
         heads,
         kv_heads,
@@ -46,10 +59,12 @@ fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let kv_width = kv_heads * hd;
-    // One task per (query row, head): each owns hd outputs.
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (task, o)| {
+    // One task per (query row, head): each owns hd outputs and one lse.
+    let mut lse = vec![0.0f32; dims.n * heads];
+    out.par_chunks_mut(hd)
+        .zip(lse.par_iter_mut())
+        .enumerate()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, (o, lse))| {
             let (i, h) = (task / heads, task % heads);
             let g = h / group;
             let qh = &q[task * hd..(task + 1) * hd];
@@ -59,7 +74,7 @@ fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                 let kj = &k[j * kv_width + g * hd..][..hd];
                 dot(qh, kj) * scale
             }));
-            softmax_in_place(scores);
+            *lse = softmax_in_place(scores);
             o.fill(0.0);
             for (j, p) in scores.iter().enumerate() {
                 let vj = &v[j * kv_width + g * hd..][..hd];
@@ -67,11 +82,15 @@ fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                     *o += p * v;
                 }
             }
-        },
-    );
+        });
+    // [n, heads] → [heads, n]
+    (0..heads * dims.n)
+        .map(|e| lse[(e % dims.n) * heads + e / dims.n])
+        .collect()
 }
 
-fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
+/// Returns the log-sum-exp of each row, [heads, n].
+fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> Vec<f32> {
     let Dims {
         n,
         heads,
@@ -84,12 +103,13 @@ fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
     let (width, kv_width) = (heads * hd, kv_heads * hd);
     let len = pos0 + n; // keys visible to the last query
                         // One task per head, each producing its [n, hd] output block.
-    let blocks: Vec<Vec<f32>> = (0..heads)
+    let blocks: Vec<(Vec<f32>, Vec<f32>)> = (0..heads)
         .into_par_iter()
         .map(|h| {
             let g = h / group;
             let mut s = vec![0.0f32; n * len];
             let mut o = vec![0.0f32; n * hd];
+            let mut lse = vec![0.0f32; n];
             // SAFETY: S is n×len; Q_h is n rows of hd at stride width from
             // h·hd (inside q's n·width); K_g and V_g are len rows of hd at
             // stride kv_width from g·hd, inside the asserted valid cache
@@ -108,9 +128,9 @@ fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                     scale,
                 );
             }
-            for (i, row) in s.chunks_exact_mut(len).enumerate() {
+            for (i, (row, lse)) in s.chunks_exact_mut(len).zip(&mut lse).enumerate() {
                 let visible = pos0 + i + 1;
-                softmax_in_place(&mut row[..visible]);
+                *lse = softmax_in_place(&mut row[..visible]);
                 row[visible..].fill(0.0);
             }
             // O_h = P·V_g
@@ -129,18 +149,20 @@ fn causal_gemm(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) {
                     1.0,
                 );
             }
-            o
+            (o, lse)
         })
         .collect();
-    for (h, o) in blocks.iter().enumerate() {
+    for (h, (o, _)) in blocks.iter().enumerate() {
         for (dst, src) in out.chunks_exact_mut(width).zip(o.chunks_exact(hd)) {
             dst[h * hd..(h + 1) * hd].copy_from_slice(src);
         }
     }
+    blocks.into_iter().flat_map(|(_, lse)| lse).collect()
 }
 
-/// p = exp(s − max) / Σ exp(s − max).
-pub fn softmax_in_place(s: &mut [f32]) {
+/// p = exp(s − max) / Σ exp(s − max); returns the log-sum-exp of s,
+/// max + ln Σ exp(s − max).
+pub fn softmax_in_place(s: &mut [f32]) -> f32 {
     let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for x in s.iter_mut() {
@@ -149,6 +171,7 @@ pub fn softmax_in_place(s: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
 }
 
 /// dst [m, n] (row stride `dst_rs`) = scale · op(A) op(B), op(A) [m, k],

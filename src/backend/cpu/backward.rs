@@ -7,7 +7,7 @@
 //! count, and partial sums are added in block order, so results are the same
 //! bit for bit on any number of threads.
 
-use super::attention::{mm, softmax_in_place, Dims, GEMM_MIN_QUERIES};
+use super::attention::{mm, Dims, GEMM_MIN_QUERIES};
 use super::matmul::dot;
 use super::ops::silu;
 use crate::backend::IGNORE;
@@ -208,7 +208,8 @@ pub fn rope_backward(dx: &mut [f32], width: usize, heads: usize, pos0: usize, th
 }
 
 /// Backward of causal GQA attention (see `Backend::attention_backward`), the
-/// softmax recomputed. dq [n, heads·hd] is overwritten; dk, dv (rows
+/// softmax recomputed from the forward's log-sum-exp (`lse` [heads, n]) and
+/// D = rowsum(dout ∘ out). dq [n, heads·hd] is overwritten; dk, dv (rows
 /// 0..pos0+n of the cache layout [·, kv_heads·hd]) accumulate.
 ///
 /// One task per query head computes its dq block and its own contribution to
@@ -224,6 +225,7 @@ pub fn attention_backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    fwd: (&[f32], &[f32]),
     dims: Dims,
 ) {
     let Dims {
@@ -243,9 +245,9 @@ pub fn attention_backward(
         .into_par_iter()
         .map(|h| {
             if n >= GEMM_MIN_QUERIES {
-                head_backward_gemm(h, dout, q, k, v, dims)
+                head_backward_gemm(h, dout, q, k, v, fwd, dims)
             } else {
-                head_backward_loop(h, dout, q, k, v, dims)
+                head_backward_loop(h, dout, q, k, v, fwd, dims)
             }
         })
         .collect();
@@ -273,13 +275,15 @@ struct HeadGrads {
     dv: Vec<f32>, // [len, hd]
 }
 
-/// Head h's gradients with the softmax recomputed row by row.
+/// Head h's gradients with the softmax recomputed row by row from
+/// `(out, lse)`, the forward's.
 fn head_backward_loop(
     h: usize,
     dout: &[f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    (out_f, lse): (&[f32], &[f32]),
     dims: Dims,
 ) -> HeadGrads {
     let Dims {
@@ -305,20 +309,14 @@ fn head_backward_loop(
         let qi = &q[i * width + h * hd..][..hd];
         let doi = &dout[i * width + h * hd..][..hd];
         let visible = pos0 + i + 1;
-        // p_j = softmax_j(q·k_j · scale), as in the forward
+        // p_j = exp(q·k_j · scale − lse), the forward's softmax
+        let lse_i = lse[h * n + i];
         p.clear();
-        p.extend((0..visible).map(|j| dot(qi, kj(j)) * scale));
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in p.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        p.iter_mut().for_each(|s| *s /= sum);
-        // dp_j = dout·v_j; Σ_j p_j dp_j = dout·out
+        p.extend((0..visible).map(|j| (dot(qi, kj(j)) * scale - lse_i).exp()));
+        // dp_j = dout·v_j; D = Σ_j p_j dp_j = dout·out
         dp.clear();
         dp.extend((0..visible).map(|j| dot(doi, vj(j))));
-        let pdp: f32 = p.iter().zip(&dp).map(|(p, d)| p * d).sum();
+        let pdp = dot(doi, &out_f[i * width + h * hd..][..hd]);
         let dqi = &mut out.dq[i * hd..(i + 1) * hd];
         for j in 0..visible {
             // ds_j = p_j (dp_j − Σ p dp), times the score scale
@@ -337,8 +335,9 @@ fn head_backward_loop(
 }
 
 /// Head h's gradients as five matrix products over the whole sequence,
-/// with g its kv head, S = Q_h K_gᵀ · scale and P = softmax(S) (causal):
-///   dP = dO_h V_gᵀ,  dS = P ∘ (dP − rowsum(P ∘ dP)) · scale
+/// with g its kv head, S = Q_h K_gᵀ · scale and P = exp(S − lse) (causal,
+/// the forward's softmax from its log-sum-exp):
+///   dP = dO_h V_gᵀ,  dS = P ∘ (dP − rowsum(dO_h ∘ O_h)) · scale
 ///   dQ_h = dS K_g,  dK_g += dSᵀ Q_h,  dV_g += Pᵀ dO_h
 fn head_backward_gemm(
     h: usize,
@@ -346,6 +345,7 @@ fn head_backward_gemm(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    (out_f, lse): (&[f32], &[f32]),
     dims: Dims,
 ) -> HeadGrads {
     let Dims {
@@ -371,18 +371,26 @@ fn head_backward_gemm(
     // their lengths (asserted by the caller); P, dS are n×len, the outputs
     // n×hd or len×hd, all owned here.
     unsafe {
-        // P = S = Q_h K_gᵀ · scale, then the causal softmax per row
+        // P = S = Q_h K_gᵀ · scale, then exp(S − lse) per row (causal)
         mm(&mut p, len, n, len, hd, q_h, false, k_g, true, scale);
         for (i, row) in p.chunks_exact_mut(len).enumerate() {
             let visible = pos0 + i + 1;
-            softmax_in_place(&mut row[..visible]);
+            let lse_i = lse[h * n + i];
+            row[..visible]
+                .iter_mut()
+                .for_each(|s| *s = (*s - lse_i).exp());
             row[visible..].fill(0.0);
         }
         // dP = dO_h V_gᵀ (into ds), then dS in place
         mm(&mut ds, len, n, len, hd, do_h, false, v_g, true, 1.0);
     }
-    for (prow, drow) in p.chunks_exact(len).zip(ds.chunks_exact_mut(len)) {
-        let pdp: f32 = prow.iter().zip(drow.iter()).map(|(p, d)| p * d).sum();
+    for (i, (prow, drow)) in p
+        .chunks_exact(len)
+        .zip(ds.chunks_exact_mut(len))
+        .enumerate()
+    {
+        let at = i * width + h * hd;
+        let pdp = dot(&dout[at..at + hd], &out_f[at..at + hd]);
         for (d, p) in drow.iter_mut().zip(prow) {
             *d = p * (*d - pdp) * scale;
         }

@@ -248,6 +248,7 @@ impl Backend for Cpu {
     fn attention(
         &self,
         out: &mut Tensor<Self>,
+        lse: Option<&mut Tensor<Self>>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -263,7 +264,11 @@ impl Backend for Cpu {
             hd,
             pos0,
         };
-        attention::causal(view_mut(out), view(q), &k.buf, &v.buf, dims);
+        if let Some(lse) = &lse {
+            shapes::attention_lse(lse, heads, n);
+        }
+        let lse = lse.map(view_mut);
+        attention::causal(view_mut(out), lse, view(q), &k.buf, &v.buf, dims);
         Ok(())
     }
 
@@ -276,11 +281,14 @@ impl Backend for Cpu {
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
+        out: &Tensor<Self>,
+        lse: &Tensor<Self>,
         heads: usize,
         kv_heads: usize,
         pos0: usize,
     ) -> Result<()> {
-        let (n, hd) = shapes::attention_backward(dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
+        let (n, hd) =
+            shapes::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, heads, kv_heads, pos0);
         let dims = attention::Dims {
             n,
             heads,
@@ -296,6 +304,7 @@ impl Backend for Cpu {
             view(q),
             view(k),
             view(v),
+            (view(out), view(lse)),
             dims,
         );
         Ok(())

@@ -631,6 +631,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
     fn attention(
         &self,
         out: &mut Tensor<Self>,
+        lse: Option<&mut Tensor<Self>>,
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
@@ -647,16 +648,33 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         for (what, t) in [("out", &*out), ("q", q), ("k", k), ("v", v)] {
             expect_dtype(what, t, DType::BF16);
         }
+        if let Some(lse) = &lse {
+            shapes::attention_lse(lse, heads, n);
+            expect_dtype("lse", lse, DType::F32);
+        }
         if n == 0 {
             return Ok(());
         }
-        if n > 1 && [8, 16, 32, 64, 128].contains(&hd) {
-            // Prefill: the flash-style kernel. Its log-sum-exp output is for
-            // the backward pass; inference discards it.
-            let lse = self.alloc(heads * n * 4)?;
+        let flash = [8, 16, 32, 64, 128].contains(&hd);
+        if lse.is_some() && !flash {
+            return Err(Error::Unsupported(format!(
+                "training attention with head_dim {hd} (the flash kernel takes 8, 16, 32, 64 or 128)"
+            )));
+        }
+        if flash && (n > 1 || lse.is_some()) {
+            // Prefill (and training): the flash-style kernel. Its log-sum-exp
+            // is for the backward; inference discards it.
+            let scratch;
+            let lse_ptr = match lse {
+                Some(lse) => lse.buf.ptr,
+                None => {
+                    scratch = self.alloc(heads * n * 4)?;
+                    scratch.ptr
+                }
+            };
             let args = Args::default()
                 .ptr(out.buf.ptr)
-                .ptr(lse.ptr)
+                .ptr(lse_ptr)
                 .ptr(q.buf.ptr)
                 .ptr(k.buf.ptr)
                 .ptr(v.buf.ptr)
@@ -667,7 +685,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
                 .int(pos0);
             let grid = (n.div_ceil(64) as u32, heads as u32, 1);
             self.launch("attention_prefill_bf16", grid, (128, 1, 1), args)?;
-            // The scratch must outlive the kernel.
+            // A scratch lse must outlive the kernel.
             return self.driver.synchronize();
         }
         let args = Args::default()
@@ -716,11 +734,14 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         q: &Tensor<Self>,
         k: &Tensor<Self>,
         v: &Tensor<Self>,
+        out: &Tensor<Self>,
+        lse: &Tensor<Self>,
         heads: usize,
         kv_heads: usize,
         pos0: usize,
     ) -> Result<()> {
-        let (n, hd) = shapes::attention_backward(dq, dk, dv, dout, q, k, v, heads, kv_heads, pos0);
+        let (n, hd) =
+            shapes::attention_backward(dq, dk, dv, dout, q, k, v, out, lse, heads, kv_heads, pos0);
         if hd > 256 {
             return Err(Error::Unsupported(format!(
                 "head_dim {hd} (the attention backward takes up to 256)"
@@ -734,21 +755,26 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             ("q", q),
             ("k", k),
             ("v", v),
+            ("out", out),
         ] {
             expect_dtype(what, t, DType::BF16);
         }
+        expect_dtype("lse", lse, DType::F32);
         if n == 0 {
             return Ok(());
         }
-        // lse and D of every (query, head), from the first kernel to the second
-        let stats = self.alloc(n * heads * 2 * 4)?;
+        // D of every (query, head), from the first kernel to the second
+        let dsum = self.alloc(n * heads * 4)?;
         let args = Args::default()
             .ptr(dq.buf.ptr)
-            .ptr(stats.ptr)
+            .ptr(dsum.ptr)
             .ptr(dout.buf.ptr)
             .ptr(q.buf.ptr)
             .ptr(k.buf.ptr)
             .ptr(v.buf.ptr)
+            .ptr(out.buf.ptr)
+            .ptr(lse.buf.ptr)
+            .int(n)
             .int(heads)
             .int(kv_heads)
             .int(hd)
@@ -758,7 +784,8 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         let args = Args::default()
             .ptr(dk.buf.ptr)
             .ptr(dv.buf.ptr)
-            .ptr(stats.ptr)
+            .ptr(lse.buf.ptr)
+            .ptr(dsum.ptr)
             .ptr(dout.buf.ptr)
             .ptr(q.buf.ptr)
             .ptr(k.buf.ptr)
@@ -770,7 +797,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .int(pos0);
         let grid = ((pos0 + n) as u32, kv_heads as u32, 1);
         self.launch("attention_bwd_dkv_bf16", grid, (32, 1, 1), args)?;
-        // The statistics must outlive the kernels.
+        // D must outlive the kernels.
         self.driver.synchronize()
     }
 
