@@ -16,9 +16,13 @@
 // registers; also writes lse [heads, n], the natural-log log-sum-exp of each
 // row's scaled scores, for the backward pass. See its own comment for details.
 //
+// Version 1 also serves the encoder: attention_bidir_bf16, BERT's
+// bidirectional attention over padded sequences, one block per (row, head).
+//
 // Launch configurations:
 //   attention_fwd_bf16       grid (n, heads), block 128, no dynamic smem;
 //                            hd <= 256.
+//   attention_bidir_bf16     grid (batch*seq, heads), block 128; hd <= 256.
 //   attention_prefill_bf16   grid (ceil(n/64), heads), block 128, no dynamic
 //                            smem (34,816 bytes static); hd in {8, 16, 32, 64,
 //                            128} (anything else traps); k and v 16-byte
@@ -36,28 +40,26 @@
 #define ATT_MAX_HD 256
 #define ATT_PER_LANE (ATT_MAX_HD / 32)
 
-// Grid (n, heads), block 32*ATT_WARPS. Requires hd <= ATT_MAX_HD.
-extern "C" __global__ void attention_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* q,
-                                              const __nv_bfloat16* k, const __nv_bfloat16* v,
-                                              int heads, int kv_heads, int hd, int pos0) {
+// One query row of one head over keys 0..len-1, by the block's ATT_WARPS warps
+// (block 32*ATT_WARPS): out_row = softmax(q_row·k_j / sqrt(hd)) · v_j. k and v
+// point at key 0 of kv head g, rows kv_width apart. Requires hd <= ATT_MAX_HD.
+__device__ void attend_row(__nv_bfloat16* out_row, const __nv_bfloat16* q_row,
+                           const __nv_bfloat16* k, const __nv_bfloat16* v, int kv_width, int hd,
+                           int len) {
     __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
     __shared__ float part_acc[ATT_WARPS][ATT_MAX_HD];
-    const int i = blockIdx.x, h = blockIdx.y;
-    const int g = h / (heads / kv_heads);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int width = heads * hd, kv_width = kv_heads * hd;
     const float scale = rsqrtf((float)hd);
 
     float qr[ATT_PER_LANE], acc[ATT_PER_LANE];
     for (int t = 0; t < ATT_PER_LANE; t++) {
         int c = lane + 32 * t;
-        qr[t] = c < hd ? __bfloat162float(q[(size_t)i * width + h * hd + c]) : 0.0f;
+        qr[t] = c < hd ? __bfloat162float(q_row[c]) : 0.0f;
         acc[t] = 0.0f;
     }
     float m = -FLT_MAX_F, l = 0.0f;
-    const int len = pos0 + i + 1;
     for (int j = warp; j < len; j += ATT_WARPS) {
-        const __nv_bfloat16* kj = k + (size_t)j * kv_width + g * hd;
+        const __nv_bfloat16* kj = k + (size_t)j * kv_width;
         float s = 0.0f;
         for (int t = 0; t < ATT_PER_LANE; t++) {
             int c = lane + 32 * t;
@@ -68,7 +70,7 @@ extern "C" __global__ void attention_fwd_bf16(__nv_bfloat16* out, const __nv_bfl
         float m_new = fmaxf(m, s);
         float corr = expf(m - m_new), p = expf(s - m_new);
         l = l * corr + p;
-        const __nv_bfloat16* vj = v + (size_t)j * kv_width + g * hd;
+        const __nv_bfloat16* vj = v + (size_t)j * kv_width;
         for (int t = 0; t < ATT_PER_LANE; t++) {
             int c = lane + 32 * t;
             acc[t] = acc[t] * corr + (c < hd ? p * __bfloat162float(vj[c]) : 0.0f);
@@ -92,8 +94,40 @@ extern "C" __global__ void attention_fwd_bf16(__nv_bfloat16* out, const __nv_bfl
     for (int c = threadIdx.x; c < hd; c += blockDim.x) {
         float o = 0.0f;
         for (int w = 0; w < ATT_WARPS; w++) o += part_acc[w][c] * expf(part_m[w] - big);
-        out[(size_t)i * width + h * hd + c] = __float2bfloat16(o / total);
+        out_row[c] = __float2bfloat16(o / total);
     }
+}
+
+// Grid (n, heads), block 32*ATT_WARPS. Requires hd <= ATT_MAX_HD.
+extern "C" __global__ void attention_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* q,
+                                              const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                              int heads, int kv_heads, int hd, int pos0) {
+    const int i = blockIdx.x, h = blockIdx.y;
+    const int g = h / (heads / kv_heads);
+    const int width = heads * hd, kv_width = kv_heads * hd;
+    const size_t row = (size_t)i * width + h * hd;
+    attend_row(out + row, q + row, k + g * hd, v + g * hd, kv_width, hd, pos0 + i + 1);
+}
+
+// Bidirectional attention over a batch of padded sequences (BERT's
+// self-attention with its padding mask): row r of q, k, v, out is token
+// r % seq of sequence r / seq, whose first lens[r / seq] rows are real. A real
+// query attends to every real key of its sequence; a padding row's output is
+// zero. All [batch*seq, heads*hd], one kv head per head. Grid (batch*seq,
+// heads), block 32*ATT_WARPS; hd <= ATT_MAX_HD.
+extern "C" __global__ void attention_bidir_bf16(__nv_bfloat16* out, const __nv_bfloat16* q,
+                                                const __nv_bfloat16* k, const __nv_bfloat16* v,
+                                                const unsigned* lens, int seq, int heads,
+                                                int hd) {
+    const int r = blockIdx.x, h = blockIdx.y, b = r / seq;
+    const int width = heads * hd, len = (int)lens[b];
+    const size_t row = (size_t)r * width + h * hd;
+    if (r % seq >= len) {
+        for (int c = threadIdx.x; c < hd; c += blockDim.x) out[row + c] = __float2bfloat16(0.0f);
+        return;
+    }
+    const size_t first = (size_t)b * seq * width + h * hd;
+    attend_row(out + row, q + row, k + first, v + first, width, hd, len);
 }
 
 // ------------------------------------------------------------------ version 2

@@ -109,6 +109,23 @@ extern "C" __global__ void __launch_bounds__(ADAMW_THREADS)
     }
 }
 
+// out = x * (1 + erf(x / sqrt(2))) / 2 (GELU, the exact form BERT uses),
+// element-wise over n elements.
+extern "C" __global__ void gelu_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float v = __bfloat162float(x[i]);
+        out[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+    }
+}
+
+// x[i] += bias[i % d] over n elements of rows of width d (a Linear's bias).
+extern "C" __global__ void add_bias_bf16(__nv_bfloat16* x, const __nv_bfloat16* bias, int n,
+                                         int d) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        x[i] = __float2bfloat16(__bfloat162float(x[i]) + __bfloat162float(bias[i % d]));
+    }
+}
+
 // out = silu(gate) * up, element-wise over n elements.
 extern "C" __global__ void swiglu_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* gate,
                                            const __nv_bfloat16* up, int n) {

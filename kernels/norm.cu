@@ -1,4 +1,4 @@
-// Row reductions: RMSNorm and log-softmax.
+// Row reductions: RMSNorm, LayerNorm and log-softmax.
 //
 // One block per row; the block's threads stride over the row's columns, then
 // reduce through warp shuffles and one shared-memory slot per warp. Launchers
@@ -62,6 +62,30 @@ extern "C" __global__ void rmsnorm_fwd_bf16(__nv_bfloat16* out, const __nv_bfloa
 extern "C" __global__ void rmsnorm_fwd_f32_bf16(__nv_bfloat16* out, const float* x,
                                                 const __nv_bfloat16* w, int d, float eps) {
     rmsnorm(out, x, w, d, eps);
+}
+
+// out = (x - mean) / sqrt(var + eps) * w + b per row of width d, with the
+// biased variance (as torch), in two passes over the row as the CPU device
+// computes it: the mean, then the centred sum of squares. All bf16.
+extern "C" __global__ void layernorm_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* x,
+                                              const __nv_bfloat16* w, const __nv_bfloat16* b,
+                                              int d, float eps) {
+    __shared__ float scratch[32];
+    const __nv_bfloat16* xr = x + (size_t)blockIdx.x * d;
+    __nv_bfloat16* outr = out + (size_t)blockIdx.x * d;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) s += __bfloat162float(xr[c]);
+    const float mean = block_sum(s, scratch) / (float)d;
+    float ss = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = __bfloat162float(xr[c]) - mean;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) / (float)d + eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = (__bfloat162float(xr[c]) - mean) * inv;
+        outr[c] = __float2bfloat16(v * __bfloat162float(w[c]) + __bfloat162float(b[c]));
+    }
 }
 
 // out = x - logsumexp(x), per row of width d, in f32 (logits stay f32).

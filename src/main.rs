@@ -45,6 +45,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Log-probability of each token of a text given the ones before it.
     Score(ScoreArgs),
+    /// Sentence embeddings from a BERT-family sentence-transformers folder (all-MiniLM-L6-v2).
+    Embed(EmbedArgs),
     /// Describe a model folder.
     Info {
         /// Model folder (config.json, *.safetensors, tokenizer.json).
@@ -139,6 +141,29 @@ struct GenerateArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+struct EmbedArgs {
+    /// A sentence-transformers folder (modules.json, 1_Pooling/, config.json,
+    /// model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// A text to embed; repeat for several.
+    #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+    text: Vec<String>,
+    /// Embed each line of this file instead (blank lines are skipped).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Print a JSON array of {"text", "embedding"} (every value) instead.
+    #[arg(long)]
+    json: bool,
+    /// Texts per forward pass (each padded to the longest in its batch).
+    #[arg(long, default_value_t = engine::model::bert::DEFAULT_BATCH_SIZE)]
+    batch: usize,
+    /// Where the model runs (auto: the CPU, until the encoder has CUDA kernels).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
 }
@@ -331,6 +356,15 @@ fn run(cli: Cli) -> Result<()> {
             on_device!(open_device(args.device)?, |be| generate_cmd(be, &args))?
         }
         Command::Score(args) => on_device!(open_device(args.device)?, |be| score_cmd(be, &args))?,
+        Command::Embed(args) => {
+            // The encoder ops have no CUDA kernels yet: `auto` embeds on the
+            // CPU; --device cuda tries (and says which op is missing).
+            let device = match args.device {
+                DeviceArg::Auto => Device::Cpu,
+                other => open_device(other)?,
+            };
+            on_device!(device, |be| embed_cmd(be, &args))?
+        }
         Command::Info { model } => info(&model)?,
         Command::Finetune(args) => {
             // The training kernels have run only in the emulator so far:
@@ -483,6 +517,70 @@ fn score_cmd<B: Backend>(be: B, a: &ScoreArgs) -> Result<()> {
             s.ppl
         );
     }
+    Ok(())
+}
+
+/// One embedding per text. Plain output: one line per text, `N  norm X
+/// [first values …]  "text"`; --json: the full vectors.
+fn embed_cmd<B: Backend>(be: B, a: &EmbedArgs) -> Result<()> {
+    let texts: Vec<String> = match &a.file {
+        Some(f) => {
+            let all = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            let lines: Vec<String> = all
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_string)
+                .collect();
+            if lines.is_empty() {
+                bail!(
+                    "{}: no text to embed (one text per line; blank lines are skipped)",
+                    f.display()
+                );
+            }
+            lines
+        }
+        None => a.text.clone(),
+    };
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let mut embedder = engine::model::bert::Embedder::load(&a.model, be)?;
+    embedder.set_batch_size(a.batch)?;
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let start = std::time::Instant::now();
+    let vectors = embedder.embed(&refs)?;
+    let elapsed = start.elapsed();
+    let mut stdout = std::io::stdout().lock();
+    if a.json {
+        let items: Vec<serde_json::Value> = texts
+            .iter()
+            .zip(&vectors)
+            .map(|(t, e)| serde_json::json!({"text": t, "embedding": e}))
+            .collect();
+        writeln!(stdout, "{}", serde_json::Value::Array(items))?;
+    } else {
+        for (i, (t, e)) in texts.iter().zip(&vectors).enumerate() {
+            let norm = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let first: Vec<String> = e.iter().take(4).map(|x| format!("{x:.4}")).collect();
+            let shown: String = t.chars().take(60).collect();
+            let more = if shown.len() < t.len() { "…" } else { "" };
+            writeln!(
+                stdout,
+                "{:>4}  norm {norm:.4}  [{}, …]  {:?}{more}",
+                i + 1,
+                first.join(", "),
+                shown
+            )?;
+        }
+    }
+    eprintln!(
+        "[embedded {} text(s) with {} ({} values each) in {:.2} s]",
+        texts.len(),
+        embedder.identity(),
+        embedder.dim(),
+        elapsed.as_secs_f64()
+    );
     Ok(())
 }
 

@@ -363,6 +363,18 @@ pub trait Backend: Sized + Send + Sync {
     /// exactly, where u is the one uniform draw the host made for this step.
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32>;
 
+    /// The k best entries of each row of f32 scores [n, m] (retrieval: one
+    /// row per query, one column per indexed vector), best first: by score
+    /// (larger first, in `f32::total_cmp`'s order), ties to the lower column.
+    /// Each row gives min(k, m) (column, score) pairs.
+    fn top_k(&self, scores: &Tensor<Self>, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let _ = (scores, k);
+        Err(Error::Unsupported(format!(
+            "top_k is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     // ----- optimizer -----
 
     /// Σ x² over the tensor, accumulated in f64 on the host side (the
@@ -386,6 +398,73 @@ pub trait Backend: Sized + Send + Sync {
         let _ = (tensors, hp);
         Err(Error::Unsupported(format!(
             "adamw_step is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    // ----- encoder ops (BERT-family embedders, `model::bert`) -----
+
+    /// LayerNorm per row of width d, with the biased variance as torch takes it:
+    ///   mean = Σ x / d,  var = Σ (x − mean)² / d
+    ///   out  = (x − mean) / sqrt(var + eps) · weight + bias
+    /// x, out [n, d]; weight, bias [d]. out is overwritten.
+    fn layernorm(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let _ = (out, x, weight, bias, eps);
+        Err(Error::Unsupported(format!(
+            "layernorm is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// GELU in its exact (erf) form, BERT's `"gelu"`:
+    ///   out = x · ½ (1 + erf(x / √2))
+    /// element-wise; out, x [n, f]. out is overwritten.
+    fn gelu(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()> {
+        let _ = (out, x);
+        Err(Error::Unsupported(format!(
+            "gelu is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// x[i, j] += bias[j]: a Linear layer's bias, broadcast over the rows;
+    /// x [n, d] in place, bias [d].
+    fn add_bias(&self, x: &mut Tensor<Self>, bias: &Tensor<Self>) -> Result<()> {
+        let _ = (x, bias);
+        Err(Error::Unsupported(format!(
+            "add_bias is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// Bidirectional (non-causal) multi-head attention over a batch of
+    /// padded sequences, BERT's self-attention with its padding mask. Rows
+    /// b·seq .. (b+1)·seq of q, k, v and out hold sequence b, whose first
+    /// `lens[b]` rows are real tokens and the rest padding (seq = rows /
+    /// lens.len()). For every real query i < lens[b] and head h:
+    ///   out[b,i,h] = Σ_{j < lens[b]} softmax_j(q[b,i,h]·k[b,j,h] / sqrt(hd)) v[b,j,h]
+    /// Keys and values at or past lens[b] are masked: never read. Padding
+    /// query rows (i ≥ lens[b]) are never read either, and their output is
+    /// written as zeros. out, q, k, v [batch·seq, heads·hd]; lens[b] ≤ seq.
+    fn attention_bidirectional(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        lens: &[usize],
+    ) -> Result<()> {
+        let _ = (out, q, k, v, heads, lens);
+        Err(Error::Unsupported(format!(
+            "attention_bidirectional is not implemented on the {} device yet",
             self.name()
         )))
     }

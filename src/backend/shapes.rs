@@ -269,3 +269,70 @@ pub fn lora_backward<B: Backend>(
     assert_eq!(dt.shape, t.shape, "dt {:?} for t {:?}", dt.shape, t.shape);
     dims
 }
+
+// ----- encoder ops -----
+
+/// `layernorm`'s out, x [n, d] with weight, bias [d]; returns d.
+pub fn layernorm<B: Backend>(
+    out: &Tensor<B>,
+    x: &Tensor<B>,
+    weight: &Tensor<B>,
+    bias: &Tensor<B>,
+) -> usize {
+    let (_, d) = x.rows_cols();
+    assert_eq!(
+        out.shape, x.shape,
+        "out {:?} for x {:?}",
+        out.shape, x.shape
+    );
+    assert_eq!(
+        weight.numel(),
+        d,
+        "weight {:?} for rows of {d}",
+        weight.shape
+    );
+    assert_eq!(bias.numel(), d, "bias {:?} for rows of {d}", bias.shape);
+    d
+}
+
+/// `add_bias`'s x [n, d] and bias [d]; returns d.
+pub fn add_bias<B: Backend>(x: &Tensor<B>, bias: &Tensor<B>) -> usize {
+    let (_, d) = x.rows_cols();
+    assert_eq!(
+        bias.numel(),
+        d,
+        "bias {:?} for rows {:?}",
+        bias.shape,
+        x.shape
+    );
+    d
+}
+
+/// `attention_bidirectional`'s out, q, k, v [batch·seq, heads·hd] for
+/// `lens.len()` sequences of at most seq tokens; returns (seq, hd).
+pub fn attention_bidirectional<B: Backend>(
+    out: &Tensor<B>,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    heads: usize,
+    lens: &[usize],
+) -> (usize, usize) {
+    let (rows, width) = q.rows_cols();
+    same_shape("attention_bidirectional", &[q, k, v, out]);
+    assert!(
+        heads > 0 && width.is_multiple_of(heads),
+        "width {width} for {heads} heads"
+    );
+    assert!(
+        !lens.is_empty() && rows.is_multiple_of(lens.len()),
+        "{rows} rows for {} sequences",
+        lens.len()
+    );
+    let seq = rows / lens.len();
+    assert!(
+        lens.iter().all(|&len| len <= seq),
+        "sequence lengths {lens:?} for {seq} rows each"
+    );
+    (seq, width / heads)
+}

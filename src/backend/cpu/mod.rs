@@ -4,6 +4,7 @@
 
 mod attention;
 mod backward;
+mod encoder;
 mod lora;
 mod matmul;
 mod ops;
@@ -375,6 +376,11 @@ impl Backend for Cpu {
         ))
     }
 
+    fn top_k(&self, scores: &Tensor<Self>, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        let (rows, m) = scores.rows_cols();
+        Ok(ops::top_k(view(scores), rows, m, k))
+    }
+
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {
         assert_eq!(logits.rows_cols().0, 1, "sample takes one row of logits");
         Ok(sample::choose(view(logits), cfg, u))
@@ -411,6 +417,49 @@ impl Backend for Cpu {
                 self.convert(copy, param)?;
             }
         }
+        Ok(())
+    }
+
+    // ----- encoder ops -----
+
+    fn layernorm(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = shapes::layernorm(out, x, weight, bias);
+        encoder::layernorm(view_mut(out), view(x), view(weight), view(bias), d, eps);
+        Ok(())
+    }
+
+    fn gelu(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()> {
+        shapes::same_shape("gelu", &[out, x]);
+        encoder::gelu(view_mut(out), view(x));
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Tensor<Self>, bias: &Tensor<Self>) -> Result<()> {
+        let d = shapes::add_bias(x, bias);
+        encoder::add_bias(view_mut(x), view(bias), d);
+        Ok(())
+    }
+
+    fn attention_bidirectional(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        lens: &[usize],
+    ) -> Result<()> {
+        let (seq, hd) = shapes::attention_bidirectional(out, q, k, v, heads, lens);
+        let dims = encoder::Dims { heads, hd, seq };
+        let (q, k, v) = (view(q), view(k), view(v));
+        encoder::attention_bidirectional(view_mut(out), q, k, v, lens, dims);
         Ok(())
     }
 }

@@ -1008,7 +1008,146 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .float(c.beta2)
             .float(c.eps);
         let grid = u32::try_from(blocks).expect("AdamW blocks fit a grid");
-        self.launch("adamw_f32", (grid, 1, 1), (THREADS, 1, 1), args)
+        self.launch("adamw_f32", (grid, 1, 1), (THREADS, 1, 1), args)?;
+        // The table must outlive the kernel.
+        self.driver.synchronize()
+    }
+
+    fn layernorm(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        weight: &Tensor<Self>,
+        bias: &Tensor<Self>,
+        eps: f32,
+    ) -> Result<()> {
+        let d = shapes::layernorm(out, x, weight, bias);
+        for (what, t) in [("out", &*out), ("x", x), ("weight", weight), ("bias", bias)] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        let (n, _) = x.rows_cols();
+        if n == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(weight.buf.ptr)
+            .ptr(bias.buf.ptr)
+            .int(d)
+            .float(eps);
+        self.launch(
+            "layernorm_fwd_bf16",
+            (n as u32, 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
+    fn gelu(&self, out: &mut Tensor<Self>, x: &Tensor<Self>) -> Result<()> {
+        shapes::same_shape("gelu", &[out, x]);
+        expect_dtype("out", out, DType::BF16);
+        expect_dtype("x", x, DType::BF16);
+        let n = x.numel();
+        let args = Args::default().ptr(out.buf.ptr).ptr(x.buf.ptr).int(n);
+        self.launch(
+            "gelu_fwd_bf16",
+            (blocks_for(n), 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
+    fn add_bias(&self, x: &mut Tensor<Self>, bias: &Tensor<Self>) -> Result<()> {
+        let d = shapes::add_bias(x, bias);
+        expect_dtype("x", x, DType::BF16);
+        expect_dtype("bias", bias, DType::BF16);
+        let n = x.numel();
+        let args = Args::default()
+            .ptr(x.buf.ptr)
+            .ptr(bias.buf.ptr)
+            .int(n)
+            .int(d);
+        self.launch(
+            "add_bias_bf16",
+            (blocks_for(n), 1, 1),
+            (THREADS, 1, 1),
+            args,
+        )
+    }
+
+    fn attention_bidirectional(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k: &Tensor<Self>,
+        v: &Tensor<Self>,
+        heads: usize,
+        lens: &[usize],
+    ) -> Result<()> {
+        let (seq, hd) = shapes::attention_bidirectional(out, q, k, v, heads, lens);
+        if hd > 256 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {hd} (the attention kernel takes up to 256)"
+            )));
+        }
+        for (what, t) in [("out", &*out), ("q", q), ("k", k), ("v", v)] {
+            expect_dtype(what, t, DType::BF16);
+        }
+        let rows = seq * lens.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let lens: Vec<u32> = lens.iter().map(|&l| l as u32).collect();
+        let dev_lens = self.upload_slice(&lens)?;
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(q.buf.ptr)
+            .ptr(k.buf.ptr)
+            .ptr(v.buf.ptr)
+            .ptr(dev_lens.ptr)
+            .int(seq)
+            .int(heads)
+            .int(hd);
+        let grid = (rows as u32, heads as u32, 1);
+        self.launch("attention_bidir_bf16", grid, (128, 1, 1), args)?;
+        // The lengths must outlive the kernel.
+        self.driver.synchronize()
+    }
+
+    fn top_k(&self, scores: &Tensor<Self>, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        expect_dtype("scores", scores, DType::F32);
+        let (rows, m) = scores.rows_cols();
+        let k = k.min(m);
+        if rows == 0 || k == 0 {
+            return Ok(vec![Vec::new(); rows]);
+        }
+        let (idx, val) = (self.alloc(rows * k * 4)?, self.alloc(rows * k * 4)?);
+        let args = Args::default()
+            .ptr(idx.ptr)
+            .ptr(val.ptr)
+            .ptr(scores.buf.ptr)
+            .int(m)
+            .int(k);
+        self.launch("topk_f32", (rows as u32, 1, 1), (THREADS, 1, 1), args)?;
+        let (mut idx_h, mut val_h) = (vec![0u32; rows * k], vec![0f32; rows * k]);
+        // SAFETY: both allocations hold rows·k 4-byte values.
+        unsafe {
+            self.driver
+                .download(bytemuck::cast_slice_mut(&mut idx_h), idx.ptr)?;
+            self.driver
+                .download(bytemuck::cast_slice_mut(&mut val_h), val.ptr)?;
+        }
+        // The kernel leaves each row's k in no order: sort them as the CPU ranks.
+        Ok(idx_h
+            .chunks_exact(k)
+            .zip(val_h.chunks_exact(k))
+            .map(|(i, v)| {
+                let mut row: Vec<(u32, f32)> = i.iter().copied().zip(v.iter().copied()).collect();
+                row.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                row
+            })
+            .collect())
     }
 
     fn sample(&self, logits: &Tensor<Self>, cfg: &SamplerConfig, u: f32) -> Result<u32> {

@@ -23,6 +23,7 @@ pub const KERNELS: &[(&str, &str)] = &[
     kernel_file!("matmul.cu"),
     kernel_file!("norm.cu"),
     kernel_file!("sampling.cu"),
+    kernel_file!("topk.cu"),
 ];
 
 /// A `__global__` entry point of the embedded kernel files.

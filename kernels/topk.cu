@@ -1,0 +1,67 @@
+// Top-k selection for retrieval: the k best scores of each row of an f32
+// matrix (one row per query, one column per indexed vector), best first by
+// score, ties to the lower column.
+//
+// Each (score, column) becomes one 64-bit key that orders exactly as wanted:
+// the score's bits made order-preserving in the high word (negative floats
+// flipped whole, positive ones with the sign bit set), and ~column in the low
+// word, so a lower column ranks higher among equal scores. Keys are unique,
+// so the k-th largest key is a sharp threshold: a radix select over the key
+// in 8 passes of 8 bits finds it (a 256-bin histogram of the keys that match
+// the prefix found so far, then the bin where the count from the top reaches
+// k), and a last pass writes the k keys at or above it, in no particular
+// order; the host sorts those k.
+//
+// topk_f32: grid (rows), block TOPK_THREADS; idx, val [rows, k]; k <= m.
+
+#include "common.cuh"
+
+#define TOPK_THREADS 256
+
+__device__ __forceinline__ unsigned long long topk_key(float v, unsigned col) {
+    unsigned u = __float_as_uint(v);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (unsigned long long)(0xffffffffu - col);
+}
+
+extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
+    topk_f32(unsigned* idx, float* val, const float* scores, int m, int k) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned long long prefix, mask;
+    __shared__ unsigned remaining, count;
+    const float* row = scores + (size_t)blockIdx.x * m;
+    if (threadIdx.x == 0) {
+        prefix = 0;
+        mask = 0;
+        remaining = (unsigned)k;
+        count = 0;
+    }
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+        __syncthreads();
+        for (int i = threadIdx.x; i < m; i += blockDim.x) {
+            unsigned long long key = topk_key(row[i], (unsigned)i);
+            if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            // From the top bin down, to the bin holding the remaining-th key.
+            unsigned r = remaining;
+            int b = 255;
+            while (hist[b] < r) r -= hist[b--];
+            prefix |= (unsigned long long)b << shift;
+            mask |= 255ull << shift;
+            remaining = r;
+        }
+        __syncthreads();
+    }
+    // prefix is now the k-th largest key itself.
+    for (int i = threadIdx.x; i < m; i += blockDim.x) {
+        float v = row[i];
+        if (topk_key(v, (unsigned)i) >= prefix) {
+            unsigned slot = atomicAdd(&count, 1u);
+            idx[(size_t)blockIdx.x * k + slot] = (unsigned)i;
+            val[(size_t)blockIdx.x * k + slot] = v;
+        }
+    }
+}
