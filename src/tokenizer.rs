@@ -37,8 +37,15 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::format(dir, "no tokenizer.json in this folder"));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        // Callers pad and truncate themselves: a file's own settings
+        // (all-MiniLM-L6-v2 pads and cuts every text to 128) would change
+        // every token count.
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::format(&path, format!("cannot turn truncation off: {e}")))?;
         let mut tok = Tokenizer {
             inner,
             chat_template: None,
