@@ -47,6 +47,11 @@ enum Command {
     Score(ScoreArgs),
     /// Sentence embeddings from a BERT-family sentence-transformers folder (all-MiniLM-L6-v2).
     Embed(EmbedArgs),
+    /// A RAG index of documents: add, remove, list, search.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
     /// Describe a model folder.
     Info {
         /// Model folder (config.json, *.safetensors, tokenizer.json).
@@ -92,6 +97,68 @@ enum KernelsCommand {
         /// GPU architectures, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "sm_80,sm_90")]
         arch: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Add files, or folders recursively (.txt, .md, .html): chunk, embed and
+    /// store them. A changed file replaces its chunks; an unchanged one is
+    /// skipped. Creates the index on first use.
+    Add {
+        /// The index folder.
+        #[arg(long)]
+        index: PathBuf,
+        /// The embedder: a sentence-transformers folder (models/all-minilm-l6-v2).
+        #[arg(long)]
+        embedder: PathBuf,
+        /// Most tokens per chunk (the embedder's tokens, [CLS]/[SEP] included).
+        #[arg(long, default_value_t = 256)]
+        chunk_tokens: usize,
+        /// Tokens a chunk repeats from the previous one where a paragraph is cut.
+        #[arg(long, default_value_t = 32)]
+        overlap: usize,
+        /// Where the embedder runs (auto: the CPU).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+        /// Files or folders.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Remove files, or every file under a folder, from the index.
+    Rm {
+        /// The index folder.
+        #[arg(long)]
+        index: PathBuf,
+        /// Files or folders, as they were added.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// List the indexed files and their chunks.
+    Ls {
+        /// The index folder.
+        #[arg(long)]
+        index: PathBuf,
+    },
+    /// The chunks nearest a query, best first.
+    Search {
+        /// The index folder.
+        #[arg(long)]
+        index: PathBuf,
+        /// The embedder the index was built with.
+        #[arg(long)]
+        embedder: PathBuf,
+        /// How many chunks.
+        #[arg(short, default_value_t = 5)]
+        k: usize,
+        /// Print a JSON array of {"rank", "score", "source", "lines", "text"}.
+        #[arg(long)]
+        json: bool,
+        /// Where the embedder runs (auto: the CPU).
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
+        /// The query.
+        query: String,
     },
 }
 
@@ -357,14 +424,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Score(args) => on_device!(open_device(args.device)?, |be| score_cmd(be, &args))?,
         Command::Embed(args) => {
-            // The encoder ops have no CUDA kernels yet: `auto` embeds on the
-            // CPU; --device cuda tries (and says which op is missing).
-            let device = match args.device {
-                DeviceArg::Auto => Device::Cpu,
-                other => open_device(other)?,
-            };
-            on_device!(device, |be| embed_cmd(be, &args))?
+            on_device!(encoder_device(args.device)?, |be| embed_cmd(be, &args))?
         }
+        Command::Index { command } => index_cmd(command)?,
         Command::Info { model } => info(&model)?,
         Command::Finetune(args) => {
             // The training kernels have run only in the emulator so far:
@@ -522,6 +584,177 @@ fn score_cmd<B: Backend>(be: B, a: &ScoreArgs) -> Result<()> {
 
 /// One embedding per text. Plain output: one line per text, `N  norm X
 /// [first values …]  "text"`; --json: the full vectors.
+/// The encoder's device: `auto` is the CPU until a real GPU has run the
+/// encoder's kernels; --device cuda or emu tries them.
+fn encoder_device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Auto => Ok(Device::Cpu),
+        other => open_device(other),
+    }
+}
+
+fn index_cmd(command: IndexCommand) -> Result<()> {
+    use engine::rag::index::{Index, Writer};
+    match command {
+        IndexCommand::Add {
+            index,
+            embedder,
+            chunk_tokens,
+            overlap,
+            device,
+            paths,
+        } => {
+            let opts = engine::rag::chunk::ChunkOptions {
+                max_tokens: chunk_tokens,
+                overlap,
+            };
+            on_device!(encoder_device(device)?, |be| index_add(
+                be, &index, &embedder, &opts, &paths
+            ))?
+        }
+        IndexCommand::Rm { index, paths } => {
+            let mut writer = Writer::open(&index)?;
+            let mut removed = 0;
+            for p in &paths {
+                let name = engine::rag::ingest::source_name(p);
+                let folder = format!("{}/", name.trim_end_matches('/'));
+                let matching: Vec<String> = writer
+                    .sources()
+                    .into_iter()
+                    .map(|s| s.source)
+                    .filter(|s| *s == name || s.starts_with(&folder))
+                    .collect();
+                if matching.is_empty() {
+                    bail!("{}: not in the index {}", name, index.display());
+                }
+                for s in matching {
+                    writer.remove(&s);
+                    removed += 1;
+                }
+            }
+            writer.commit()?;
+            println!("removed {removed} file(s) from {}", index.display());
+        }
+        IndexCommand::Ls { index } => {
+            let ix = Index::open(&index)?;
+            let sources = ix.sources();
+            println!(
+                "{}: {} chunk(s) from {} file(s), embedder {} ({} values)",
+                index.display(),
+                sources.iter().map(|s| s.ids.len()).sum::<usize>(),
+                sources.len(),
+                ix.embedder(),
+                ix.dim()
+            );
+            for s in sources {
+                println!("{:>6}  {}", s.ids.len(), s.source);
+            }
+        }
+        IndexCommand::Search {
+            index,
+            embedder,
+            k,
+            json,
+            device,
+            query,
+        } => on_device!(encoder_device(device)?, |be| index_search(
+            be, &index, &embedder, k, json, &query
+        ))?,
+    }
+    Ok(())
+}
+
+fn index_add<B: Backend>(
+    be: B,
+    index: &Path,
+    embedder_dir: &Path,
+    opts: &engine::rag::chunk::ChunkOptions,
+    paths: &[PathBuf],
+) -> Result<()> {
+    use engine::rag::ingest::{add_file, files_under, Outcome};
+    let files = files_under(paths)?;
+    let embedder = engine::model::bert::Embedder::load(embedder_dir, be)?;
+    let counter = Tokenizer::load(embedder_dir)?;
+    let mut writer =
+        engine::rag::index::Writer::open_or_create(index, embedder.identity(), embedder.dim())?;
+    let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} files  {msg}")
+            .expect("a valid template"),
+    );
+    let (mut added, mut chunks, mut unchanged, mut empty) = (0, 0, 0, Vec::new());
+    for f in &files {
+        bar.set_message(f.display().to_string());
+        match add_file(&mut writer, &embedder, &counter, opts, f)? {
+            Outcome::Added(n) => (added, chunks) = (added + 1, chunks + n),
+            Outcome::Unchanged => unchanged += 1,
+            Outcome::Empty => empty.push(f.display().to_string()),
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    writer.commit()?;
+    for e in &empty {
+        eprintln!("{e}: no text, skipped");
+    }
+    let ix = engine::rag::index::Index::open(index)?;
+    println!(
+        "added {added} file(s) ({chunks} chunks), {unchanged} unchanged; {} holds {} chunk(s) from {} file(s)",
+        index.display(),
+        ix.len(),
+        ix.sources().len()
+    );
+    Ok(())
+}
+
+fn index_search<B: Backend>(
+    be: B,
+    index: &Path,
+    embedder_dir: &Path,
+    k: usize,
+    json: bool,
+    query: &str,
+) -> Result<()> {
+    let ix = engine::rag::index::Index::open(index)?;
+    let embedder = engine::model::bert::Embedder::load(embedder_dir, be)?;
+    ix.check_embedder(embedder.identity(), embedder.dim())?;
+    let q = embedder.embed(&[query])?.remove(0);
+    let hits = ix.search(&q, k)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let items: Vec<serde_json::Value> = hits
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                serde_json::json!({
+                    "rank": i + 1,
+                    "score": h.score,
+                    "source": h.chunk.source,
+                    "lines": [h.chunk.line_start, h.chunk.line_end],
+                    "text": h.chunk.text,
+                })
+            })
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Array(items))?;
+    } else {
+        for (i, h) in hits.iter().enumerate() {
+            let c = &h.chunk;
+            let line: String = c.text.split_whitespace().collect::<Vec<_>>().join(" ");
+            let shown: String = line.chars().take(90).collect();
+            let more = if shown.len() < line.len() { "…" } else { "" };
+            writeln!(
+                out,
+                "{:>2}. {:.4}  {}:{}-{}  {shown}{more}",
+                i + 1,
+                h.score,
+                c.source,
+                c.line_start,
+                c.line_end
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn embed_cmd<B: Backend>(be: B, a: &EmbedArgs) -> Result<()> {
     let texts: Vec<String> = match &a.file {
         Some(f) => {

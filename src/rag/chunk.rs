@@ -79,6 +79,14 @@ impl<F: Fn(&str) -> usize> TokenCounter for F {
     }
 }
 
+/// The project's tokenizer wrapper (which loads without the file's own
+/// padding and truncation), special tokens included.
+impl TokenCounter for crate::tokenizer::Tokenizer {
+    fn count(&self, text: &str) -> Result<usize> {
+        Ok(self.encode(text, true)?.len())
+    }
+}
+
 /// A Hugging Face tokenizer, special tokens included. It must not truncate or
 /// pad: sentence-transformers' tokenizer.json files often set both to 128,
 /// which would make every text count 128 — so that is an error here, not a

@@ -1,0 +1,287 @@
+//! `engine index add|rm|ls|search` end to end on the example knowledge base
+//! (examples/quillmark-kb) with the real all-MiniLM-L6-v2 embedder, and the
+//! commands' errors on bad input. Skipped when the embedder is absent, unless
+//! ENGINE_REQUIRE_MODELS=1 (CI).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn embedder_dir() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
+    if dir.join("model.safetensors").exists() {
+        return Some(dir);
+    }
+    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing: run models/fetch.sh", dir.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (run models/fetch.sh)",
+        dir.display()
+    );
+    None
+}
+
+/// Runs engine in the repository root (sources are named as given there).
+fn engine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = engine(args);
+    assert!(
+        out.status.success(),
+        "engine {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Fails with exit code 1 and one line of stderr holding every needle.
+fn fails(args: &[&str], needles: &[&str]) {
+    let out = engine(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "engine {args:?}: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{err:?} lacks {n:?}");
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The retrieval check: for every example question the document
+/// holding its answer is among the top 3 chunks' sources.
+#[test]
+fn every_example_question_finds_its_source_in_the_top_3() {
+    let Some(emb) = embedder_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("kb");
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--embedder",
+        s(&emb),
+        "examples/quillmark-kb/docs",
+    ]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quillmark-kb");
+    let questions = std::fs::read_to_string(root.join("questions.jsonl")).unwrap();
+    for line in questions.lines() {
+        let q: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (question, source) = (
+            q["question"].as_str().unwrap(),
+            q["source"].as_str().unwrap(),
+        );
+        let out = ok(&[
+            "index",
+            "search",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&emb),
+            "-k",
+            "3",
+            "--json",
+            question,
+        ]);
+        let hits: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let want = format!("examples/quillmark-kb/{source}");
+        assert!(
+            hits.iter().any(|h| h["source"] == want.as_str()),
+            "{question:?}: {want} not in the top 3: {hits:#?}"
+        );
+    }
+}
+
+/// add, add again (unchanged), change a file (replaced), rm, ls.
+#[test]
+fn add_replace_remove_and_list() {
+    let Some(emb) = embedder_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (index, docs) = (tmp.path().join("kb"), tmp.path().join("docs"));
+    std::fs::create_dir_all(docs.join("sub")).unwrap();
+    std::fs::write(
+        docs.join("a.md"),
+        "# Alpha\n\nThe alpha valve opens at 3 bar.\n",
+    )
+    .unwrap();
+    std::fs::write(
+        docs.join("sub/b.txt"),
+        "The beta pump runs at 40 litres a minute.\n",
+    )
+    .unwrap();
+    std::fs::write(docs.join("empty.txt"), "  \n\n").unwrap();
+    let add = [
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--embedder",
+        s(&emb),
+        s(&docs),
+    ];
+    let first = engine(&add);
+    assert!(first.status.success());
+    assert!(String::from_utf8_lossy(&first.stdout).contains("added 2 file(s)"));
+    assert!(String::from_utf8_lossy(&first.stderr).contains("empty.txt: no text, skipped"));
+    assert!(ok(&add).contains("added 0 file(s) (0 chunks), 2 unchanged"));
+    std::fs::write(
+        docs.join("a.md"),
+        "# Alpha\n\nThe alpha valve now opens at 5 bar.\n",
+    )
+    .unwrap();
+    assert!(ok(&add).contains("added 1 file(s) (1 chunks), 1 unchanged"));
+    let search = |q: &str| -> Vec<serde_json::Value> {
+        let out = ok(&[
+            "index",
+            "search",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&emb),
+            "-k",
+            "5",
+            "--json",
+            q,
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let hits = search("At what pressure does the alpha valve open?");
+    assert_eq!(hits.len(), 2);
+    assert!(
+        hits[0]["text"].as_str().unwrap().contains("5 bar"),
+        "{hits:?}"
+    );
+    ok(&["index", "rm", "--index", s(&index), s(&docs.join("sub"))]);
+    let ls = ok(&["index", "ls", "--index", s(&index)]);
+    assert!(
+        ls.contains("1 chunk(s) from 1 file(s)") && ls.contains("a.md") && !ls.contains("b.txt"),
+        "{ls}"
+    );
+    assert_eq!(search("beta pump").len(), 1);
+}
+
+/// Bad input gets one line and exit code 1, and the index is left as it was.
+#[test]
+fn bad_input_fails_cleanly() {
+    let Some(emb) = embedder_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("kb");
+    let missing = tmp.path().join("nope");
+    fails(
+        &[
+            "index",
+            "search",
+            "--index",
+            s(&missing),
+            "--embedder",
+            s(&emb),
+            "anything",
+        ],
+        &["nope"],
+    );
+    fails(&["index", "ls", "--index", s(&missing)], &["nope"]);
+    fails(
+        &[
+            "index",
+            "add",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&emb),
+            s(&missing),
+        ],
+        &["nope"],
+    );
+    let binary = tmp.path().join("blob.txt");
+    std::fs::write(&binary, [0x89u8, b'P', b'N', b'G', 0, 1, 2, 3]).unwrap();
+    fails(
+        &[
+            "index",
+            "add",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&emb),
+            s(&binary),
+        ],
+        &["blob.txt", "binary"],
+    );
+    let odd = tmp.path().join("data.bin");
+    std::fs::write(&odd, "text").unwrap();
+    fails(
+        &[
+            "index",
+            "add",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&emb),
+            s(&odd),
+        ],
+        &["data.bin"],
+    );
+
+    // An index built with one embedder refuses another (here: the same
+    // weights under a changed configuration, so another identity).
+    let good = tmp.path().join("good.md");
+    std::fs::write(&good, "The gamma gate closes at dusk.\n").unwrap();
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--embedder",
+        s(&emb),
+        s(&good),
+    ]);
+    let other = tmp.path().join("other-embedder");
+    std::fs::create_dir_all(other.join("1_Pooling")).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+    ] {
+        std::fs::copy(emb.join(f), other.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(emb.join("config.json")).unwrap();
+    std::fs::write(other.join("config.json"), config.replace("1e-12", "1e-11")).unwrap();
+    fails(
+        &[
+            "index",
+            "search",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&other),
+            "gate",
+        ],
+        &["embedder"],
+    );
+    fails(
+        &[
+            "index",
+            "add",
+            "--index",
+            s(&index),
+            "--embedder",
+            s(&other),
+            s(&good),
+        ],
+        &["embedder"],
+    );
+    fails(
+        &["index", "rm", "--index", s(&index), "not-there.md"],
+        &["not-there.md"],
+    );
+    assert!(ok(&["index", "ls", "--index", s(&index)]).contains("1 chunk(s) from 1 file(s)"));
+}
