@@ -47,6 +47,8 @@ enum Command {
     Score(ScoreArgs),
     /// Sentence embeddings from a BERT-family sentence-transformers folder (all-MiniLM-L6-v2).
     Embed(EmbedArgs),
+    /// Answer a question from an index's passages, citing them.
+    Ask(AskArgs),
     /// A RAG index of documents: add, remove, list, search.
     Index {
         #[command(subcommand)]
@@ -233,6 +235,37 @@ struct EmbedArgs {
     /// Where the model runs (auto: the CPU, until the encoder has CUDA kernels).
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+}
+
+#[derive(clap::Args)]
+struct AskArgs {
+    /// The model that answers (config.json, *.safetensors, tokenizer.json with a chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// A LoRA adapter folder (PEFT format), applied unmerged.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The index folder (`engine index add`).
+    #[arg(long)]
+    index: PathBuf,
+    /// The embedder the index was built with.
+    #[arg(long)]
+    embedder: PathBuf,
+    /// How many passages to retrieve (SmolLM2-135M stays closer to the
+    /// text with few).
+    #[arg(short, default_value_t = 2)]
+    k: usize,
+    /// Most tokens of the answer.
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Print {"answer", "citations", "passages"} as JSON instead of streaming.
+    #[arg(long)]
+    json: bool,
+    /// Where the model runs (the embedder runs on the CPU).
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+    /// The question.
+    question: String,
 }
 
 #[derive(clap::Args)]
@@ -426,6 +459,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Embed(args) => {
             on_device!(encoder_device(args.device)?, |be| embed_cmd(be, &args))?
         }
+        Command::Ask(args) => on_device!(open_device(args.device)?, |be| ask_cmd(be, &args))?,
         Command::Index { command } => index_cmd(command)?,
         Command::Info { model } => info(&model)?,
         Command::Finetune(args) => {
@@ -591,6 +625,76 @@ fn encoder_device(arg: DeviceArg) -> Result<Device> {
         DeviceArg::Auto => Ok(Device::Cpu),
         other => open_device(other),
     }
+}
+
+fn ask_cmd<B: Backend>(be: B, a: &AskArgs) -> Result<()> {
+    use engine::rag::answer::{cited, messages, passages};
+    let ix = engine::rag::index::Index::open(&a.index)?;
+    let embedder = engine::model::bert::Embedder::load(&a.embedder, Cpu)?;
+    ix.check_embedder(embedder.identity(), embedder.dim())?;
+    let query = embedder.embed(&[a.question.as_str()])?.remove(0);
+    let passages = passages(ix.search(&query, a.k)?);
+    if passages.is_empty() {
+        bail!(
+            "{}: the index is empty (engine index add first)",
+            a.index.display()
+        );
+    }
+    let tokenizer = Tokenizer::load(&a.model)?;
+    let llm = load_model(be, &a.model, a.adapter.as_deref())?;
+    let text = tokenizer.apply_chat_template(&messages(&a.question, &passages), true)?;
+    let ids = tokenizer.encode(&text, false)?;
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        },
+        stop_ids: tokenizer.stop_ids(&llm.config.eos_token_ids),
+    };
+    let mut stream = TextStream::new(&tokenizer);
+    let mut answer = String::new();
+    let mut stdout = std::io::stdout().lock();
+    generate(&llm, &ids, &opts, |id| {
+        let piece = stream.push(id)?;
+        answer.push_str(&piece);
+        if !a.json
+            && stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_err()
+        {
+            return Err(engine::Error::Invalid("stdout closed".into()));
+        }
+        Ok(())
+    })?;
+    let used = cited(&answer, passages.len());
+    if a.json {
+        let item = |p: &engine::rag::answer::Passage| serde_json::json!({"n": p.n, "source": p.source, "lines": [p.line_start, p.line_end], "score": p.score});
+        let doc = serde_json::json!({
+            "answer": answer.trim(),
+            "citations": used.iter().map(|&n| item(&passages[n - 1])).collect::<Vec<_>>(),
+            "passages": passages.iter().map(item).collect::<Vec<_>>(),
+        });
+        writeln!(stdout, "{doc}")?;
+        return Ok(());
+    }
+    writeln!(stdout)?;
+    if used.is_empty() {
+        writeln!(stdout, "\n(the answer cites no passage; retrieved:)")?;
+        for p in &passages {
+            writeln!(stdout, "  [{}] {}  ({:.3})", p.n, p.location(), p.score)?;
+        }
+    } else {
+        writeln!(stdout)?;
+        for n in used {
+            let p = &passages[n - 1];
+            writeln!(stdout, "[{}] {}", p.n, p.location())?;
+        }
+    }
+    Ok(())
 }
 
 fn index_cmd(command: IndexCommand) -> Result<()> {

@@ -285,3 +285,72 @@ fn bad_input_fails_cleanly() {
     );
     assert!(ok(&["index", "ls", "--index", s(&index)]).contains("1 chunk(s) from 1 file(s)"));
 }
+
+/// `engine ask --json`: the retrieved passages (numbered, with source,
+/// lines and score), the answer, and only citations of those passages. The
+/// answer's quality is not asserted: SmolLM2-135M reads passages poorly.
+#[test]
+fn ask_answers_from_passages_and_lists_citations() {
+    let Some(emb) = embedder_dir() else { return };
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct");
+    if !model.join("model.safetensors").exists() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let index = tmp.path().join("kb");
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&index),
+        "--embedder",
+        s(&emb),
+        "examples/quillmark-kb/docs",
+    ]);
+    let question = "What is the hotel limit per night in Tier-1 cities?";
+    let out = ok(&[
+        "ask",
+        "--model",
+        s(&model),
+        "--index",
+        s(&index),
+        "--embedder",
+        s(&emb),
+        "-k",
+        "2",
+        "--max-tokens",
+        "40",
+        "--device",
+        "cpu",
+        "--json",
+        question,
+    ]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(!doc["answer"].as_str().unwrap().is_empty());
+    let passages = doc["passages"].as_array().unwrap();
+    assert_eq!(passages.len(), 2);
+    assert_eq!(passages[0]["n"], 1);
+    assert_eq!(
+        passages[0]["source"],
+        "examples/quillmark-kb/docs/travel-policy.md"
+    );
+    for c in doc["citations"].as_array().unwrap() {
+        assert!(passages.contains(c), "{c} is not a retrieved passage");
+    }
+    let missing = tmp.path().join("nope");
+    fails(
+        &[
+            "ask",
+            "--model",
+            s(&model),
+            "--index",
+            s(&missing),
+            "--embedder",
+            s(&emb),
+            "--device",
+            "cpu",
+            question,
+        ],
+        &["nope"],
+    );
+}

@@ -3,6 +3,7 @@
 //! `ingest` puts files in), searched at question time, and the passages
 //! cited in the answer.
 
+pub mod answer;
 pub mod chunk;
 pub mod index;
 pub mod ingest;
