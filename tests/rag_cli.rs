@@ -354,3 +354,123 @@ fn ask_answers_from_passages_and_lists_citations() {
         &["nope"],
     );
 }
+
+/// `engine index add` killed (SIGKILL) at moments spread over its run leaves
+/// an index that opens and holds exactly what it held before the add or all
+/// of the add; the next add finishes the job.
+#[cfg(unix)]
+#[test]
+fn index_add_killed_at_any_moment_leaves_before_or_after() {
+    use engine::rag::index::Index;
+    use std::collections::BTreeSet;
+    let Some(emb) = embedder_dir() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, more) = (tmp.path().join("first"), tmp.path().join("more"));
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::create_dir_all(&more).unwrap();
+    for i in 0..3 {
+        std::fs::write(
+            first.join(format!("f{i}.md")),
+            format!("# File {i}\n\nFact number {i}.\n"),
+        )
+        .unwrap();
+    }
+    for i in 0..20 {
+        let body: String = (0..12)
+            .map(|j| format!("Paragraph {j} of note {i} about valve {}.\n\n", i * 7 + j))
+            .collect();
+        std::fs::write(
+            more.join(format!("n{i:02}.md")),
+            format!("# Note {i}\n\n{body}"),
+        )
+        .unwrap();
+    }
+    let base = tmp.path().join("base");
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&base),
+        "--embedder",
+        s(&emb),
+        s(&first),
+    ]);
+    let sources = |dir: &Path| -> BTreeSet<String> {
+        Index::open(dir)
+            .unwrap()
+            .sources()
+            .into_iter()
+            .map(|s| s.source)
+            .collect()
+    };
+    let before = sources(&base);
+    let copy = |to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(&base).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    };
+    // The whole add, timed, gives the after state and the kill window.
+    let full = tmp.path().join("full");
+    copy(&full);
+    let start = std::time::Instant::now();
+    ok(&[
+        "index",
+        "add",
+        "--index",
+        s(&full),
+        "--embedder",
+        s(&emb),
+        s(&more),
+    ]);
+    let window = start.elapsed();
+    let after = sources(&full);
+    assert_eq!(after.len(), before.len() + 20);
+    let (mut saw_before, mut saw_after) = (0, 0);
+    // Kills spread from the start to past the end of the timed add's run.
+    for i in 0..6 {
+        let dir = tmp.path().join(format!("kill{i}"));
+        copy(&dir);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+            .args([
+                "index",
+                "add",
+                "--index",
+                s(&dir),
+                "--embedder",
+                s(&emb),
+                s(&more),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(window.mul_f64(i as f64 / 4.0));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let now = sources(&dir);
+        assert!(
+            now == before || now == after,
+            "kill {i}: {} sources",
+            now.len()
+        );
+        if now == before {
+            saw_before += 1
+        } else {
+            saw_after += 1
+        }
+        ok(&[
+            "index",
+            "add",
+            "--index",
+            s(&dir),
+            "--embedder",
+            s(&emb),
+            s(&more),
+        ]);
+        assert_eq!(sources(&dir), after, "kill {i}: the next add finishes");
+    }
+    eprintln!("killed 6 adds: {saw_before} left the before state, {saw_after} the after state");
+    assert!(saw_before > 0, "no kill landed before the commit");
+}
