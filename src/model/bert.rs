@@ -644,42 +644,26 @@ fn load_weights<B: Backend>(
     })
 }
 
-/// A 64-bit hash of the model's configuration and weights (FxHash's step
-/// with a SplitMix64 finish): cheap over the whole model, and enough to tell
-/// two models apart, not to resist someone forging a collision.
-struct Fingerprint(u64);
+/// A 64-bit hash (xxh3) of the model's configuration, tokenizer and
+/// weights, each part with its length: enough to tell two models apart, not
+/// to resist someone forging a collision.
+struct Fingerprint(xxhash_rust::xxh3::Xxh3);
 
 impl Fingerprint {
     fn new() -> Self {
-        Fingerprint(0)
-    }
-
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+        Fingerprint(xxhash_rust::xxh3::Xxh3::new())
     }
 
     fn add_bytes(&mut self, bytes: &[u8]) {
-        self.add(bytes.len() as u64);
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(w));
-        }
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
     }
 
     fn add_f32s(&mut self, values: &[f32]) {
-        self.add(values.len() as u64);
-        for pair in values.chunks(2) {
-            let lo = pair[0].to_bits() as u64;
-            let hi = pair.get(1).map_or(0, |v| v.to_bits() as u64);
-            self.add(lo | hi << 32);
-        }
+        self.add_bytes(bytemuck::cast_slice(values));
     }
 
     fn finish(&self) -> u64 {
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.digest()
     }
 }

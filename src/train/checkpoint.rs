@@ -259,13 +259,13 @@ pub fn load_masters<B: Backend>(
     Ok(())
 }
 
-/// A short fingerprint of a model folder's weights: FNV-1a over its parsed
+/// A short fingerprint of a model folder's weights: xxh3 over its parsed
 /// config and, for every safetensors file, its length and last MiB (tensor
 /// data). A resume from a run on other weights is refused with it.
 pub fn fingerprint(model_dir: &Path) -> Result<String> {
-    let mut h = Fnv::new();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     let config = crate::model::config::LlamaConfig::from_file(&model_dir.join("config.json"))?;
-    h.write(format!("{config:?}").as_bytes());
+    h.update(format!("{config:?}").as_bytes());
     let mut files: Vec<PathBuf> = fs::read_dir(model_dir)
         .map_err(|e| Error::io(model_dir, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -275,28 +275,13 @@ pub fn fingerprint(model_dir: &Path) -> Result<String> {
     for path in files {
         let mut f = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = f.metadata().map_err(|e| Error::io(&path, e))?.len();
-        h.write(&len.to_le_bytes());
+        h.update(&len.to_le_bytes());
         let tail = len.min(1 << 20);
         f.seek(SeekFrom::Start(len - tail))
             .map_err(|e| Error::io(&path, e))?;
         let mut buf = vec![0u8; tail as usize];
         f.read_exact(&mut buf).map_err(|e| Error::io(&path, e))?;
-        h.write(&buf);
+        h.update(&buf);
     }
-    Ok(format!("{:016x}", h.0))
-}
-
-/// FNV-1a, 64 bit: stable across Rust versions, unlike `DefaultHasher`.
-struct Fnv(u64);
-
-impl Fnv {
-    fn new() -> Self {
-        Fnv(0xcbf2_9ce4_8422_2325)
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
+    Ok(format!("{:016x}", h.digest()))
 }

@@ -313,21 +313,16 @@ pub fn nvrtc_available() -> bool {
 
 // --- the compiler and its cache ---------------------------------------------
 
-/// 64-bit FNV-1a, with a length prefix per part so ("ab","c") ≠ ("a","bc").
-/// Stable across Rust versions, unlike `DefaultHasher`.
-fn fnv1a(parts: &[&[u8]]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+/// A 64-bit hash (xxh3) of the parts, each with a length prefix so that
+/// ("ab","c") ≠ ("a","bc"). Stable across Rust versions, unlike
+/// `DefaultHasher`.
+fn parts_hash(parts: &[&[u8]]) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     for p in parts {
-        eat(&(p.len() as u64).to_le_bytes());
-        eat(p);
+        h.update(&(p.len() as u64).to_le_bytes());
+        h.update(p);
     }
-    h
+    h.digest()
 }
 
 /// Compiles kernel sources to PTX with NVRTC, through a disk cache. Cheap to
@@ -405,7 +400,7 @@ impl Compiler {
             parts.push(t.as_bytes());
         }
         parts.push(source.as_bytes());
-        let key = fnv1a(&parts);
+        let key = parts_hash(&parts);
         let stem = Path::new(name)
             .file_stem()
             .and_then(|s| s.to_str())
@@ -459,7 +454,7 @@ impl Compiler {
         let dir = self
             .cache_dir
             .join("include")
-            .join(format!("{:016x}", fnv1a(&parts)));
+            .join(format!("{:016x}", parts_hash(&parts)));
         for (name, text) in sources::HEADERS {
             let path = dir.join(name);
             let same = std::fs::read(&path).is_ok_and(|b| b == text.as_bytes());
@@ -555,8 +550,8 @@ mod tests {
 
     #[test]
     fn hash_separates_parts() {
-        assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
-        assert_eq!(fnv1a(&[b"x"]), fnv1a(&[b"x"]));
+        assert_ne!(parts_hash(&[b"ab", b"c"]), parts_hash(&[b"a", b"bc"]));
+        assert_eq!(parts_hash(&[b"x"]), parts_hash(&[b"x"]));
     }
 
     #[test]
