@@ -63,40 +63,14 @@ fn accumulator(init: &[f32], shape: &[usize]) -> Tensor<Cpu> {
     t
 }
 
-/// max|got − want| / max|want| ≤ tol, every element of `got` finite.
-fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().position(|g| !g.is_finite()) {
-        panic!("{what}: element {i} is {} (want {})", got[i], want[i]);
-    }
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-    let (worst, err) = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .enumerate()
-        .fold((0, 0.0f64), |a, (i, e)| if e > a.1 { (i, e) } else { a });
-    let rel = if err == 0.0 { 0.0 } else { err / scale };
-    assert!(
-        rel <= tol,
-        "{what}: relative error {rel:.3e} > {tol:.0e} (element {worst}: got {}, want {}; scale {scale:.4})",
-        got[worst],
-        want[worst],
-    );
-}
-
 /// Checks a gradient tensor: `init + grad` if it accumulates (init given),
 /// else `grad`; and that its spare capacity still holds the sentinel.
 fn check_grad(what: &str, t: &Tensor<Cpu>, init: Option<&[f32]>, grad: &[f64]) {
-    let numel = t.numel();
     let want: Vec<f64> = match init {
         Some(init) => init.iter().zip(grad).map(|(&i, g)| i as f64 + g).collect(),
         None => grad.to_vec(),
     };
-    assert_close(what, &t.buf[..numel], &want, TOL);
-    if let Some(i) = t.buf[numel..].iter().position(|&s| s != SENTINEL) {
-        panic!("{what}: spare element {} overwritten", numel + i);
-    }
+    common::check_cpu_output(what, t, &want, TOL);
 }
 
 /// Central differences of the scalar `loss` at `x`, element by element.
@@ -523,7 +497,7 @@ fn cross_entropy_loss_and_gradient() {
             .unwrap();
         let logits64 = f64s(&logits);
         let want_loss = cross_entropy_f64(&logits64, &targets, vocab);
-        assert_close(&format!("{what}: loss"), &[loss], &[want_loss], TOL);
+        common::assert_close_f64(&format!("{what}: loss"), &[loss], &[want_loss], TOL);
         // the loss alone, without the gradient
         let loss_only = Cpu.cross_entropy(None, &lt, &targets, scale).unwrap();
         assert_eq!(loss_only, loss, "{what}: loss without dlogits");
@@ -618,7 +592,7 @@ fn adamw_matches_torch() {
                 for (name, got) in [("params", p), ("m", m), ("v", v)] {
                     let want = f64s(&floats(&step[name][t]));
                     let what = format!("case {c} step {} tensor {t}: {name}", s + 1);
-                    assert_close(&what, &got.buf[..got.numel()], &want, 1e-6);
+                    common::assert_close_f64(&what, &got.buf[..got.numel()], &want, 1e-6);
                 }
             }
         }
@@ -872,14 +846,14 @@ fn llama_block_gradients_match_finite_differences() {
     let p64: Vec<Vec<f64>> = params.iter().map(|p| f64s(p)).collect();
     let loss = c.loss_f64(&p64, &ids, &targets);
     let counted = (n - 1) as f64;
-    assert_close("loss", &[loss_sum / counted as f32], &[loss], TOL);
+    common::assert_close_f64("loss", &[loss_sum / counted as f32], &[loss], TOL);
     for (i, name) in NAMES.iter().enumerate() {
         let want = fd(&p64[i], |pi| {
             let mut p = p64.clone();
             p[i] = pi.to_vec();
             c.loss_f64(&p, &ids, &targets)
         });
-        assert_close(
+        common::assert_close_f64(
             &format!("d{name}"),
             &be.download(&g[i]).unwrap(),
             &want,

@@ -12,7 +12,7 @@
 //! max|got − ref| / max|ref|. NaN and infinities never pass.
 
 mod common;
-use common::{SENTINEL, SPARE};
+use common::SPARE;
 
 use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
@@ -41,49 +41,9 @@ fn output(shape: &[usize]) -> Tensor<Cpu> {
     common::cpu_poisoned(shape)
 }
 
-/// max|got − want| / max|want| ≤ tol, with every element of `got` finite.
-fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-    assert_close_to_scale(what, got, want, scale, tol);
-}
-
-/// max|got − want| / scale ≤ tol, with every element of `got` finite.
-fn assert_close_to_scale(what: &str, got: &[f32], want: &[f64], scale: f64, tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().position(|g| !g.is_finite()) {
-        panic!("{what}: element {i} is {} (want {})", got[i], want[i]);
-    }
-    let (worst, err) = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .enumerate()
-        .fold((0, 0.0f64), |a, (i, e)| if e > a.1 { (i, e) } else { a });
-    let rel = if err == 0.0 { 0.0 } else { err / scale };
-    assert!(
-        rel <= tol,
-        "{what}: relative error {rel:.3e} > {tol:.0e} (element {worst}: got {}, want {}; scale {scale:.4})",
-        got[worst],
-        want[worst],
-    );
-}
-
-/// Checks an output tensor against its reference, and that its spare capacity
-/// still holds the sentinel.
+/// An op's output against its f64 reference, and its spare capacity.
 fn check_output(what: &str, out: &Tensor<Cpu>, want: &[f64]) {
-    let numel = out.numel();
-    assert_close(what, &Cpu.download(out).unwrap(), want, TOL);
-    assert_spare_untouched(what, out, numel);
-}
-
-fn assert_spare_untouched(what: &str, t: &Tensor<Cpu>, numel: usize) {
-    if let Some(i) = t.buf[numel..].iter().position(|&s| s != SENTINEL) {
-        panic!(
-            "{what}: spare element {} (past numel {numel}) overwritten with {}",
-            numel + i,
-            t.buf[numel + i]
-        );
-    }
+    common::check_cpu_output(what, out, want, TOL);
 }
 
 // ----- references (f64, straight from the math) -----
@@ -400,8 +360,8 @@ fn matmul_nt() {
         let mut out = output(&[n, m]);
         Cpu.matmul_nt(&mut out, &x, &w).unwrap();
         let (want, scale) = matmul_nt_ref(&x_data, &w_data, n, m, k);
-        assert_close_to_scale(&what, &Cpu.download(&out).unwrap(), &want, scale, TOL);
-        assert_spare_untouched(&what, &out, n * m);
+        common::assert_close_to_scale(&what, &Cpu.download(&out).unwrap(), &want, scale, TOL);
+        common::assert_spare_untouched(&what, &out);
     }
 }
 

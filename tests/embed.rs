@@ -14,18 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn model_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing: run models/fetch.sh", dir.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run models/fetch.sh)",
-        dir.display()
-    );
-    None
+    common::real_model("all-minilm-l6-v2", &["model.safetensors"])
 }
 
 struct Reference {

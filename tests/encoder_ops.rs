@@ -11,7 +11,6 @@
 //! max|got − ref| / max|ref|; GELU, element-wise. NaN never passes.
 
 mod common;
-use common::SENTINEL;
 
 use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
@@ -39,43 +38,9 @@ fn output(shape: &[usize]) -> Tensor<Cpu> {
     common::cpu_poisoned(shape)
 }
 
-/// max|got − want| / max|want| ≤ tol, with every element of `got` finite.
-fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    if let Some(i) = got.iter().position(|g| !g.is_finite()) {
-        panic!("{what}: element {i} is {} (want {})", got[i], want[i]);
-    }
-    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
-    let (worst, err) = got
-        .iter()
-        .zip(want)
-        .map(|(&g, &w)| (g as f64 - w).abs())
-        .enumerate()
-        .fold((0, 0.0f64), |a, (i, e)| if e > a.1 { (i, e) } else { a });
-    let rel = if err == 0.0 { 0.0 } else { err / scale };
-    assert!(
-        rel <= tol,
-        "{what}: relative error {rel:.3e} > {tol:.0e} (element {worst}: got {}, want {}; scale {scale:.4})",
-        got[worst],
-        want[worst],
-    );
-}
-
-fn assert_spare_untouched(what: &str, t: &Tensor<Cpu>) {
-    let numel = t.numel();
-    if let Some(i) = t.buf[numel..].iter().position(|&s| s != SENTINEL) {
-        panic!(
-            "{what}: spare element {} (past numel {numel}) overwritten with {}",
-            numel + i,
-            t.buf[numel + i]
-        );
-    }
-}
-
-/// Checks an output tensor against its reference, and its spare capacity.
+/// An op's output against its f64 reference, and its spare capacity.
 fn check_output(what: &str, out: &Tensor<Cpu>, want: &[f64]) {
-    assert_close(what, &Cpu.download(out).unwrap(), want, TOL);
-    assert_spare_untouched(what, out);
+    common::check_cpu_output(what, out, want, TOL);
 }
 
 // ----- references (f64, straight from the math) -----
@@ -223,7 +188,7 @@ fn gelu() {
                 "{what}: gelu({x}) = {g}, want {want} (element {i})"
             );
         }
-        assert_spare_untouched(what, &out);
+        common::assert_spare_untouched(what, &out);
     };
     for n in [1, 3, 17, 33] {
         for f in [1, 7, 384, 1536] {
@@ -362,7 +327,7 @@ fn attention_bidirectional_batch_equals_single() {
             .iter()
             .map(|&x| x as f64)
             .collect();
-        assert_close(
+        common::assert_close_f64(
             &format!("sequence {b}"),
             &batched[b * seq * width..][..len * width],
             &one,

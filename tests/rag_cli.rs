@@ -3,22 +3,13 @@
 //! commands' errors on bad input. Skipped when the embedder is absent, unless
 //! ENGINE_REQUIRE_MODELS=1 (CI).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn embedder_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing: run models/fetch.sh", dir.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run models/fetch.sh)",
-        dir.display()
-    );
-    None
+    common::real_model("all-minilm-l6-v2", &["model.safetensors"])
 }
 
 /// Runs engine in the repository root (sources are named as given there).
@@ -292,10 +283,9 @@ fn bad_input_fails_cleanly() {
 #[test]
 fn ask_answers_from_passages_and_lists_citations() {
     let Some(emb) = embedder_dir() else { return };
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct");
-    if !model.join("model.safetensors").exists() {
+    let Some(model) = common::real_model("smollm2-135m-instruct", &["model.safetensors"]) else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     let index = tmp.path().join("kb");
     ok(&[

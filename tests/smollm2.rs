@@ -10,18 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn model_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct");
-    if dir.join("model.safetensors").exists() {
-        return Some(dir);
-    }
-    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing: run models/fetch.sh", dir.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run models/fetch.sh)",
-        dir.display()
-    );
-    None
+    common::real_model("smollm2-135m-instruct", &["model.safetensors"])
 }
 
 fn reference() -> serde_json::Value {

@@ -1,6 +1,8 @@
 //! Fine-tuning data: JSONL formats → ids and targets, bad lines, padding and
 //! packing, shuffling and resume, and the learning-rate schedule.
 
+mod common;
+
 use engine::tokenizer::{Message, Tokenizer};
 use engine::train::data::{encode_record, eos_id, Record};
 use engine::train::{
@@ -39,18 +41,10 @@ fn tiny() -> (tempfile::TempDir, Tokenizer) {
 }
 
 fn smollm2() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct");
-    if dir.join("tokenizer_config.json").exists() && dir.join("tokenizer.json").exists() {
-        return Some(dir);
-    }
-    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!("{} is missing: run models/fetch.sh", dir.display());
-    }
-    eprintln!(
-        "skipped: {} is missing (run models/fetch.sh)",
-        dir.display()
-    );
-    None
+    common::real_model(
+        "smollm2-135m-instruct",
+        &["tokenizer_config.json", "tokenizer.json"],
+    )
 }
 
 fn msg(role: &str, content: &str) -> Message {

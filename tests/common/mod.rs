@@ -52,6 +52,27 @@ impl Golden {
     }
 }
 
+/// A real model's folder, models/`name`, when it holds every one of
+/// `files` (models/fetch.sh puts them there). When it does not, the test
+/// skips, saying why (None) — unless ENGINE_REQUIRE_MODELS=1 (CI), where a
+/// missing model fails it.
+pub fn real_model(name: &str, files: &[&str]) -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
+    if files.iter().all(|f| dir.join(f).exists()) {
+        return Some(dir);
+    }
+    if std::env::var("ENGINE_REQUIRE_MODELS").as_deref() == Ok("1") {
+        panic!("{} is missing: run models/fetch.sh", dir.display());
+    }
+    eprintln!(
+        "skipped: {} is missing (run models/fetch.sh)",
+        dir.display()
+    );
+    None
+}
+
 /// Largest |a − b| relative to the largest |b|; NaN never passes.
 pub fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -70,6 +91,58 @@ pub fn max_rel_err(a: &[f32], b: &[f32]) -> f32 {
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     let err = max_rel_err(got, want);
     assert!(err <= tol, "{what}: max relative error {err:e} > {tol:e}");
+}
+
+/// max|got − want| / scale ≤ tol against an f64 reference, with every
+/// element of `got` finite; a failure names the worst element.
+pub fn assert_close_to_scale(what: &str, got: &[f32], want: &[f64], scale: f64, tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().position(|g| !g.is_finite()) {
+        panic!("{what}: element {i} is {} (want {})", got[i], want[i]);
+    }
+    let (worst, err) = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).abs())
+        .enumerate()
+        .fold((0, 0.0f64), |a, (i, e)| if e > a.1 { (i, e) } else { a });
+    let rel = if err == 0.0 { 0.0 } else { err / scale };
+    assert!(
+        rel <= tol,
+        "{what}: relative error {rel:.3e} > {tol:.0e} (element {worst}: got {}, want {}; scale {scale:.4})",
+        got[worst],
+        want[worst],
+    );
+}
+
+/// [`assert_close_to_scale`] relative to max|want|.
+pub fn assert_close_f64(what: &str, got: &[f32], want: &[f64], tol: f64) {
+    let scale = want.iter().fold(0.0f64, |m, w| m.max(w.abs()));
+    assert_close_to_scale(what, got, want, scale, tol);
+}
+
+/// The spare capacity of a CPU output (past its shape) still holds the
+/// sentinel: the op wrote nothing there.
+pub fn assert_spare_untouched(what: &str, t: &engine::tensor::Tensor<engine::backend::cpu::Cpu>) {
+    let numel = t.numel();
+    if let Some(i) = t.buf[numel..].iter().position(|&s| s != SENTINEL) {
+        panic!(
+            "{what}: spare element {} (past numel {numel}) overwritten with {}",
+            numel + i,
+            t.buf[numel + i]
+        );
+    }
+}
+
+/// A CPU op's output against its f64 reference, and its spare capacity.
+pub fn check_cpu_output(
+    what: &str,
+    out: &engine::tensor::Tensor<engine::backend::cpu::Cpu>,
+    want: &[f64],
+    tol: f64,
+) {
+    assert_close_f64(what, &out.buf[..out.numel()], want, tol);
+    assert_spare_untouched(what, out);
 }
 
 /// Spare capacity past a test tensor's shape, where ops must not write.
