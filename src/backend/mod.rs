@@ -526,6 +526,13 @@ impl AdamW {
     }
 }
 
+/// `Backend::top_k`'s order of (column, score) entries, best first: higher
+/// score (in `f32::total_cmp`'s order), then lower column. Every device ranks
+/// by it.
+pub fn top_k_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 /// The target of a row that counts no loss in `Backend::cross_entropy`
 /// (padding, prompt tokens).
 pub const IGNORE: u32 = u32::MAX;

@@ -1,6 +1,6 @@
 //! Row-wise and element-wise ops of the CPU device.
 
-use crate::backend::dropout_keeps;
+use crate::backend::{dropout_keeps, top_k_order};
 use rayon::prelude::*;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -123,8 +123,7 @@ pub fn top_k(scores: &[f32], rows: usize, m: usize, k: usize) -> Vec<Vec<(u32, f
         .collect()
 }
 
-/// A (score, column) ranked as `Backend::top_k` ranks: higher score first,
-/// then lower column.
+/// A (score, column) ranked by `top_k_order`: the better, the greater.
 #[derive(Clone, Copy, Debug)]
 struct Ranked {
     score: f32,
@@ -133,9 +132,7 @@ struct Ranked {
 
 impl Ord for Ranked {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then(other.col.cmp(&self.col))
+        top_k_order(&(other.col, other.score), &(self.col, self.score))
     }
 }
 

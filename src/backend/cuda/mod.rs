@@ -11,7 +11,7 @@ pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::shapes::LoraDims;
-use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, IGNORE};
+use crate::backend::{mean_scale, shapes, top_k_order, AdamW, AdamWTensors, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -1144,7 +1144,7 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .zip(val_h.chunks_exact(k))
             .map(|(i, v)| {
                 let mut row: Vec<(u32, f32)> = i.iter().copied().zip(v.iter().copied()).collect();
-                row.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                row.sort_by(top_k_order);
                 row
             })
             .collect())
