@@ -108,6 +108,19 @@ fn random_model(rng: &mut StdRng, tied: bool) -> Llama<Cpu> {
 
 /// `batch` sequences of seq + 1 random tokens, split into inputs and
 /// next-token targets [batch·seq].
+/// Sets a fresh adapter on `model` with B random too (PEFT starts B at
+/// zero, which would leave A without a gradient); returns it.
+fn set_random_adapter(model: &mut Llama<Cpu>, config: LoraConfig, rng: &mut StdRng) -> LoraAdapter {
+    let mut adapter = LoraAdapter::init(config, &model.config, rng.random()).unwrap();
+    for pair in adapter.layers.iter_mut().flatten() {
+        pair.b
+            .iter_mut()
+            .for_each(|b| *b = rng.random_range(-0.5..0.5));
+    }
+    model.set_adapter(&adapter).unwrap();
+    adapter
+}
+
 fn random_batch(rng: &mut StdRng, vocab: usize, batch: usize, seq: usize) -> (Vec<u32>, Vec<u32>) {
     let (mut ids, mut targets) = (Vec::new(), Vec::new());
     for _ in 0..batch {
@@ -262,13 +275,7 @@ fn lora_gradients_match_finite_differences() {
     ] {
         let mut model = random_model(&mut rng, true);
         let config = LoraConfig::new(2, 3.0, dropout, targets, rslora).unwrap();
-        let mut adapter = LoraAdapter::init(config, &model.config, rng.random()).unwrap();
-        for pair in adapter.layers.iter_mut().flatten() {
-            pair.b
-                .iter_mut()
-                .for_each(|b| *b = rng.random_range(-0.5..0.5));
-        }
-        model.set_adapter(&adapter).unwrap();
+        let adapter = set_random_adapter(&mut model, config, &mut rng);
         let (batch, seq) = (2, 5);
         let (ids, mut targets) = random_batch(&mut rng, 37, batch, seq);
         targets[2] = IGNORE;
@@ -509,13 +516,7 @@ fn recompute_gives_the_same_gradients_in_less_memory() {
         let mut model = fixture("model");
         let trainable = if lora {
             let config = LoraConfig::new(4, 8.0, 0.3, Target::ALL.to_vec(), false).unwrap();
-            let mut adapter = LoraAdapter::init(config, &model.config, rng.random()).unwrap();
-            for pair in adapter.layers.iter_mut().flatten() {
-                pair.b
-                    .iter_mut()
-                    .for_each(|b| *b = rng.random_range(-0.5..0.5));
-            }
-            model.set_adapter(&adapter).unwrap();
+            set_random_adapter(&mut model, config, &mut rng);
             Trainable::Lora
         } else {
             Trainable::Full
