@@ -46,18 +46,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Asserts a clean failure: exit code 1, one line on stderr that mentions
-/// every one of `needles`.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} does not mention {n:?}");
-    }
-}
-
 const TEXT: &str = "w11 w250 w3 w77 w77 w140 w9 w319 w0 w42";
 
 #[test]
@@ -159,7 +147,7 @@ fn info_describes_the_model() {
 #[test]
 fn missing_model_folder() {
     let out = engine(&["score", "--model", "/nonexistent/model", "--text", TEXT]);
-    assert_fails_with(&out, &["/nonexistent/model", "tokenizer.json"]);
+    common::assert_fails_with(&out, &["/nonexistent/model", "tokenizer.json"]);
 }
 
 #[test]
@@ -170,7 +158,7 @@ fn truncated_safetensors() {
     for cut in [4, 100, bytes.len() / 2, bytes.len() - 1] {
         std::fs::write(&file, &bytes[..cut]).unwrap();
         let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-        assert_fails_with(&out, &[s(&file), "not a valid safetensors file"]);
+        common::assert_fails_with(&out, &[s(&file), "not a valid safetensors file"]);
     }
 }
 
@@ -181,7 +169,7 @@ fn tensor_with_the_wrong_shape() {
         t.replace("\"intermediate_size\": 160", "\"intermediate_size\": 161")
     });
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-    assert_fails_with(
+    common::assert_fails_with(
         &out,
         &[
             "model.safetensors",
@@ -197,7 +185,7 @@ fn missing_tensor() {
         t.replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3")
     });
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-    assert_fails_with(
+    common::assert_fails_with(
         &out,
         &[
             "model.safetensors",
@@ -215,7 +203,7 @@ fn missing_config_field() {
         v.to_string()
     });
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-    assert_fails_with(&out, &[s(&cfg), "missing or zero field \"hidden_size\""]);
+    common::assert_fails_with(&out, &[s(&cfg), "missing or zero field \"hidden_size\""]);
 }
 
 #[test]
@@ -226,7 +214,7 @@ fn unknown_architecture() {
             .replace("LlamaForCausalLM", "GPT2LMHeadModel")
     });
     let out = engine(&["info", "--model", s(&dir)]);
-    assert_fails_with(&out, &[s(&cfg), "unsupported architecture GPT2LMHeadModel"]);
+    common::assert_fails_with(&out, &[s(&cfg), "unsupported architecture GPT2LMHeadModel"]);
 }
 
 #[test]
@@ -234,7 +222,7 @@ fn corrupt_config_json() {
     let (_tmp, dir) = model_copy("model");
     let cfg = edit_config(&dir, |_| "{\"model_type\": \"llama\", ".into());
     let out = engine(&["score", "--model", s(&dir), "--text", TEXT]);
-    assert_fails_with(&out, &[s(&cfg), "not a valid config.json"]);
+    common::assert_fails_with(&out, &[s(&cfg), "not a valid config.json"]);
 }
 
 #[test]
@@ -249,18 +237,18 @@ fn bad_flags_and_text() {
         "--top-p",
         "1.5",
     ]);
-    assert_fails_with(&out, &["--top-p"]);
+    common::assert_fails_with(&out, &["--top-p"]);
     let out = engine(&["score", "--model", s(&dir), "--text", "w1"]);
-    assert_fails_with(&out, &["at least 2 tokens"]);
+    common::assert_fails_with(&out, &["at least 2 tokens"]);
     let missing = tmp.path().join("nope.txt");
     let out = engine(&["score", "--model", s(&dir), "--file", s(&missing)]);
-    assert_fails_with(&out, &[s(&missing)]);
+    common::assert_fails_with(&out, &[s(&missing)]);
     // A prompt longer than the context (128 positions).
     let long = vec!["w5"; 200].join(" ");
     let out = engine(&["generate", "--model", s(&dir), "--prompt", &long]);
-    assert_fails_with(&out, &["context"]);
+    common::assert_fails_with(&out, &["context"]);
     let out = engine(&["score", "--model", s(&dir), "--text", &long]);
-    assert_fails_with(&out, &["context"]);
+    common::assert_fails_with(&out, &["context"]);
 }
 
 #[test]
@@ -336,7 +324,7 @@ fn convert_bad_input() {
     std::fs::write(&trunc, &bytes[..1000]).unwrap();
     let out_dir = tmp.path().join("out");
     let out = engine(&["convert", s(&trunc), s(&out_dir)]);
-    assert_fails_with(&out, &[s(&trunc), "truncated"]);
+    common::assert_fails_with(&out, &[s(&trunc), "truncated"]);
     assert!(
         !out_dir.exists(),
         "a failed convert left {}",
@@ -345,7 +333,7 @@ fn convert_bad_input() {
 
     let missing = tmp.path().join("missing.gguf");
     let out = engine(&["convert", s(&missing), s(&out_dir)]);
-    assert_fails_with(&out, &[s(&missing), "No such file"]);
+    common::assert_fails_with(&out, &[s(&missing), "No such file"]);
 
     let out = engine(&[
         "convert",
@@ -354,7 +342,7 @@ fn convert_bad_input() {
         "--dtype",
         "f64",
     ]);
-    assert_fails_with(&out, &["unknown dtype 'f64'"]);
+    common::assert_fails_with(&out, &["unknown dtype 'f64'"]);
 }
 
 #[test]
@@ -384,7 +372,7 @@ fn device_choice() {
             "--device",
             "cuda",
         ]);
-        assert_fails_with(&out, &["--device cuda", "libcuda"]);
+        common::assert_fails_with(&out, &["--device cuda", "libcuda"]);
     }
 }
 
@@ -466,7 +454,7 @@ fn merge_a_peft_adapter() {
         "--text",
         TEXT,
     ]);
-    assert_fails_with(&out, &["adapter_model.safetensors", "lora_A"]);
+    common::assert_fails_with(&out, &["adapter_model.safetensors", "lora_A"]);
     // A second merge into the same folder is refused, and the folder kept.
     let out = engine(&[
         "merge",
@@ -477,7 +465,7 @@ fn merge_a_peft_adapter() {
         "--out",
         s(&merged),
     ]);
-    assert_fails_with(&out, &[s(&merged), "not empty"]);
+    common::assert_fails_with(&out, &[s(&merged), "not empty"]);
     assert_eq!(score_nll(&merged, TEXT), with);
     let out = engine(&[
         "merge",
@@ -488,5 +476,5 @@ fn merge_a_peft_adapter() {
         "--out",
         s(&tmp.path().join("m2")),
     ]);
-    assert_fails_with(&out, &["adapter_config.json"]);
+    common::assert_fails_with(&out, &["adapter_config.json"]);
 }

@@ -153,17 +153,6 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// Exit code 1, one line on stderr that mentions every one of `needles`.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} does not mention {n:?}");
-    }
-}
-
 #[test]
 fn cli_json_and_plain_output() {
     let Some(dir) = model_dir() else { return };
@@ -225,18 +214,18 @@ fn cli_bad_input_fails_cleanly() {
     // A missing folder.
     let missing = tmp.path().join("no-such-model");
     let out = engine(&["embed", "--model", s(&missing), "--text", "x"]);
-    assert_fails_with(&out, &["no-such-model", "no such model folder"]);
+    common::assert_fails_with(&out, &["no-such-model", "no such model folder"]);
 
     // A decoder's folder: not a BERT encoder, naming its config.json.
     let llama = common::tiny_model_copy("model", &tmp.path().join("llama"));
     let out = engine(&["embed", "--model", s(&llama), "--text", "x"]);
-    assert_fails_with(&out, &["config.json", "llama", "not a BERT encoder"]);
+    common::assert_fails_with(&out, &["config.json", "llama", "not a BERT encoder"]);
 
     // An empty file, or one of blank lines.
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "\n  \n").unwrap();
     let out = engine(&["embed", "--model", s(&llama), "--file", s(&empty)]);
-    assert_fails_with(&out, &["empty.txt", "no text to embed"]);
+    common::assert_fails_with(&out, &["empty.txt", "no text to embed"]);
     let out = engine(&[
         "embed",
         "--model",
@@ -244,7 +233,7 @@ fn cli_bad_input_fails_cleanly() {
         "--file",
         s(&tmp.path().join("absent.txt")),
     ]);
-    assert_fails_with(&out, &["absent.txt"]);
+    common::assert_fails_with(&out, &["absent.txt"]);
 
     // A sentence-transformers folder that pools by [CLS]: refused, naming
     // its pooling config (checked before any weights are read).
@@ -271,7 +260,7 @@ fn cli_bad_input_fails_cleanly() {
     )
     .unwrap();
     let out = engine(&["embed", "--model", s(&cls), "--text", "x"]);
-    assert_fails_with(
+    common::assert_fails_with(
         &out,
         &["1_Pooling", "pooling_mode_cls_token", "not supported"],
     );
@@ -286,7 +275,7 @@ fn cli_bad_input_fails_cleanly() {
 fn cli_batch_zero_is_refused() {
     let Some(dir) = model_dir() else { return };
     let out = engine(&["embed", "--model", s(&dir), "--batch", "0", "--text", "x"]);
-    assert_fails_with(&out, &["--batch"]);
+    common::assert_fails_with(&out, &["--batch"]);
 }
 
 /// The encoder on the emulated CUDA device (bf16 weights and activations;

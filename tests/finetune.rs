@@ -34,17 +34,6 @@ fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Exit 1, and one line on stderr that mentions every needle.
-fn assert_fails_with(out: &Output, needles: &[&str]) {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} does not mention {n:?}");
-    }
-}
-
 /// The train records of metrics.jsonl: (step, loss).
 fn losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -294,28 +283,28 @@ fn bad_input_is_one_clear_line() {
     };
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "\n\n").unwrap();
-    assert_fails_with(
+    common::assert_fails_with(
         &run(&empty, &["--lora-rank", "4"]),
         &["empty.jsonl", "empty"],
     );
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"w1 w2\"}\n{\"text\": oops}\n").unwrap();
-    assert_fails_with(&run(&bad, &["--lora-rank", "4"]), &["bad.jsonl", "line 2"]);
-    assert_fails_with(
+    common::assert_fails_with(&run(&bad, &["--lora-rank", "4"]), &["bad.jsonl", "line 2"]);
+    common::assert_fails_with(
         &run(
             &data,
             &["--lora-rank", "4", "--lora-targets", "q_proj,qkv_proj"],
         ),
         &["qkv_proj"],
     );
-    assert_fails_with(&run(&data, &["--lora-rank", "0"]), &["rank"]);
+    common::assert_fails_with(&run(&data, &["--lora-rank", "0"]), &["rank"]);
     let long = tmp.path().join("long_prompts.jsonl");
     std::fs::write(
         &long,
         "{\"prompt\": \"w1 w2 w3 w4 w5\", \"completion\": \"w6\"}\n",
     )
     .unwrap();
-    assert_fails_with(
+    common::assert_fails_with(
         &run(&long, &["--lora-rank", "4", "--seq-len", "3"]),
         &["long_prompts.jsonl", "--seq-len 3"],
     );
@@ -360,7 +349,7 @@ fn bad_input_is_one_clear_line() {
         "--resume",
         s(&run_other),
     ]);
-    assert_fails_with(&engine(&a), &["checkpoint-1", "another model"]);
+    common::assert_fails_with(&engine(&a), &["checkpoint-1", "another model"]);
     // ... and one with other settings names the setting.
     let mut a = vec![
         "finetune",
@@ -381,7 +370,7 @@ fn bad_input_is_one_clear_line() {
         "--resume",
         s(&run_other),
     ]);
-    assert_fails_with(&engine(&a), &["lora_rank 2 → 4"]);
+    common::assert_fails_with(&engine(&a), &["lora_rank 2 → 4"]);
     // A new run into a used folder is refused, and the folder kept.
     let a = [
         "finetune",
@@ -398,7 +387,7 @@ fn bad_input_is_one_clear_line() {
         "--out",
         s(&run_other),
     ];
-    assert_fails_with(&engine(&a), &["not empty", "--resume"]);
+    common::assert_fails_with(&engine(&a), &["not empty", "--resume"]);
     assert!(run_other.join("adapter_model.safetensors").exists());
     // Neither method, or both, is a usage error from clap (exit 2).
     let out2 = engine(&[

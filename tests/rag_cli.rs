@@ -31,15 +31,9 @@ fn ok(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Fails with exit code 1 and one line of stderr holding every needle.
+/// Fails cleanly: exit code 1, one line of stderr holding every needle.
 fn fails(args: &[&str], needles: &[&str]) {
-    let out = engine(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "engine {args:?}: {err}");
-    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "{err:?} lacks {n:?}");
-    }
+    common::assert_fails_with(&engine(args), needles);
 }
 
 fn s(p: &Path) -> &str {
