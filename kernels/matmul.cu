@@ -1,12 +1,18 @@
-// Matrix products: out[n, m] = x[n, k] · w[m, k]^T (a Linear layer), x and w
-// bf16 row-major, f32 accumulation, out bf16 or f32. Any n, m, k: loads
-// outside the matrices read zero, stores are guarded.
+// Matrix products: out[n, m] = x[n, k] · w[m, k]^T (a Linear layer), f32
+// accumulation. x and w bf16 row-major with out bf16 or f32, or (version 1
+// only) x, w and out all f32: the retrieval index's exact inner products,
+// where rounding the vectors to bf16 would change the ranking. Any n, m, k:
+// loads outside the matrices read zero, stores are guarded.
 //
 // Two versions, side by side, with the same arguments (out, x, w, n, m, k):
-//   1. matmul_nt_bf16, matmul_nt_bf16_f32: the readable reference. 64×64
-//      output tiles per block of 256 threads, k in steps of 16 through shared
-//      memory (stored k-major so the inner loop reads consecutive addresses),
-//      each thread a 4×4 micro-tile. Grid (ceil(m/64), ceil(n/64)), block 256.
+//   1. matmul_nt_bf16, matmul_nt_bf16_f32, matmul_nt_f32: the readable
+//      reference. 64×64 output tiles per block of 256 threads, k in steps of
+//      16 through f32 shared memory (stored k-major so the inner loop reads
+//      consecutive addresses), each thread a 4×4 micro-tile. A thread loads 4
+//      consecutive k of one row of each tile; with f32 inputs as one 16-byte
+//      load where those 4 lie inside the row and start 16-byte aligned (any
+//      k, any base address: each group is checked on its own), else element
+//      by element. Grid (ceil(m/64), ceil(n/64)), block 256.
 //   2. matmul_nt_mma_bf16, matmul_nt_mma_bf16_f32: tensor cores (mma.sync
 //      m16n8k16), ldmatrix, cp.async double buffering; 64×128 output tiles.
 //      Grid (ceil(m/128), ceil(n/64)), block 128. See its own header below.
@@ -26,9 +32,32 @@ __device__ void store_out<float>(float* p, float v) { *p = v; }
 template <>
 __device__ void store_out<__nv_bfloat16>(__nv_bfloat16* p, float v) { *p = __float2bfloat16(v); }
 
-template <typename Out>
-__device__ void matmul_nt_tiled(Out* out, const __nv_bfloat16* x, const __nv_bfloat16* w, int n,
-                                int m, int k) {
+// v[0..3] = src[row, kk..kk+3] of the [rows, k] matrix src, zero outside it.
+template <typename In>
+__device__ __forceinline__ void mm_load4(float (&v)[4], const In* src, int rows, int k, int row,
+                                         int kk) {
+    for (int e = 0; e < 4; e++)
+        v[e] = (row < rows && kk + e < k) ? to_float(src[(size_t)row * k + kk + e]) : 0.0f;
+}
+
+// The same for f32: one 16-byte load when the 4 elements lie inside the row
+// and start 16-byte aligned (decided per group, so any k and base address).
+__device__ __forceinline__ void mm_load4(float (&v)[4], const float* src, int rows, int k, int row,
+                                         int kk) {
+    const float* p = src + (size_t)row * k + kk;
+    if (row < rows && kk + 3 < k && (size_t)p % 16 == 0) {
+        const float4 q = *reinterpret_cast<const float4*>(p);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+        return;
+    }
+    for (int e = 0; e < 4; e++) v[e] = (row < rows && kk + e < k) ? p[e] : 0.0f;
+}
+
+template <typename Out, typename In>
+__device__ void matmul_nt_tiled(Out* out, const In* x, const In* w, int n, int m, int k) {
     __shared__ float xs[MM_BK][MM_BM + 1];
     __shared__ float ws[MM_BK][MM_BN + 1];
     const int row0 = blockIdx.y * MM_BM, col0 = blockIdx.x * MM_BN;
@@ -38,11 +67,12 @@ __device__ void matmul_nt_tiled(Out* out, const __nv_bfloat16* x, const __nv_bfl
     // Each thread loads 4 consecutive k of one row of each tile.
     const int lr = tid / (MM_BK / 4), lk = (tid % (MM_BK / 4)) * 4;
     for (int k0 = 0; k0 < k; k0 += MM_BK) {
+        float xv[4], wv[4];
+        mm_load4(xv, x, n, k, row0 + lr, k0 + lk);
+        mm_load4(wv, w, m, k, col0 + lr, k0 + lk);
         for (int e = 0; e < 4; e++) {
-            int kk = k0 + lk + e;
-            int xr = row0 + lr, wr = col0 + lr;
-            xs[lk + e][lr] = (xr < n && kk < k) ? __bfloat162float(x[(size_t)xr * k + kk]) : 0.0f;
-            ws[lk + e][lr] = (wr < m && kk < k) ? __bfloat162float(w[(size_t)wr * k + kk]) : 0.0f;
+            xs[lk + e][lr] = xv[e];
+            ws[lk + e][lr] = wv[e];
         }
         __syncthreads();
         for (int kk = 0; kk < MM_BK; kk++) {
@@ -73,6 +103,12 @@ extern "C" __global__ void matmul_nt_bf16(__nv_bfloat16* out, const __nv_bfloat1
 // The same with an f32 output (logits).
 extern "C" __global__ void matmul_nt_bf16_f32(float* out, const __nv_bfloat16* x,
                                               const __nv_bfloat16* w, int n, int m, int k) {
+    matmul_nt_tiled(out, x, w, n, m, k);
+}
+
+// f32 x, w and out: the flat-IP index's scores, f32 throughout.
+extern "C" __global__ void matmul_nt_f32(float* out, const float* x, const float* w, int n, int m,
+                                         int k) {
     matmul_nt_tiled(out, x, w, n, m, k);
 }
 

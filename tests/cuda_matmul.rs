@@ -7,6 +7,11 @@
 //! elements that must survive the launch (no write outside the matrix).
 //! Shapes fit no tile; some inputs start one element past a 16-byte boundary,
 //! which takes version 2 off its cp.async path even when k % 8 == 0.
+//!
+//! Version 1 also takes f32 x and w (`matmul_nt_f32`, the flat-IP index's
+//! scores): full-precision random inputs, so a kernel that rounded them to
+//! bf16 would miss the f32 tolerance by orders of magnitude; offsets of 1–3
+//! elements take its 16-byte loads off their aligned path.
 #![cfg(feature = "emu")]
 
 mod common;
@@ -71,8 +76,14 @@ fn data(rng: &mut StdRng, n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A bf16 matrix on the emulator that starts `offset` elements into its buffer
-/// (offset 1 puts every row off a 16-byte boundary), and the same on the CPU.
+/// Random f32 values in (-1, 1), most of them not representable in bf16.
+fn data_f32(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
+}
+
+/// A bf16 (or f32) matrix on the emulator that starts `offset` elements into
+/// its buffer (offset 1 puts every row off a 16-byte boundary), and the same
+/// on the CPU.
 struct Input {
     cpu: Tensor<Cpu>,
     gpu: Tensor<Cuda<Emu>>,
@@ -81,17 +92,28 @@ struct Input {
 
 impl Input {
     fn new(g: &Cuda<Emu>, values: &[f32], rows: usize, cols: usize, offset: usize) -> Self {
+        Self::of(g, values, rows, cols, offset, BF16)
+    }
+
+    fn of(
+        g: &Cuda<Emu>,
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+        offset: usize,
+        dtype: DType,
+    ) -> Self {
         let mut padded = vec![0.0; offset];
         padded.extend_from_slice(values);
         Input {
             cpu: Cpu.upload(values.to_vec(), &[rows, cols], F32).unwrap(),
-            gpu: g.upload(padded, &[offset + rows * cols], BF16).unwrap(),
+            gpu: g.upload(padded, &[offset + rows * cols], dtype).unwrap(),
             offset,
         }
     }
 
     fn ptr(&self) -> u64 {
-        self.gpu.buf.ptr + (self.offset * BF16.size()) as u64
+        self.gpu.buf.ptr + (self.offset * self.gpu.dtype.size()) as u64
     }
 }
 
@@ -106,17 +128,29 @@ struct Case<'a> {
 /// Runs one kernel of `v` into a fresh NaN-poisoned output of `dtype` and
 /// returns the n·m results, after checking the tail past them is still NaN.
 fn run(g: &Cuda<Emu>, v: &Version, dtype: DType, c: &Case, order: LaneOrder) -> Vec<f32> {
+    let name = match dtype {
+        F32 => v.f32,
+        BF16 => v.bf16,
+        other => panic!("matmul output {other}"),
+    };
+    run_kernel(g, name, v, dtype, c, order)
+}
+
+/// `run` for the entry point `name`, launched with `v`'s tile and block.
+fn run_kernel(
+    g: &Cuda<Emu>,
+    name: &str,
+    v: &Version,
+    dtype: DType,
+    c: &Case,
+    order: LaneOrder,
+) -> Vec<f32> {
     let (n, m, k) = (c.n, c.m, c.k);
     assert_eq!(c.x.cpu.shape, [n, k]);
     assert_eq!(c.w.cpu.shape, [m, k]);
     let out = g
         .upload(vec![f32::NAN; n * m + TAIL], &[n * m + TAIL], dtype)
         .unwrap();
-    let name = match dtype {
-        F32 => v.f32,
-        BF16 => v.bf16,
-        other => panic!("matmul output {other}"),
-    };
     let grid = (m.div_ceil(v.tile.1) as u32, n.div_ceil(v.tile.0) as u32, 1);
     let (mut out_p, mut x_p, mut w_p) = (out.buf.ptr, c.x.ptr(), c.w.ptr());
     let [mut n_i, mut m_i, mut k_i] = [n, m, k].map(|d| i32::try_from(d).unwrap());
@@ -128,10 +162,11 @@ fn run(g: &Cuda<Emu>, v: &Version, dtype: DType, c: &Case, order: LaneOrder) -> 
         (&mut m_i as *mut i32).cast(),
         (&mut k_i as *mut i32).cast(),
     ];
-    // SAFETY: the kernel's parameters are (Out*, const bf16*, const bf16*,
-    // int n, int m, int k) and each slot points to a live u64 device pointer
-    // or i32 of that order. out holds n·m elements of `dtype` (plus the tail),
-    // x and w hold n·k and m·k bf16 past their offsets, and the kernels read
+    // SAFETY: the kernel's parameters are (Out*, const In*, const In*, int n,
+    // int m, int k) and each slot points to a live u64 device pointer or i32
+    // of that order. out holds n·m elements of `dtype` (plus the tail), x and
+    // w hold n·k and m·k elements of their own dtype (the kernel's In: bf16,
+    // or f32 for matmul_nt_f32) past their offsets, and the kernels read
     // and write only inside [n, k], [m, k] and [n, m] for any grid that
     // covers the output, which this one does with the version's tile.
     unsafe { emu::launch_ordered(name, grid, (v.threads, 1, 1), 0, &mut args, order) }
@@ -302,4 +337,120 @@ fn mma_lane_order_does_not_matter() {
             "n{n} m{m} k{k}: forward and reverse lane order differ"
         );
     }
+}
+
+/// `matmul_nt_f32` of full-precision inputs against the CPU device.
+fn check_f32_case(g: &Cuda<Emu>, c: &Case) {
+    assert_eq!((c.x.gpu.dtype, c.w.gpu.dtype), (F32, F32));
+    let got = run_kernel(g, "matmul_nt_f32", &V1, F32, c, LaneOrder::Default);
+    let err = max_rel_err(&got, &reference(c));
+    assert!(
+        err <= F32_TOL,
+        "matmul_nt_f32 [{},{}]·[{},{}]ᵀ (offsets {}, {}): max relative error {err:e} > {F32_TOL:e}",
+        c.n,
+        c.k,
+        c.m,
+        c.k,
+        c.x.offset,
+        c.w.offset
+    );
+}
+
+#[test]
+fn f32_inputs_through_the_backend() {
+    // What the flat-IP index does: f32 tensors uploaded as f32, scored by
+    // the CUDA device's matmul_nt into a NaN-poisoned f32 output whose tail
+    // past n·m must survive.
+    let (g, mut r) = (gpu(), rng());
+    let t = Instant::now();
+    for n in [1, 3, 64, 65] {
+        for m in [1, 63, 1000] {
+            for k in [1, 5, 384] {
+                let (xv, wv) = (data_f32(&mut r, n * k), data_f32(&mut r, m * k));
+                let x = g.upload(xv.clone(), &[n, k], F32).unwrap();
+                let w = g.upload(wv.clone(), &[m, k], F32).unwrap();
+                let mut out = g
+                    .upload(vec![f32::NAN; n * m + TAIL], &[n * m + TAIL], F32)
+                    .unwrap();
+                out.shape = vec![n, m];
+                g.matmul_nt(&mut out, &x, &w).unwrap();
+                out.shape = vec![n * m + TAIL];
+                let mut got = g.download(&out).unwrap();
+                let tail = got.split_off(n * m);
+                assert!(
+                    tail.iter().all(|v| v.is_nan()),
+                    "n{n} m{m} k{k}: wrote past its output"
+                );
+                let mut want = Cpu.zeros(&[n, m], F32).unwrap();
+                let (cx, cw) = (
+                    Cpu.upload(xv, &[n, k], F32).unwrap(),
+                    Cpu.upload(wv, &[m, k], F32).unwrap(),
+                );
+                Cpu.matmul_nt(&mut want, &cx, &cw).unwrap();
+                let err = max_rel_err(&got, &Cpu.download(&want).unwrap());
+                assert!(
+                    err <= F32_TOL,
+                    "f32 [{n},{k}]·[{m},{k}]ᵀ: max relative error {err:e} > {F32_TOL:e}"
+                );
+            }
+        }
+    }
+    eprintln!("f32 through the backend: {:.2?}", t.elapsed());
+}
+
+#[test]
+fn f32_inputs_aligned_and_not() {
+    // The 16-byte loads: k % 4 == 0 with both inputs aligned (every group of
+    // 4 inside a row is whole and aligned), the same with either input 1–3
+    // elements off (no group aligned), and k % 4 != 0 (rows start at varying
+    // alignments, groups straddle row ends).
+    let (g, mut r) = (gpu(), rng());
+    let t = Instant::now();
+    for (n, m, k) in [
+        (1, 1, 4),
+        (3, 63, 8),
+        (65, 70, 20),
+        (64, 129, 384),
+        (17, 65, 5),
+        (66, 33, 18),
+        (2, 200, 131),
+    ] {
+        let xv = data_f32(&mut r, n * k);
+        let wv = data_f32(&mut r, m * k);
+        for (xo, wo) in [(0, 0), (1, 0), (0, 2), (3, 1)] {
+            let x = Input::of(&g, &xv, n, k, xo, F32);
+            let w = Input::of(&g, &wv, m, k, wo, F32);
+            check_f32_case(
+                &g,
+                &Case {
+                    x: &x,
+                    w: &w,
+                    n,
+                    m,
+                    k,
+                },
+            );
+        }
+    }
+    eprintln!("f32, aligned and not: {:.2?}", t.elapsed());
+}
+
+#[test]
+#[should_panic(expected = "matmul w is bf16, the kernel takes f32")]
+fn f32_and_bf16_inputs_do_not_mix() {
+    let g = gpu();
+    let x = g.upload(vec![0.5; 6], &[2, 3], F32).unwrap();
+    let w = g.upload(vec![0.5; 12], &[4, 3], BF16).unwrap();
+    let mut out = g.zeros(&[2, 4], F32).unwrap();
+    let _ = g.matmul_nt(&mut out, &x, &w);
+}
+
+#[test]
+#[should_panic(expected = "matmul output (of f32 x and w) is bf16, the kernel takes f32")]
+fn f32_inputs_want_an_f32_output() {
+    let g = gpu();
+    let x = g.upload(vec![0.5; 6], &[2, 3], F32).unwrap();
+    let w = g.upload(vec![0.5; 12], &[4, 3], F32).unwrap();
+    let mut out = g.zeros(&[2, 4], BF16).unwrap();
+    let _ = g.matmul_nt(&mut out, &x, &w);
 }

@@ -448,19 +448,28 @@ impl<D: GpuDriver> Backend for Cuda<D> {
 
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
         let (n, m, k) = shapes::matmul_nt(out, x, w);
-        expect_dtype("matmul x", x, DType::BF16);
-        expect_dtype("matmul w", w, DType::BF16);
+        // f32 x and w (the flat-IP index's scores, where bf16 would change
+        // the ranking): version 1 in f32 throughout, for every n; the tensor
+        // core version takes bf16 only.
+        let f32_in = x.dtype == DType::F32;
+        let in_dtype = if f32_in { DType::F32 } else { DType::BF16 };
+        expect_dtype("matmul x", x, in_dtype);
+        expect_dtype("matmul w", w, in_dtype);
+        if f32_in {
+            expect_dtype("matmul output (of f32 x and w)", out, DType::F32);
+        }
         // Version 2 (tensor cores, 64×128 tiles) for prefill-sized products.
         // A decode step has a handful of rows, which would leave most of an
         // mma tile empty: version 1 (64×64 tiles, more blocks) serves those
         // until a GPU run of benches/kernels.rs says better.
-        let mma = n >= 16;
-        let kernel = match (out.dtype, mma) {
-            (DType::BF16, true) => "matmul_nt_mma_bf16",
-            (DType::F32, true) => "matmul_nt_mma_bf16_f32",
-            (DType::BF16, false) => "matmul_nt_bf16",
-            (DType::F32, false) => "matmul_nt_bf16_f32",
-            (other, _) => panic!("matmul output {other}"),
+        let mma = !f32_in && n >= 16;
+        let kernel = match (f32_in, out.dtype, mma) {
+            (true, _, _) => "matmul_nt_f32",
+            (false, DType::BF16, true) => "matmul_nt_mma_bf16",
+            (false, DType::F32, true) => "matmul_nt_mma_bf16_f32",
+            (false, DType::BF16, false) => "matmul_nt_bf16",
+            (false, DType::F32, false) => "matmul_nt_bf16_f32",
+            (false, other, _) => panic!("matmul output {other}"),
         };
         if n == 0 || m == 0 {
             return Ok(());
