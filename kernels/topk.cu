@@ -1,6 +1,6 @@
 // Top-k selection for retrieval: the k best scores of each row of an f32
 // matrix (one row per query, one column per indexed vector), best first by
-// score, ties to the lower column.
+// score (-0 as +0, NaN as -inf), ties to the lower column.
 //
 // Each (score, column) becomes one 64-bit key that orders exactly as wanted:
 // the score's bits made order-preserving in the high word (negative floats
@@ -18,7 +18,14 @@
 
 #define TOPK_THREADS 256
 
+// The score ranked and reported (backend::topk::rank_score): -0 is +0, a NaN
+// is -inf.
+__device__ __forceinline__ float topk_rank(float v) {
+    return v != v ? __uint_as_float(0xff800000u) : v + 0.0f;
+}
+
 __device__ __forceinline__ unsigned long long topk_key(float v, unsigned col) {
+    v = topk_rank(v);
     unsigned u = __float_as_uint(v);
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
     return ((unsigned long long)u << 32) | (unsigned long long)(0xffffffffu - col);
@@ -57,7 +64,7 @@ extern "C" __global__ void __launch_bounds__(TOPK_THREADS)
     }
     // prefix is now the k-th largest key itself.
     for (int i = threadIdx.x; i < m; i += blockDim.x) {
-        float v = row[i];
+        float v = topk_rank(row[i]);
         if (topk_key(v, (unsigned)i) >= prefix) {
             unsigned slot = atomicAdd(&count, 1u);
             idx[(size_t)blockIdx.x * k + slot] = (unsigned)i;

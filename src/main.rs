@@ -822,7 +822,9 @@ fn index_search<B: Backend>(
     let embedder = engine::model::bert::Embedder::load(embedder_dir, be)?;
     ix.check_embedder(embedder.identity(), embedder.dim())?;
     let q = embedder.embed(&[query])?.remove(0);
-    let hits = ix.search(&q, k)?;
+    // Search where the query was embedded: on a GPU through its matrix
+    // product and top-k kernels.
+    let hits = ix.search_batch_on(embedder.backend(), &q, k)?.remove(0);
     let mut out = std::io::stdout().lock();
     if json {
         let items: Vec<serde_json::Value> = hits

@@ -1,7 +1,7 @@
 //! `Backend::top_k`, retrieval's selection: on the CPU against a full sort,
 //! and (with the `emu` feature) the CUDA kernel in the emulator against the
 //! CPU, on random scores with many ties, k past the row width, k = 0, and
-//! negative, zero and infinite scores.
+//! negative, zero (−0 ranks as +0), infinite and NaN (ranks as −∞) scores.
 
 mod common;
 
@@ -24,6 +24,7 @@ fn scores(r: &mut StdRng, n: usize) -> Vec<f32> {
             1 => f32::NEG_INFINITY,
             2 => -0.0,
             3 => 0.0,
+            4 => f32::NAN,
             _ => r.random_range(-8i32..8) as f32 * 0.25,
         })
         .collect()
@@ -34,7 +35,16 @@ fn sorted(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut all: Vec<(u32, f32)> = row
         .iter()
         .enumerate()
-        .map(|(c, &s)| (c as u32, s))
+        .map(|(c, &s)| {
+            (
+                c as u32,
+                if s.is_nan() {
+                    f32::NEG_INFINITY
+                } else {
+                    s + 0.0
+                },
+            )
+        })
         .collect();
     all.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     all.truncate(k);

@@ -23,6 +23,9 @@ pub mod cpu;
 pub mod cuda;
 pub mod sample;
 pub mod shapes;
+pub mod topk;
+
+pub use topk::top_k_order;
 
 use crate::backend::sample::SamplerConfig;
 use crate::error::{Error, Result};
@@ -33,6 +36,13 @@ pub trait Backend: Sized + Send + Sync {
     type Buf: Send + Sync;
 
     fn name(&self) -> &'static str;
+
+    /// True for the CPU device, whose tensors are host memory its ops run on
+    /// in place: data the host holds already (a memory-mapped index) is then
+    /// computed on where it lies rather than uploaded.
+    fn is_host(&self) -> bool {
+        false
+    }
 
     /// The element type of weights and activations on this device (f32 on the
     /// CPU, bf16 on a GPU). Outputs that need full precision — logits,
@@ -365,8 +375,9 @@ pub trait Backend: Sized + Send + Sync {
 
     /// The k best entries of each row of f32 scores [n, m] (retrieval: one
     /// row per query, one column per indexed vector), best first: by score
-    /// (larger first, in `f32::total_cmp`'s order), ties to the lower column.
-    /// Each row gives min(k, m) (column, score) pairs.
+    /// (larger first; −0 counts as +0 and a NaN as −∞, and each is reported
+    /// so: `topk::rank_score`), ties to the lower column. Each row gives
+    /// min(k, m) (column, score) pairs.
     fn top_k(&self, scores: &Tensor<Self>, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
         let _ = (scores, k);
         Err(Error::Unsupported(format!(
@@ -524,13 +535,6 @@ impl AdamW {
             eps: self.eps as f32,
         }
     }
-}
-
-/// `Backend::top_k`'s order of (column, score) entries, best first: higher
-/// score (in `f32::total_cmp`'s order), then lower column. Every device ranks
-/// by it.
-pub fn top_k_order(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
-    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
 }
 
 /// The target of a row that counts no loss in `Backend::cross_entropy`

@@ -366,6 +366,11 @@ impl<B: Backend> Embedder<B> {
         self.config.hidden_size
     }
 
+    /// The device the embedder runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
     /// "FOLDER/DIM/FINGERPRINT": the model folder's name, the embedding
     /// width, and 16 hex digits hashed from the configuration, tokenizer.json
     /// and every weight, so that an index can tell whether its vectors came

@@ -34,18 +34,15 @@
 //! [`Index`] is a consistent snapshot however many commits happen meanwhile;
 //! [`Index::reload`] moves to the newest one.
 //!
-//! Search is exact: scores of a block of rows for all queries at once by one
-//! matrix product (the `gemm` crate), blocks in parallel with rayon, each
-//! thread keeping a bounded heap per query; ties are broken by id, lower
-//! first.
+//! Search is exact; see [`super::search`].
 
+use super::search::{self, DeviceVectors};
+use crate::backend::Backend;
 use crate::error::{Error, Result};
 use memmap2::{Mmap, MmapOptions};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
-use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -272,145 +269,6 @@ fn map_prefix(path: &Path, len: usize, what: &str) -> Result<Option<Mmap>> {
     // the files is outside this contract, as with any mapped file.)
     let map = unsafe { MmapOptions::new().len(len).map(&file) }.map_err(|e| Error::io(path, e))?;
     Ok(Some(map))
-}
-
-/// A bounded selection of the k best (score, id): higher score first, lower
-/// id on equal scores. Scores are never NaN.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    score: f32,
-    id: usize,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, o: &Self) -> bool {
-        self.cmp(o) == Ordering::Equal
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Entry {
-    /// Worse is greater, so a max-heap keeps the worst on top.
-    fn cmp(&self, o: &Self) -> Ordering {
-        o.score
-            .partial_cmp(&self.score)
-            .unwrap_or(Ordering::Equal)
-            .then(self.id.cmp(&o.id))
-    }
-}
-
-#[derive(Clone)]
-struct TopK {
-    k: usize,
-    heap: BinaryHeap<Entry>,
-    /// The worst kept score once k are kept; −∞ before.
-    bar: f32,
-}
-
-impl TopK {
-    fn new(k: usize) -> Self {
-        TopK {
-            k,
-            heap: BinaryHeap::with_capacity(k.min(1024) + 1),
-            bar: f32::NEG_INFINITY,
-        }
-    }
-
-    fn offer(&mut self, e: Entry) {
-        if self.heap.len() < self.k {
-            self.heap.push(e);
-        } else if let Some(mut worst) = self.heap.peek_mut() {
-            if e < *worst {
-                *worst = e;
-            } else {
-                return;
-            }
-        }
-        if self.heap.len() == self.k {
-            self.bar = self.heap.peek().map_or(f32::NEG_INFINITY, |w| w.score);
-        }
-    }
-
-    /// Offers the rows `base..base + scores.len()` whose bit is set in
-    /// `live` (every row when None).
-    fn scan(&mut self, scores: &[f32], base: usize, live: Option<&[u64]>) {
-        for (j, &s) in scores.iter().enumerate() {
-            // The common case: below the bar (which is −∞ until k are kept).
-            if s < self.bar {
-                continue;
-            }
-            let id = base + j;
-            if let Some(bits) = live {
-                if bits[id / 64] >> (id % 64) & 1 == 0 {
-                    continue;
-                }
-            }
-            // A NaN (from a corrupt vector) ranks as −∞.
-            let score = if s.is_nan() { f32::NEG_INFINITY } else { s };
-            self.offer(Entry { score, id });
-        }
-    }
-
-    fn merge(&mut self, other: TopK) {
-        for e in other.heap {
-            self.offer(e);
-        }
-    }
-
-    fn into_sorted(self) -> Vec<(usize, f32)> {
-        self.heap
-            .into_sorted_vec()
-            .into_iter()
-            .map(|e| (e.id, e.score))
-            .collect()
-    }
-}
-
-/// Rows per block of the search: one matrix product and one scan each.
-/// (512 was the fastest of 128 to 4096 at dim 384 on one AVX2 core, for
-/// single queries and batches of 64: 64 × 512 scores stay in L2.)
-const BLOCK: usize = 512;
-/// Queries scored together, bounding the per-thread score buffer.
-const QUERY_GROUP: usize = 256;
-
-/// scores [nq × rb] = queries [nq × dim] · blockᵀ, block [rb × dim], all
-/// row-major.
-fn score_block(scores: &mut [f32], queries: &[f32], block: &[f32], nq: usize, dim: usize) {
-    let rb = block.len() / dim;
-    assert!(queries.len() == nq * dim && block.len() == rb * dim && scores.len() == nq * rb);
-    if nq == 0 || rb == 0 {
-        return;
-    }
-    // SAFETY: the assertion: gemm reads nq × dim values of `queries` (row
-    // stride dim), rb × dim of `block` (read transposed: column stride dim,
-    // row stride 1) and writes nq × rb of `scores` (row stride rb).
-    unsafe {
-        gemm::gemm(
-            nq,
-            rb,
-            dim,
-            scores.as_mut_ptr(),
-            1,
-            rb as isize,
-            false,
-            queries.as_ptr(),
-            1,
-            dim as isize,
-            block.as_ptr(),
-            dim as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 /// A read-only snapshot of an index: the manifest and maps of the files it
@@ -706,40 +564,41 @@ impl Index {
         if k == 0 {
             return Ok(vec![Vec::new(); nq]);
         }
-        let d = self.m.dim;
-        let rows = self.m.rows;
-        let vectors = self.all_vectors();
         let live = self.live.as_deref();
-        let mut out = Vec::with_capacity(nq);
-        for group in queries.chunks(QUERY_GROUP * d) {
-            let gq = group.len() / d;
-            let fresh = || vec![TopK::new(k); gq];
-            let best = (0..rows.div_ceil(BLOCK))
-                .into_par_iter()
-                .fold(
-                    || (fresh(), Vec::new()),
-                    |(mut heaps, mut scores): (Vec<TopK>, Vec<f32>), b| {
-                        let r0 = b * BLOCK;
-                        let rb = BLOCK.min(rows - r0);
-                        scores.resize(gq * rb, 0.0);
-                        let block = &vectors[r0 * d..(r0 + rb) * d];
-                        score_block(&mut scores, group, block, gq, d);
-                        for (q, heap) in heaps.iter_mut().enumerate() {
-                            heap.scan(&scores[q * rb..(q + 1) * rb], r0, live);
-                        }
-                        (heaps, scores)
-                    },
-                )
-                .map(|(heaps, _)| heaps)
-                .reduce(fresh, |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        x.merge(y);
-                    }
-                    a
-                });
-            out.extend(best.into_iter().map(TopK::into_sorted));
+        Ok(search::on_host(
+            self.all_vectors(),
+            self.m.dim,
+            live,
+            queries,
+            k,
+        ))
+    }
+
+    /// [`Index::search_batch`] on `be`'s device: on the CPU the same as
+    /// `search_batch`; elsewhere the live vectors are uploaded first (keep a
+    /// [`DeviceVectors`] to search one upload many times).
+    pub fn search_batch_on<B: Backend>(
+        &self,
+        be: &B,
+        queries: &[f32],
+        k: usize,
+    ) -> Result<Vec<Vec<Hit>>> {
+        if be.is_host() {
+            return self.search_batch(queries, k);
         }
-        Ok(out)
+        let nq = self.check_queries(queries, "the query batch")?;
+        let k = k.min(self.count);
+        let found = if k == 0 {
+            vec![Vec::new(); nq]
+        } else {
+            DeviceVectors::upload(be, self)?.search_ids(be, queries, k)?
+        };
+        found.into_iter().map(|ids| self.hits(ids)).collect()
+    }
+
+    /// The ids of the live rows, ascending.
+    pub fn live_ids(&self) -> Vec<usize> {
+        (0..self.m.rows).filter(|&id| self.is_live(id)).collect()
     }
 }
 

@@ -46,6 +46,10 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    fn is_host(&self) -> bool {
+        true
+    }
+
     fn dtype(&self) -> DType {
         DType::F32
     }

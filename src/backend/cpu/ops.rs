@@ -1,9 +1,8 @@
 //! Row-wise and element-wise ops of the CPU device.
 
-use crate::backend::{dropout_keeps, top_k_order};
+use crate::backend::dropout_keeps;
+use crate::backend::topk::TopK;
 use rayon::prelude::*;
-use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
 fn rows_per_task(d: usize) -> usize {
@@ -91,8 +90,8 @@ pub fn dropout(x: &mut [f32], first: usize, p: f32, seed: u64) {
     }
 }
 
-/// `Backend::top_k` over `rows` rows of width m: a bounded min-heap of the k
-/// best keys per row, rows in parallel.
+/// `Backend::top_k` over `rows` rows of width m: the host's bounded
+/// selection per row, rows in parallel.
 pub fn top_k(scores: &[f32], rows: usize, m: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
     let k = k.min(m);
     if k == 0 {
@@ -101,51 +100,12 @@ pub fn top_k(scores: &[f32], rows: usize, m: usize, k: usize) -> Vec<Vec<(u32, f
     scores
         .par_chunks(m)
         .map(|row| {
-            let mut heap = BinaryHeap::with_capacity(k + 1);
-            for (col, &score) in row.iter().enumerate() {
-                let key = Reverse(Ranked {
-                    score,
-                    col: col as u32,
-                });
-                if heap.len() < k {
-                    heap.push(key);
-                } else if key < *heap.peek().expect("k > 0") {
-                    heap.pop();
-                    heap.push(key);
-                }
-            }
-            // Ascending Reverse keys: the best first.
-            heap.into_sorted_vec()
+            let mut best = TopK::new(k);
+            best.scan(row, 0, None);
+            best.into_sorted()
                 .into_iter()
-                .map(|Reverse(r)| (r.col, r.score))
+                .map(|(col, score)| (col as u32, score))
                 .collect()
         })
         .collect()
 }
-
-/// A (score, column) ranked by `top_k_order`: the better, the greater.
-#[derive(Clone, Copy, Debug)]
-struct Ranked {
-    score: f32,
-    col: u32,
-}
-
-impl Ord for Ranked {
-    fn cmp(&self, other: &Self) -> Ordering {
-        top_k_order(&(other.col, other.score), &(self.col, self.score))
-    }
-}
-
-impl PartialOrd for Ranked {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for Ranked {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
-    }
-}
-
-impl Eq for Ranked {}
