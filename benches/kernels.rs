@@ -6,14 +6,20 @@
 //! backward, the other backward ops, fused cross-entropy, dropout, the fused
 //! LoRA kernels) on a sequence of 128 and of 512 tokens; the optimizer's
 //! (AdamW, conversions, gradient norm and clipping) on a LoRA A of rank 8, an
-//! FFN weight and the embedding.
+//! FFN weight and the embedding; the embedding model's (all-MiniLM-L6-v2:
+//! hidden 384, intermediate 1536, 12 heads of 32) LayerNorm, GELU, bias and
+//! bidirectional attention on 32 sentences padded to 128 tokens; and
+//! retrieval's, the flat-IP index's f32 scores and their top 10, for 1 and
+//! 64 queries against 100,000 vectors.
 //!
-//! Each case first runs once on random bf16-representable inputs, its output
+//! Each case first runs once on random bf16-representable inputs (any f32
+//! where a kernel takes f32 throughout: the retrieval rows), its output
 //! poisoned with NaN (an output that accumulates or is updated in place
 //! starts from random values instead, or from zeros where the training step
 //! zeroes it), and each output is compared with the CPU device's same op
-//! (tolerances of tests/cuda_ops.rs); a kernel that disagrees is reported and
-//! not timed, and the bench exits with status 1.
+//! (tolerances of tests/cuda_ops.rs; token ids and top-k lists exactly); a
+//! kernel that disagrees is reported and not timed, and the bench exits with
+//! status 1.
 //!
 //! - On a GPU (`--device cuda`, the default where the driver library is
 //!   present): warm-up, then the median of samples of back-to-back launches
@@ -22,8 +28,8 @@
 //!   between launches; an accumulated output counts as read and written),
 //!   TFLOP/s the multiply-adds of matmul, attention and LoRA (forward and
 //!   backward; see `Case::flops`). Each forward matmul shape gets a cuBLAS
-//!   row (bf16 in, f32 compute), the upper bound, and each version its time
-//!   over cuBLAS's.
+//!   row (bf16 in, f32 compute; f32 in for the retrieval scores), the upper
+//!   bound, and each version its time over cuBLAS's.
 //! - Without one (`--device emu`, needs `--features emu`): the same cases
 //!   through the CPU emulator, as a check — the times are emulator wall time,
 //!   not GPU performance — then the static figures of `engine kernels check`
@@ -44,7 +50,7 @@ use engine::backend::cpu::Cpu;
 use engine::backend::cuda::driver::{DevicePtr, GpuDriver};
 use engine::backend::cuda::{real, sources, Cuda};
 use engine::backend::sample::{argmax, Sampler, SamplerConfig};
-use engine::backend::{mean_scale, AdamW, AdamWTensors, Backend, IGNORE};
+use engine::backend::{mean_scale, top_k_order, AdamW, AdamWTensors, Backend, IGNORE};
 use engine::tensor::DType::{self, BF16, F32};
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -69,6 +75,21 @@ const DROPOUT: f32 = 0.1;
 /// The LoRA rows' alpha: their scaling s is alpha / r.
 const LORA_ALPHA: f32 = 32.0;
 
+// all-MiniLM-L6-v2, the embedding model: hidden 384, intermediate 1536, 12
+// heads of 32, LayerNorm eps 1e-12 (BERT's).
+const ENC_D: usize = 384;
+const ENC_FFN: usize = 1536;
+const ENC_HEADS: usize = 12;
+const ENC_HD: usize = ENC_D / ENC_HEADS;
+const ENC_EPS: f32 = 1e-12;
+/// The padded length of an encoder batch (the longest sentence's tokens).
+const ENC_SEQ: usize = 128;
+
+/// The flat-IP index of the retrieval rows: vectors of the embedding
+/// model's width, and the best k kept per query.
+const INDEX: usize = 100_000;
+const TOP_K: usize = 10;
+
 /// Tolerances of tests/cuda_ops.rs, relative to the largest reference value.
 const BF16_TOL: f32 = 1e-2;
 const F32_TOL: f32 = 1e-5;
@@ -77,15 +98,18 @@ const F32_TOL: f32 = 1e-5;
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Family {
     /// out[n, m] = x[n, k] · w[m, k]ᵀ: (out, x, w, n, m, k); grid
-    /// (ceil(m / tile_m), ceil(n / tile_n)), block `threads`.
+    /// (ceil(m / tile_m), ceil(n / tile_n)), block `threads`. x and w bf16,
+    /// or with `f32_in` f32 (and out f32): the flat-IP index's scores, in
+    /// the retrieval phases.
     Matmul {
+        f32_in: bool,
         f32_out: bool,
         tile_n: usize,
         tile_m: usize,
         threads: u32,
     },
     /// The same product by cuBLAS (the baseline row; GPU only).
-    Cublas { f32_out: bool },
+    Cublas { f32_in: bool, f32_out: bool },
     /// (out, q, k, v, heads, kv_heads, hd, pos0); grid (n, heads), block 128.
     Attention,
     /// (out, lse, q, k, v, n, heads, kv_heads, hd, pos0); grid
@@ -172,9 +196,27 @@ enum Family {
     SumSquares,
     /// (x, s, n): x ·= s; grid-stride.
     Scale,
+
+    // ----- the encoder's kernels (phase "encode", all-MiniLM-L6-v2) -----
+    /// (out, x, weight, bias, d, eps); a block of 256 per row.
+    Layernorm,
+    /// (out, x, n); grid-stride.
+    Gelu,
+    /// (x, bias, n, d): x[i] += bias[i % d], in place; grid-stride.
+    AddBias,
+    /// (out, q, k, v, lens, seq, heads, hd) over a padded batch of
+    /// sequences, `lens` u32 on the device; grid (batch·seq, heads), block
+    /// 128.
+    AttentionBidir,
+
+    // ----- retrieval's kernels (phases "retrieve") -----
+    /// (idx, val, scores, m, k): the k best of each row of scores [n, m],
+    /// f32, in no order (the launcher sorts them on the host); grid (n),
+    /// block 256.
+    TopK,
 }
 
-/// Which part of training a kernel serves, and so the phases it runs in.
+/// Which part of the work a kernel serves, and so the phases it runs in.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Stage {
     /// Inference, and the training step's forward: prefill and decode.
@@ -184,6 +226,10 @@ enum Stage {
     /// Once a step on the weight tensors: a launch per tensor (AdamW: one
     /// for all of them).
     Optimizer,
+    /// The embedding model's forward on a padded batch of sentences.
+    Encoder,
+    /// Scoring queries against the flat-IP index, and picking the best.
+    Retrieval,
 }
 
 impl Family {
@@ -201,6 +247,8 @@ impl Family {
             | Dropout { .. } => Stage::Train,
             LoraFwd | LoraBwdX { .. } | LoraGrad { .. } => Stage::Train,
             Convert { .. } | AdamW | SumSquares | Scale => Stage::Optimizer,
+            Layernorm | Gelu | AddBias | AttentionBidir => Stage::Encoder,
+            Matmul { f32_in: true, .. } | Cublas { f32_in: true, .. } | TopK => Stage::Retrieval,
             _ => Stage::Forward,
         }
     }
@@ -223,6 +271,7 @@ const fn spec(name: &'static str, family: Family, params: usize) -> Spec {
 
 const fn matmul(name: &'static str, f32_out: bool, tile: (usize, usize), threads: u32) -> Spec {
     let family = Family::Matmul {
+        f32_in: false,
         f32_out,
         tile_n: tile.0,
         tile_m: tile.1,
@@ -289,6 +338,24 @@ const SPECS: &[Spec] = &[
     spec("adamw_f32", Family::AdamW, VIA_BACKEND),
     spec("sum_squares_f32", Family::SumSquares, 3),
     spec("scale_f32", Family::Scale, 3),
+    // The encoder (all-MiniLM-L6-v2).
+    spec("layernorm_fwd_bf16", Family::Layernorm, 6),
+    spec("gelu_fwd_bf16", Family::Gelu, 3),
+    spec("add_bias_bf16", Family::AddBias, 4),
+    spec("attention_bidir_bf16", Family::AttentionBidir, 8),
+    // Retrieval: the index's f32 scores (version 1 only), then the top k.
+    spec(
+        "matmul_nt_f32",
+        Family::Matmul {
+            f32_in: true,
+            f32_out: true,
+            tile_n: 64,
+            tile_m: 64,
+            threads: 256,
+        },
+        6,
+    ),
+    spec("topk_f32", Family::TopK, 5),
 ];
 
 /// The parameter count of a kernel the bench runs through the Cuda device's
@@ -304,14 +371,28 @@ const fn acc(a_f32: bool, c_f32: bool) -> Family {
     Family::MatmulAcc { a_f32, c_f32 }
 }
 
-/// The cuBLAS rows (parameter counts unused).
-const CUBLAS: [Spec; 2] = [
-    spec("cuBLAS gemm_ex", Family::Cublas { f32_out: false }, 0),
-    spec("cuBLAS gemm_ex", Family::Cublas { f32_out: true }, 0),
+/// The cuBLAS rows (parameter counts unused): bf16 in with bf16 or f32
+/// out, and f32 throughout.
+const CUBLAS: [Spec; 3] = [
+    spec("cuBLAS gemm_ex", cublas(false, false), 0),
+    spec("cuBLAS gemm_ex", cublas(false, true), 0),
+    spec("cuBLAS gemm_ex", cublas(true, true), 0),
 ];
 
+const fn cublas(f32_in: bool, f32_out: bool) -> Family {
+    Family::Cublas { f32_in, f32_out }
+}
+
+/// The cuBLAS row for a matmul's types.
+fn cublas_spec(f32_in: bool, f32_out: bool) -> &'static Spec {
+    &CUBLAS[if f32_in { 2 } else { usize::from(f32_out) }]
+}
+
 /// One row of the table: a kernel on one problem. `n` rows (tokens) at
-/// positions pos0.., and for a matmul w [m, k].
+/// positions pos0.., and for a matmul w [m, k]. An encoder case has n rows
+/// of width m, or for attention n = batch·m rows, sequences padded to m
+/// tokens ([`ragged`]); a retrieval case n queries against m index vectors
+/// of width k, or for top-k the best k of each row of scores [n, m].
 struct Case {
     phase: &'static str,
     /// The layer and shape, e.g. "gate,up [512,576]·[1536,576]ᵀ".
@@ -343,8 +424,11 @@ impl Case {
         let (n, m, k) = (self.n, self.m, self.k);
         let qkv = 2 * (2 * n * HEADS * HD) + 2 * (2 * (self.pos0 + n) * KV_HEADS * HD);
         let b = match self.spec.family {
-            Family::Matmul { f32_out, .. } | Family::Cublas { f32_out } => {
-                2 * n * k + 2 * m * k + size(f32_out) * n * m
+            Family::Matmul {
+                f32_in, f32_out, ..
+            }
+            | Family::Cublas { f32_in, f32_out } => {
+                size(f32_in) * (n * k + m * k) + size(f32_out) * n * m
             }
             Family::Attention => qkv,
             Family::AttentionPrefill => qkv + 4 * HEADS * n,
@@ -399,6 +483,17 @@ impl Case {
             Family::AdamW => (3 * 8 + 4 + 2) * self.elements(),
             Family::SumSquares => 4 * m * k + 8,
             Family::Scale => 8 * m * k,
+            Family::Layernorm => 2 * 2 * n * m + 2 * 2 * m,
+            Family::Gelu => 2 * 2 * n * m,
+            Family::AddBias => 2 * 2 * n * m + 2 * m,
+            // q, k, v of the real rows read (padding never is), every row
+            // of out written, the lengths read.
+            Family::AttentionBidir => {
+                let lens = ragged(n / m, m);
+                let real: usize = lens.iter().sum();
+                3 * 2 * real * ENC_D + 2 * n * ENC_D + 4 * lens.len()
+            }
+            Family::TopK => 4 * n * m + 8 * n * k,
         };
         b as f64
     }
@@ -463,6 +558,11 @@ impl Case {
                 };
                 Some(2.0 * (mads * HEADS * HD * keys) as f64)
             }
+            // A real query sees the len keys of its sequence: q·k and p·v.
+            Family::AttentionBidir => {
+                let keys: usize = ragged(self.n / self.m, self.m).iter().map(|l| l * l).sum();
+                Some(2.0 * (2 * ENC_HEADS * ENC_HD * keys) as f64)
+            }
             _ => None,
         }
     }
@@ -480,6 +580,9 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
         ("train 128", 128, 0, Stage::Train),
         ("train 512", 512, 0, Stage::Train),
         ("optimizer", 0, 0, Stage::Optimizer),
+        ("encode 32×128", 32 * ENC_SEQ, 0, Stage::Encoder),
+        ("retrieve 1 q", 1, 0, Stage::Retrieval),
+        ("retrieve 64 q", 64, 0, Stage::Retrieval),
     ];
     // The projections (bf16 out) and the LM head (f32 logits: every row when
     // scoring a prompt, the last one when generating).
@@ -548,7 +651,7 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                         out.push(case(what.clone(), s, m, k));
                     }
                     if with_cublas && !versions.is_empty() {
-                        out.push(case(what, &CUBLAS[usize::from(f32_out)], m, k));
+                        out.push(case(what, cublas_spec(false, f32_out), m, k));
                     }
                 }
             }
@@ -638,6 +741,54 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                 }
                 continue;
             }
+            Stage::Encoder => {
+                // One layer's kernels on a padded batch of n / ENC_SEQ
+                // sentences: the bias rows on the projections' width and
+                // on the intermediate's.
+                let batch = n / ENC_SEQ;
+                for &s in &specs {
+                    match s.family {
+                        Family::Layernorm => out.push(case(format!("[{n},{ENC_D}]"), s, ENC_D, 0)),
+                        Family::Gelu => out.push(case(format!("[{n},{ENC_FFN}]"), s, ENC_FFN, 0)),
+                        Family::AddBias => {
+                            for d in [ENC_D, ENC_FFN] {
+                                out.push(case(format!("[{n},{d}] + bias [{d}]"), s, d, 0));
+                            }
+                        }
+                        Family::AttentionBidir => {
+                            let lens = ragged(batch, ENC_SEQ);
+                            let (lo, hi) = (lens.iter().min(), lens.iter().max());
+                            let what = format!(
+                                "{ENC_HEADS} heads of {ENC_HD}, {batch} seqs padded to {ENC_SEQ}, \
+                                 lens {}..{}",
+                                lo.unwrap_or(&0),
+                                hi.unwrap_or(&0)
+                            );
+                            out.push(case(what, s, ENC_SEQ, 0));
+                        }
+                        _ => {}
+                    }
+                }
+                continue;
+            }
+            Stage::Retrieval => {
+                // The index's scores for n queries (f32 throughout, with
+                // cuBLAS's f32 GEMM as the bound), then the best of each row.
+                let what = format!("scores [{n},{ENC_D}]·[{INDEX},{ENC_D}]ᵀ");
+                let versions: Vec<&'static Spec> = (specs.iter().copied())
+                    .filter(|s| matches!(s.family, Family::Matmul { .. }))
+                    .collect();
+                for &s in &versions {
+                    out.push(case(what.clone(), s, INDEX, ENC_D));
+                }
+                if with_cublas && !versions.is_empty() {
+                    out.push(case(what, cublas_spec(true, true), INDEX, ENC_D));
+                }
+                for &s in specs.iter().filter(|s| s.family == Family::TopK) {
+                    out.push(case(format!("[{n},{INDEX}], k {TOP_K}"), s, INDEX, TOP_K));
+                }
+                continue;
+            }
         }
         for &s in &specs {
             let what = match s.family {
@@ -669,11 +820,27 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                     continue
                 }
                 Family::LoraFwd | Family::LoraBwdX { .. } | Family::LoraGrad { .. } => continue,
+                Family::Layernorm
+                | Family::Gelu
+                | Family::AddBias
+                | Family::AttentionBidir
+                | Family::TopK => continue,
             };
             out.push(case(what, s, 0, 0));
         }
     }
     out
+}
+
+/// The lengths of a padded encoder batch of `batch` sentences, as the
+/// embedding model batches them: the longest fills the padded length `seq`,
+/// the others spread evenly down to seq / 8.
+fn ragged(batch: usize, seq: usize) -> Vec<usize> {
+    let shortest = (seq / 8).max(1);
+    let step = (seq - shortest) as f64 / batch.saturating_sub(1).max(1) as f64;
+    (0..batch)
+        .map(|b| seq - (b as f64 * step).round() as usize)
+        .collect()
 }
 
 /// Kernel arguments in cuLaunchKernel's form, one 8-byte slot each.
@@ -719,6 +886,7 @@ enum Call {
         n: usize,
         m: usize,
         k: usize,
+        f32_in: bool,
         f32_out: bool,
     },
 }
@@ -762,6 +930,10 @@ enum Check {
     Ids,
     /// f64 values (each stored as the bits of two f32s), relative error.
     F64(f32),
+    /// Top-k lists of k (column, score) per row, exactly: the output holds
+    /// every row's columns (u32, as the bits of f32s), then every row's
+    /// scores; the kernel's in any order within a row, the CPU's best first.
+    TopK(usize),
 }
 
 /// An f64 as the two f32s that hold its bits (little-endian), as an F32
@@ -825,6 +997,11 @@ fn data(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// Random f32 values, for the inputs a kernel takes in f32 throughout.
+fn f32s(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+}
+
 fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-30);
     let mut worst = 0f32;
@@ -884,11 +1061,17 @@ impl<D: GpuDriver> Bench<'_, D> {
         let bf16 = Check::Tol(BF16_TOL);
         let tol = |f32: bool| Check::Tol(if f32 { F32_TOL } else { BF16_TOL });
         Ok(match case.spec.family {
-            Family::Matmul { f32_out, .. } | Family::Cublas { f32_out } => {
-                let (xv, wv) = (data(rng, n * k, 1.0), data(rng, m * k, 1.0));
+            Family::Matmul {
+                f32_in, f32_out, ..
+            }
+            | Family::Cublas { f32_in, f32_out } => {
+                // f32 inputs (queries and index vectors) take any f32.
+                let input = if f32_in { f32s } else { data };
+                let (xv, wv) = (input(rng, n * k, 1.0), input(rng, m * k, 1.0));
                 let mut want = Cpu.zeros(&[n, m], F32)?;
                 Cpu.matmul_nt(&mut want, &cpu(&xv, &[n, k])?, &cpu(&wv, &[m, k])?)?;
-                let (x, w) = (self.up(&xv, &[n, k], BF16)?, self.up(&wv, &[m, k], BF16)?);
+                let x = self.up(&xv, &[n, k], dtype(f32_in))?;
+                let w = self.up(&wv, &[m, k], dtype(f32_in))?;
                 let out = self.poisoned(&[n, m], dtype(f32_out))?;
                 let call = match case.spec.family {
                     Family::Matmul {
@@ -908,6 +1091,7 @@ impl<D: GpuDriver> Bench<'_, D> {
                         n,
                         m,
                         k,
+                        f32_in,
                         f32_out,
                     },
                 };
@@ -1455,6 +1639,108 @@ impl<D: GpuDriver> Bench<'_, D> {
                     call: kernel((blocks_for(len) as usize, 1), 256, args),
                 }
             }
+            Family::Layernorm => {
+                // Hidden states around an offset mean, as the residual
+                // stream has them.
+                let xv: Vec<f32> = (0..n * m)
+                    .map(|_| half::bf16::from_f32(3.0 + rng.random_range(-2.0..2.0)).to_f32())
+                    .collect();
+                let (wv, bv) = (data(rng, m, 1.5), data(rng, m, 0.5));
+                let mut want = Cpu.zeros(&[n, m], F32)?;
+                let (x_c, w_c, b_c) = (cpu(&xv, &[n, m])?, cpu(&wv, &[m])?, cpu(&bv, &[m])?);
+                Cpu.layernorm(&mut want, &x_c, &w_c, &b_c, ENC_EPS)?;
+                let x = self.up(&xv, &[n, m], BF16)?;
+                let (w, b) = (self.up(&wv, &[m], BF16)?, self.up(&bv, &[m], BF16)?);
+                let out = self.poisoned(&[n, m], BF16)?;
+                let args = Args::default().ptr(out.buf.ptr).ptr(x.buf.ptr);
+                let args = args.ptr(w.buf.ptr).ptr(b.buf.ptr).int(m).float(ENC_EPS);
+                Prepared {
+                    inputs: vec![x, w, b],
+                    outs: vec![output("out", out, want.buf, bf16)],
+                    call: kernel((n, 1), 256, args),
+                }
+            }
+            Family::Gelu => {
+                let len = n * m;
+                let xv = data(rng, len, 4.0);
+                let mut want = Cpu.zeros(&[n, m], F32)?;
+                Cpu.gelu(&mut want, &cpu(&xv, &[n, m])?)?;
+                let x = self.up(&xv, &[n, m], BF16)?;
+                let out = self.poisoned(&[n, m], BF16)?;
+                let args = Args::default().ptr(out.buf.ptr).ptr(x.buf.ptr).int(len);
+                Prepared {
+                    inputs: vec![x],
+                    outs: vec![output("out", out, want.buf, bf16)],
+                    call: kernel((blocks_for(len) as usize, 1), 256, args),
+                }
+            }
+            Family::AddBias => {
+                // In place: x [n, m] += bias [m] on every row.
+                let len = n * m;
+                let (xv, bv) = (data(rng, len, 3.0), data(rng, m, 1.0));
+                let mut want = cpu(&xv, &[n, m])?;
+                Cpu.add_bias(&mut want, &cpu(&bv, &[m])?)?;
+                let (out, bias) = (self.up(&xv, &[n, m], BF16)?, self.up(&bv, &[m], BF16)?);
+                let args = Args::default().ptr(out.buf.ptr).ptr(bias.buf.ptr);
+                let args = args.int(len).int(m);
+                Prepared {
+                    inputs: vec![bias],
+                    outs: vec![output("x", out, want.buf, bf16)],
+                    call: kernel((blocks_for(len) as usize, 1), 256, args),
+                }
+            }
+            Family::AttentionBidir => {
+                // n / m sequences padded to m rows; the lengths go to the
+                // device as u32, as the launcher uploads them.
+                let (seq, rows, width) = (m, n, ENC_D);
+                let lens = ragged(rows / seq, seq);
+                let (qv, kv, vv) = (
+                    data(rng, rows * width, 2.0),
+                    data(rng, rows * width, 2.0),
+                    data(rng, rows * width, 1.0),
+                );
+                let mut want = Cpu.zeros(&[rows, width], F32)?;
+                Cpu.attention_bidirectional(
+                    &mut want,
+                    &cpu(&qv, &[rows, width])?,
+                    &cpu(&kv, &[rows, width])?,
+                    &cpu(&vv, &[rows, width])?,
+                    ENC_HEADS,
+                    &lens,
+                )?;
+                let q = self.up(&qv, &[rows, width], BF16)?;
+                let kt = self.up(&kv, &[rows, width], BF16)?;
+                let vt = self.up(&vv, &[rows, width], BF16)?;
+                let dev_lens = self.ids(&lens.iter().map(|&l| l as u32).collect::<Vec<_>>())?;
+                let out = self.poisoned(&[rows, width], BF16)?;
+                let args = Args::default().ptr(out.buf.ptr).ptr(q.buf.ptr);
+                let args = args.ptr(kt.buf.ptr).ptr(vt.buf.ptr).ptr(dev_lens.buf.ptr);
+                let args = args.int(seq).int(ENC_HEADS).int(ENC_HD);
+                Prepared {
+                    inputs: vec![q, kt, vt, dev_lens],
+                    outs: vec![output("out", out, want.buf, bf16)],
+                    call: kernel((rows, ENC_HEADS), 128, args),
+                }
+            }
+            Family::TopK => {
+                // Scores as an f32 inner product leaves them (few ties).
+                let sv = f32s(rng, n * m, 1.0);
+                let lists = Cpu.top_k(&cpu(&sv, &[n, m])?, k)?;
+                let mut want: Vec<f32> = Vec::with_capacity(2 * n * k);
+                want.extend(lists.iter().flatten().map(|&(c, _)| f32::from_bits(c)));
+                want.extend(lists.iter().flatten().map(|&(_, v)| v));
+                let scores = self.up(&sv, &[n, m], F32)?;
+                // One buffer: idx [n, k] (u32), then val [n, k] inside it.
+                let out = self.poisoned(&[2, n, k], F32)?;
+                let val = out.buf.ptr + (4 * n * k) as DevicePtr;
+                let args = Args::default().ptr(out.buf.ptr).ptr(val);
+                let args = args.ptr(scores.buf.ptr).int(m).int(k);
+                Prepared {
+                    inputs: vec![scores],
+                    outs: vec![output("top k", out, want, Check::TopK(k))],
+                    call: kernel((n, 1), 256, args),
+                }
+            }
         })
     }
 
@@ -1688,6 +1974,12 @@ impl<D: GpuDriver> Bench<'_, D> {
                     }
                     0.0
                 }
+                Check::TopK(k) => {
+                    if let Some(what) = top_k_mismatch(&got, want, k) {
+                        return Ok(Outcome::Mismatch(what));
+                    }
+                    0.0
+                }
             };
             worst = worst.max(err);
         }
@@ -1696,6 +1988,43 @@ impl<D: GpuDriver> Bench<'_, D> {
         self.gpu.driver().synchronize()?;
         Ok(Outcome::Ok { err, secs })
     }
+}
+
+/// How a top-k output (`Check::TopK`) differs from the CPU device's lists,
+/// if it does: each row's k entries sorted as the launcher sorts them
+/// (`top_k_order`), then compared exactly, columns and score bits.
+fn top_k_mismatch(got: &[f32], want: &[f32], k: usize) -> Option<String> {
+    let lists = |v: &[f32]| -> Vec<Vec<(u32, f32)>> {
+        let (idx, val) = v.split_at(v.len() / 2);
+        (idx.chunks_exact(k).zip(val.chunks_exact(k)))
+            .map(|(i, s)| {
+                let mut row: Vec<(u32, f32)> = i
+                    .iter()
+                    .map(|c| c.to_bits())
+                    .zip(s.iter().copied())
+                    .collect();
+                row.sort_by(top_k_order);
+                row
+            })
+            .collect()
+    };
+    let (got, want) = (lists(got), lists(want));
+    let same = |a: &[(u32, f32)], b: &[(u32, f32)]| {
+        a.iter()
+            .zip(b)
+            .all(|(x, y)| x.0 == y.0 && x.1.to_bits() == y.1.to_bits())
+    };
+    let differ: Vec<usize> = (0..got.len())
+        .filter(|&r| !same(&got[r], &want[r]))
+        .collect();
+    let &r = differ.first()?;
+    Some(format!(
+        "top-{k} lists differ in {} of {} rows (first, row {r}: kernel {:?}, CPU {:?})",
+        differ.len(),
+        got.len(),
+        got[r],
+        want[r]
+    ))
 }
 
 /// `__global__` entry points of the embedded kernel sources, with their
@@ -1756,6 +2085,7 @@ fn print_table(rows: &[(Case, Outcome)], real: bool) {
                 }
                 let check = match c.spec.family {
                     Family::Argmax | Family::Sample => "ok (same token ids)".into(),
+                    Family::TopK => "ok (same lists)".into(),
                     _ => format!("ok ({err:.1e})"),
                 };
                 (fmt_time(*secs), check)
@@ -1964,8 +2294,9 @@ mod gpu {
         Ok(median(times))
     }
 
-    /// out[n, m] = x[n, k] · w[m, k]ᵀ, row-major, by cuBLAS: bf16 inputs, f32
-    /// compute, out bf16 or f32. Column-major that is outᵀ[m, n] = w · xᵀ: A
+    /// out[n, m] = x[n, k] · w[m, k]ᵀ, row-major, by cuBLAS: bf16 inputs
+    /// with out bf16 or f32, or f32 throughout; CUBLAS_COMPUTE_32F in the
+    /// default math mode (no TF32). Column-major that is outᵀ[m, n] = w · xᵀ: A
     /// is w's buffer read as a k×m matrix and transposed, B is x's buffer read
     /// as k×n, C is out's buffer read as m×n.
     fn gemm(blas: &CudaBlas, call: &Call) -> Result<()> {
@@ -1976,6 +2307,7 @@ mod gpu {
             n,
             m,
             k,
+            f32_in,
             f32_out,
         } = call
         else {
@@ -1983,16 +2315,18 @@ mod gpu {
         };
         let (alpha, beta) = (1.0f32, 0.0f32);
         let (n, m, k) = (n as i32, m as i32, k as i32);
-        let bf16 = cudaDataType_t::CUDA_R_16BF;
-        let c_type = if f32_out {
-            cudaDataType_t::CUDA_R_32F
-        } else {
-            bf16
+        let data_type = |f32: bool| {
+            if f32 {
+                cudaDataType_t::CUDA_R_32F
+            } else {
+                cudaDataType_t::CUDA_R_16BF
+            }
         };
+        let (ab_type, c_type) = (data_type(f32_in), data_type(f32_out));
         // SAFETY: out, x, w are live device allocations of n·m, n·k and m·k
-        // elements (`Prepared` keeps them), the leading dimensions are those
-        // of the shapes above, and alpha, beta are host f32s as f32 compute
-        // and the default host pointer mode expect. The handle runs on the
+        // elements of the types passed (`Prepared` keeps them), the leading
+        // dimensions are those of the shapes above, and alpha, beta are host
+        // f32s as f32 compute and the default host pointer mode expect. The handle runs on the
         // null stream, like the kernels.
         unsafe {
             gemm_ex(
@@ -2004,10 +2338,10 @@ mod gpu {
                 k,
                 &alpha as *const f32 as *const c_void,
                 w as *const c_void,
-                bf16,
+                ab_type,
                 k,
                 x as *const c_void,
-                bf16,
+                ab_type,
                 k,
                 &beta as *const f32 as *const c_void,
                 out as *mut c_void,
