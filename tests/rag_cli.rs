@@ -40,6 +40,32 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `engine index search --json`'s hits.
+fn search_json(
+    index: &Path,
+    emb: &Path,
+    k: usize,
+    device: &str,
+    query: &str,
+) -> Vec<serde_json::Value> {
+    let k = k.to_string();
+    let out = ok(&[
+        "index",
+        "search",
+        "--index",
+        s(index),
+        "--embedder",
+        s(emb),
+        "-k",
+        &k,
+        "--json",
+        "--device",
+        device,
+        query,
+    ]);
+    serde_json::from_str(&out).unwrap()
+}
+
 /// The retrieval check: for every example question the document
 /// holding its answer is among the top 3 chunks' sources.
 #[test]
@@ -72,21 +98,7 @@ fn every_example_question_finds_its_source_in_the_top_3() {
             q["source"].as_str().unwrap(),
         );
         for &device in if i < 2 { devices } else { &["cpu"] } {
-            let out = ok(&[
-                "index",
-                "search",
-                "--index",
-                s(&index),
-                "--embedder",
-                s(&emb),
-                "-k",
-                "3",
-                "--json",
-                "--device",
-                device,
-                question,
-            ]);
-            let hits: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+            let hits = search_json(&index, &emb, 3, device, question);
             let want = format!("examples/quillmark-kb/{source}");
             assert!(
                 hits.iter().any(|h| h["source"] == want.as_str()),
@@ -134,21 +146,7 @@ fn add_replace_remove_and_list() {
     )
     .unwrap();
     assert!(ok(&add).contains("added 1 file(s) (1 chunks), 1 unchanged"));
-    let search = |q: &str| -> Vec<serde_json::Value> {
-        let out = ok(&[
-            "index",
-            "search",
-            "--index",
-            s(&index),
-            "--embedder",
-            s(&emb),
-            "-k",
-            "5",
-            "--json",
-            q,
-        ]);
-        serde_json::from_str(&out).unwrap()
-    };
+    let search = |q: &str| search_json(&index, &emb, 5, "cpu", q);
     let hits = search("At what pressure does the alpha valve open?");
     assert_eq!(hits.len(), 2);
     assert!(
