@@ -295,6 +295,47 @@ pub struct Encoded {
     pub type_ids: Vec<u32>,
 }
 
+/// Rows of a batch padded to its longest text.
+fn padded_rows(batch: &[&Encoded]) -> usize {
+    batch.len() * batch.iter().map(|e| e.ids.len()).max().unwrap_or(0).max(1)
+}
+
+/// The encoder's activations, allocated once for up to `max_rows` rows
+/// (texts × padded length) and reshaped to the rows of each batch.
+struct Activations<B: Backend> {
+    max_rows: usize,
+    x: Tensor<B>,   // hidden states [rows, d]
+    h: Tensor<B>,   // a block's output before its LayerNorm [rows, d]
+    q: Tensor<B>,   // [rows, d]
+    k: Tensor<B>,   // [rows, d]
+    v: Tensor<B>,   // [rows, d]
+    att: Tensor<B>, // attention output [rows, d]
+    up: Tensor<B>,  // [rows, f]
+    act: Tensor<B>, // gelu(up) [rows, f]
+}
+
+impl<B: Backend> Activations<B> {
+    fn set_rows(&mut self, rows: usize) {
+        assert!(
+            rows <= self.max_rows,
+            "{rows} rows > capacity {}",
+            self.max_rows
+        );
+        for t in [
+            &mut self.x,
+            &mut self.h,
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.att,
+            &mut self.up,
+            &mut self.act,
+        ] {
+            t.shape[0] = rows;
+        }
+    }
+}
+
 /// A sentence embedder: BERT encoder, mean pooling, optional L2 norm.
 pub struct Embedder<B: Backend> {
     pub config: BertConfig,
@@ -422,7 +463,7 @@ impl<B: Backend> Embedder<B> {
     /// One embedding per text, in order. Texts are grouped by length into
     /// batches of up to the batch size, each padded to its longest, as
     /// sentence-transformers does; the grouping changes nothing but the
-    /// rounding.
+    /// rounding. The activations are allocated once, for the largest batch.
     pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
         let encoded = texts
             .iter()
@@ -430,10 +471,15 @@ impl<B: Backend> Embedder<B> {
             .collect::<Result<Vec<_>>>()?;
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));
+        let groups: Vec<Vec<&Encoded>> = order
+            .chunks(self.batch_size)
+            .map(|group| group.iter().map(|&i| &encoded[i]).collect())
+            .collect();
+        let max_rows = groups.iter().map(|g| padded_rows(g)).max().unwrap_or(0);
+        let mut acts = self.activations(max_rows)?;
         let mut out = vec![Vec::new(); texts.len()];
-        for group in order.chunks(self.batch_size) {
-            let batch: Vec<&Encoded> = group.iter().map(|&i| &encoded[i]).collect();
-            for (&i, e) in group.iter().zip(self.embed_encoded(&batch)?) {
+        for (group, batch) in order.chunks(self.batch_size).zip(&groups) {
+            for (&i, e) in group.iter().zip(self.embed_batch(batch, &mut acts)?) {
                 out[i] = e;
             }
         }
@@ -446,6 +492,33 @@ impl<B: Backend> Embedder<B> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        let mut acts = self.activations(padded_rows(batch))?;
+        self.embed_batch(batch, &mut acts)
+    }
+
+    /// Activations for up to `max_rows` rows (texts × padded length).
+    fn activations(&self, max_rows: usize) -> Result<Activations<B>> {
+        let (be, c) = (&self.backend, &self.config);
+        let max_rows = max_rows.max(1);
+        let t =
+            |cols: usize| be.zeros_with_capacity(&[max_rows, cols], max_rows * cols, be.dtype());
+        let d = c.hidden_size;
+        Ok(Activations {
+            max_rows,
+            x: t(d)?,
+            h: t(d)?,
+            q: t(d)?,
+            k: t(d)?,
+            v: t(d)?,
+            att: t(d)?,
+            up: t(c.intermediate_size)?,
+            act: t(c.intermediate_size)?,
+        })
+    }
+
+    /// One forward pass over a non-empty batch padded to its longest, in
+    /// `acts`.
+    fn embed_batch(&self, batch: &[&Encoded], acts: &mut Activations<B>) -> Result<Vec<Vec<f32>>> {
         let lens: Vec<usize> = batch.iter().map(|e| e.ids.len()).collect();
         let seq = lens.iter().copied().max().unwrap_or(0).max(1);
         if seq > self.config.max_position_embeddings {
@@ -463,50 +536,58 @@ impl<B: Backend> Embedder<B> {
             types[b * seq..][..e.type_ids.len()].copy_from_slice(&e.type_ids);
             positions.extend(0..seq as u32);
         }
-        let hidden = self.forward(&ids, &types, &positions, &lens)?;
+        acts.set_rows(rows);
+        let hidden = self.forward(acts, &ids, &types, &positions, &lens)?;
         Ok(self.pool(&hidden, &lens, seq))
     }
 
     /// The encoder's last hidden states [batch·seq, d], downloaded as f32.
     fn forward(
         &self,
+        acts: &mut Activations<B>,
         ids: &[u32],
         types: &[u32],
         positions: &[u32],
         lens: &[usize],
     ) -> Result<Vec<f32>> {
         let (c, w, be) = (&self.config, &self.weights, &self.backend);
-        let (d, f, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
-        let rows = ids.len();
-        let t = |cols: usize| be.zeros(&[rows, cols], be.dtype());
-        let (mut x, mut h) = (t(d)?, t(d)?);
-        let (mut q, mut k, mut v, mut att) = (t(d)?, t(d)?, t(d)?, t(d)?);
-        let (mut up, mut act) = (t(f)?, t(f)?);
+        let eps = c.layer_norm_eps;
+        let Activations {
+            x,
+            h,
+            q,
+            k,
+            v,
+            att,
+            up,
+            act,
+            ..
+        } = acts;
 
         // embeddings: x = LayerNorm(word + position + token type)
-        be.embedding(&mut h, ids, &w.word)?;
-        be.embedding(&mut x, positions, &w.position)?;
-        be.add_assign(&mut h, &x)?;
-        be.embedding(&mut x, types, &w.token_type)?;
-        be.add_assign(&mut h, &x)?;
-        be.layernorm(&mut x, &h, &w.embed_norm.w, &w.embed_norm.b, eps)?;
+        be.embedding(h, ids, &w.word)?;
+        be.embedding(x, positions, &w.position)?;
+        be.add_assign(h, x)?;
+        be.embedding(x, types, &w.token_type)?;
+        be.add_assign(h, x)?;
+        be.layernorm(x, h, &w.embed_norm.w, &w.embed_norm.b, eps)?;
         for l in &w.layers {
             // attention block
-            l.query.forward(be, &mut q, &x)?;
-            l.key.forward(be, &mut k, &x)?;
-            l.value.forward(be, &mut v, &x)?;
-            be.attention_bidirectional(&mut att, &q, &k, &v, c.num_heads, lens)?;
-            l.attn_out.forward(be, &mut h, &att)?;
-            be.add_assign(&mut h, &x)?;
-            be.layernorm(&mut x, &h, &l.attn_norm.w, &l.attn_norm.b, eps)?;
+            l.query.forward(be, q, x)?;
+            l.key.forward(be, k, x)?;
+            l.value.forward(be, v, x)?;
+            be.attention_bidirectional(att, q, k, v, c.num_heads, lens)?;
+            l.attn_out.forward(be, h, att)?;
+            be.add_assign(h, x)?;
+            be.layernorm(x, h, &l.attn_norm.w, &l.attn_norm.b, eps)?;
             // feed-forward block
-            l.ffn_up.forward(be, &mut up, &x)?;
-            be.gelu(&mut act, &up)?;
-            l.ffn_down.forward(be, &mut h, &act)?;
-            be.add_assign(&mut h, &x)?;
-            be.layernorm(&mut x, &h, &l.ffn_norm.w, &l.ffn_norm.b, eps)?;
+            l.ffn_up.forward(be, up, x)?;
+            be.gelu(act, up)?;
+            l.ffn_down.forward(be, h, act)?;
+            be.add_assign(h, x)?;
+            be.layernorm(x, h, &l.ffn_norm.w, &l.ffn_norm.b, eps)?;
         }
-        be.download(&x)
+        be.download(x)
     }
 
     /// Mean over each text's real tokens (in f64), then the L2 norm if the

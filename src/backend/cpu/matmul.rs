@@ -16,36 +16,48 @@ pub fn matmul_nt(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: u
         return matvec_nt(&mut out[..n * m], &x[..n * k], &w[..m * k], n, m, k);
     }
     // gemm's own threading leaves a core idle at these sizes (a 128×576
-    // output ran no faster on 2 threads than on 1), so split the columns of
-    // the output (rows of w) into blocks ourselves: each task packs and
-    // multiplies only its block of the weights. The blocks do not depend on
-    // the thread count, so neither do the results, bit for bit.
+    // output ran no faster on 2 threads than on 1), so split the output into
+    // tiles ourselves: blocks of ROW_BLOCK rows of x times blocks of COL_BLOCK
+    // columns (rows of w). Each task packs and multiplies only its tile's
+    // operands; with many rows (an encoder batch is thousands) there are
+    // enough tiles to keep every thread busy, where the column blocks alone
+    // (three for a 384-wide layer) left one of two threads idle a third of
+    // the time. The tiles do not depend on the thread count, so neither do
+    // the results, bit for bit.
     let dst = SendPtr(out.as_mut_ptr());
-    (0..m.div_ceil(COL_BLOCK)).into_par_iter().for_each(|b| {
-        let j0 = b * COL_BLOCK;
-        let width = COL_BLOCK.min(m - j0);
-        // SAFETY: task b writes only columns j0..j0+width of each of the n
-        // rows of out (row stride m), disjoint from every other task's, and
-        // reads rows j0..j0+width of w; the assertion above bounds both.
-        unsafe {
-            gemm_nt(
-                dst.get().add(j0),
-                m,
-                x,
-                &w[j0 * k..(j0 + width) * k],
-                n,
-                width,
-                k,
-            )
-        };
-    });
+    let col_blocks = m.div_ceil(COL_BLOCK);
+    (0..n.div_ceil(ROW_BLOCK) * col_blocks)
+        .into_par_iter()
+        .for_each(|tile| {
+            let (i0, j0) = (tile / col_blocks * ROW_BLOCK, tile % col_blocks * COL_BLOCK);
+            let (rows, width) = (ROW_BLOCK.min(n - i0), COL_BLOCK.min(m - j0));
+            // SAFETY: tile (i0, j0) writes only rows i0..i0+rows, columns
+            // j0..j0+width of out (row stride m), disjoint from every other
+            // tile's, and reads rows i0..i0+rows of x and j0..j0+width of w;
+            // the assertion above bounds all three.
+            unsafe {
+                gemm_nt(
+                    dst.get().add(i0 * m + j0),
+                    m,
+                    &x[i0 * k..(i0 + rows) * k],
+                    &w[j0 * k..(j0 + width) * k],
+                    rows,
+                    width,
+                    k,
+                )
+            };
+        });
 }
 
-/// Output columns per task: a multiple of the widest micro-kernel (64 floats),
+/// Output columns per tile: a multiple of the widest micro-kernel (64 floats),
 /// small enough to balance two or more threads on 576-wide layers.
 const COL_BLOCK: usize = 128;
 
-/// A pointer the tasks of one matmul share, each writing its own columns.
+/// Output rows per tile: enough that packing a tile's block of w (k×128)
+/// costs little next to multiplying it.
+const ROW_BLOCK: usize = 512;
+
+/// A pointer the tasks of one matmul share, each writing its own tile.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}

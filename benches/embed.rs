@@ -1,0 +1,116 @@
+//! engine's side of the CPU embedding benchmark, measured the way
+//! benches/embed_st.py measures sentence-transformers: `Embedder::embed` over
+//! a JSON list of texts (tokenization, length grouping, padding, forward,
+//! pooling and normalisation included; process start and model load
+//! excluded), one warm-up call on the first 64 texts, then --repeats timed
+//! calls over all of them. Prints one JSON line with the median and best
+//! sentences/s; --dump FILE writes the last call's embeddings as raw
+//! little-endian f32, one row per text.
+//!
+//!   cargo bench --bench embed -- --texts FILE [--model DIR] [--batch B]
+//!     [--threads T] [--repeats R] [--dump FILE]
+//! benches/embed.sh runs it next to sentence-transformers and prints the ratios.
+
+use engine::backend::cpu::Cpu;
+use engine::model::bert::Embedder;
+use std::path::PathBuf;
+use std::time::Instant;
+
+struct Args {
+    model: PathBuf,
+    texts: PathBuf,
+    batch: usize,
+    threads: usize,
+    repeats: usize,
+    dump: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        model: PathBuf::from("models/all-minilm-l6-v2"),
+        texts: PathBuf::new(),
+        batch: 32,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        repeats: 3,
+        dump: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => args.model = value().into(),
+            "--texts" => args.texts = value().into(),
+            "--batch" => args.batch = value().parse().expect("--batch"),
+            "--threads" => args.threads = value().parse().expect("--threads"),
+            "--repeats" => args.repeats = value().parse().expect("--repeats"),
+            "--dump" => args.dump = Some(value().into()),
+            "--bench" => {} // passed by `cargo bench`
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(args.repeats > 0, "--repeats must be at least 1");
+    args
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process in MiB (VmHWM).
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let args = parse_args();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(args.threads)
+        .build_global()
+        .unwrap();
+    let texts: Vec<String> = serde_json::from_str(
+        &std::fs::read_to_string(&args.texts).expect("--texts FILE (a JSON list of strings)"),
+    )
+    .expect("texts: a JSON list of strings");
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let mut embedder = Embedder::load(&args.model, Cpu).expect("load model");
+    embedder.set_batch_size(args.batch).unwrap();
+    let tokens: usize = texts
+        .iter()
+        .map(|t| embedder.tokenize(t).unwrap().ids.len())
+        .sum();
+
+    embedder.embed(&texts[..texts.len().min(64)]).unwrap(); // warm-up
+    let (mut seconds, mut last) = (Vec::new(), Vec::new());
+    for _ in 0..args.repeats {
+        let t0 = Instant::now();
+        last = embedder.embed(&texts).unwrap();
+        seconds.push(t0.elapsed().as_secs_f64());
+    }
+    if let Some(path) = &args.dump {
+        let flat: Vec<f32> = last.concat();
+        std::fs::write(path, bytemuck::cast_slice::<f32, u8>(&flat)).expect("write --dump");
+    }
+    let n = texts.len() as f64;
+    let best = seconds.iter().copied().fold(f64::INFINITY, f64::min);
+    let round = |x: f64, p: f64| (x * p).round() / p;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "engine",
+            "sentences": texts.len(),
+            "tokens": tokens,
+            "sentences_per_s": round(n / median(seconds.clone()), 100.0),
+            "best_sentences_per_s": round(n / best, 100.0),
+            "seconds": seconds.iter().map(|&s| round(s, 1e4)).collect::<Vec<_>>(),
+            "threads": args.threads,
+            "batch": args.batch,
+            "peak_rss_mb": round(peak_rss_mb(), 10.0),
+        })
+    );
+}
