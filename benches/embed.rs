@@ -11,6 +11,8 @@
 //!     [--threads T] [--repeats R] [--dump FILE]
 //! benches/embed.sh runs it next to sentence-transformers and prints the ratios.
 
+mod common;
+
 use engine::backend::cpu::Cpu;
 use engine::model::bert::Embedder;
 use std::path::PathBuf;
@@ -30,49 +32,26 @@ fn parse_args() -> Args {
         model: PathBuf::from("models/all-minilm-l6-v2"),
         texts: PathBuf::new(),
         batch: 32,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: common::all_cores(),
         repeats: 3,
         dump: None,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--model" => args.model = value().into(),
-            "--texts" => args.texts = value().into(),
-            "--batch" => args.batch = value().parse().expect("--batch"),
-            "--threads" => args.threads = value().parse().expect("--threads"),
-            "--repeats" => args.repeats = value().parse().expect("--repeats"),
-            "--dump" => args.dump = Some(value().into()),
-            "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}"),
-        }
-    }
+    common::each_flag(|flag, value| match flag {
+        "--model" => args.model = value.into(),
+        "--texts" => args.texts = value.into(),
+        "--batch" => args.batch = value.parse().expect("--batch"),
+        "--threads" => args.threads = value.parse().expect("--threads"),
+        "--repeats" => args.repeats = value.parse().expect("--repeats"),
+        "--dump" => args.dump = Some(value.into()),
+        other => panic!("unknown argument {other}"),
+    });
     assert!(args.repeats > 0, "--repeats must be at least 1");
     args
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Peak resident memory of this process in MiB (VmHWM).
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn main() {
     let args = parse_args();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .unwrap();
+    common::use_threads(args.threads);
     let texts: Vec<String> = serde_json::from_str(
         &std::fs::read_to_string(&args.texts).expect("--texts FILE (a JSON list of strings)"),
     )
@@ -105,12 +84,12 @@ fn main() {
             "impl": "engine",
             "sentences": texts.len(),
             "tokens": tokens,
-            "sentences_per_s": round(n / median(seconds.clone()), 100.0),
+            "sentences_per_s": round(n / common::median(seconds.clone()), 100.0),
             "best_sentences_per_s": round(n / best, 100.0),
             "seconds": seconds.iter().map(|&s| round(s, 1e4)).collect::<Vec<_>>(),
             "threads": args.threads,
             "batch": args.batch,
-            "peak_rss_mb": round(peak_rss_mb(), 10.0),
+            "peak_rss_mb": round(common::peak_rss_mb(), 10.0),
         })
     );
 }

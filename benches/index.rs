@@ -11,6 +11,8 @@
 //!     [--k K] [--repeats R] [--threads T]
 //! benches/index.sh runs it next to faiss and prints the ratios.
 
+mod common;
+
 use engine::rag::index::{Index, Piece, Writer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,23 +37,18 @@ fn parse_args() -> Args {
         queries: 256,
         k: 10,
         repeats: 3,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: common::all_cores(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--dir" => args.dir = value().into(),
-            "--rows" => args.rows = value().parse().expect("--rows"),
-            "--dim" => args.dim = value().parse().expect("--dim"),
-            "--queries" => args.queries = value().parse().expect("--queries"),
-            "--k" => args.k = value().parse().expect("--k"),
-            "--repeats" => args.repeats = value().parse().expect("--repeats"),
-            "--threads" => args.threads = value().parse().expect("--threads"),
-            "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}"),
-        }
-    }
+    common::each_flag(|flag, value| match flag {
+        "--dir" => args.dir = value.into(),
+        "--rows" => args.rows = value.parse().expect("--rows"),
+        "--dim" => args.dim = value.parse().expect("--dim"),
+        "--queries" => args.queries = value.parse().expect("--queries"),
+        "--k" => args.k = value.parse().expect("--k"),
+        "--repeats" => args.repeats = value.parse().expect("--repeats"),
+        "--threads" => args.threads = value.parse().expect("--threads"),
+        other => panic!("unknown argument {other}"),
+    });
     assert!(!args.dir.as_os_str().is_empty(), "--dir DIR is required");
     args
 }
@@ -103,10 +100,7 @@ fn index_of(dir: &Path, rows: usize, dim: usize) -> Index {
 
 fn main() {
     let args = parse_args();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .unwrap();
+    common::use_threads(args.threads);
     let (d, k) = (args.dim, args.k);
     let index = index_of(&args.dir, args.rows, d);
     let queries = unit_vectors(&mut StdRng::seed_from_u64(2), args.queries, d);

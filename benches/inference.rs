@@ -8,6 +8,8 @@
 //!     [--repeats R] [--threads T]
 //! benches/inference.sh runs it next to PyTorch and prints the ratios.
 
+mod common;
+
 use engine::backend::cpu::Cpu;
 use engine::backend::sample::argmax;
 use engine::backend::Backend;
@@ -30,45 +32,22 @@ fn parse_args() -> Args {
         prompt_ids: PathBuf::new(),
         decode_tokens: 64,
         repeats: 3,
-        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        threads: common::all_cores(),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--model" => args.model = value().into(),
-            "--prompt-ids" => args.prompt_ids = value().into(),
-            "--decode-tokens" => args.decode_tokens = value().parse().expect("--decode-tokens"),
-            "--repeats" => args.repeats = value().parse().expect("--repeats"),
-            "--threads" => args.threads = value().parse().expect("--threads"),
-            "--bench" => {} // passed by `cargo bench`
-            other => panic!("unknown argument {other}"),
-        }
-    }
+    common::each_flag(|flag, value| match flag {
+        "--model" => args.model = value.into(),
+        "--prompt-ids" => args.prompt_ids = value.into(),
+        "--decode-tokens" => args.decode_tokens = value.parse().expect("--decode-tokens"),
+        "--repeats" => args.repeats = value.parse().expect("--repeats"),
+        "--threads" => args.threads = value.parse().expect("--threads"),
+        other => panic!("unknown argument {other}"),
+    });
     args
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Peak resident memory of this process in MiB (VmHWM).
-fn peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn main() {
     let args = parse_args();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(args.threads)
-        .build_global()
-        .unwrap();
+    common::use_threads(args.threads);
     let ids: Vec<u32> = serde_json::from_str(
         &std::fs::read_to_string(&args.prompt_ids).expect("--prompt-ids FILE (a JSON list)"),
     )
@@ -112,9 +91,9 @@ fn main() {
     }
     let result = serde_json::json!({
         "impl": "engine",
-        "prefill_tok_s": (n as f64 / median(prefill) * 100.0).round() / 100.0,
-        "decode_tok_s": (args.decode_tokens as f64 / median(decode) * 100.0).round() / 100.0,
-        "peak_rss_mb": (peak_rss_mb() * 10.0).round() / 10.0,
+        "prefill_tok_s": (n as f64 / common::median(prefill) * 100.0).round() / 100.0,
+        "decode_tok_s": (args.decode_tokens as f64 / common::median(decode) * 100.0).round() / 100.0,
+        "peak_rss_mb": (common::peak_rss_mb() * 10.0).round() / 10.0,
         "threads": args.threads,
         "prompt_tokens": n,
         "decode_tokens": args.decode_tokens,

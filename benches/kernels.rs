@@ -45,6 +45,8 @@
 //! without one are listed under the table; lines whose kernel is absent are
 //! skipped.
 
+mod common;
+
 use anyhow::{bail, Context as _, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::cuda::driver::{DevicePtr, GpuDriver};
@@ -2247,11 +2249,6 @@ fn run_all<D: GpuDriver>(
     (bad, rows.iter().map(|(c, _)| c.spec.name).collect())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// A real GPU: CUDA events and cuBLAS.
 mod gpu {
     use super::*;
@@ -2291,7 +2288,7 @@ mod gpu {
         let times = (0..samples.max(1))
             .map(|_| batch_time(batch))
             .collect::<Result<Vec<_>>>()?;
-        Ok(median(times))
+        Ok(common::median(times))
     }
 
     /// out[n, m] = x[n, k] · w[m, k]ᵀ, row-major, by cuBLAS: bf16 inputs
@@ -2403,7 +2400,7 @@ mod emu {
                 launch()?;
                 samples.push(t.elapsed().as_secs_f64());
             }
-            Ok(median(samples))
+            Ok(common::median(samples))
         };
         let bench = Bench {
             gpu: Cuda::new(Emu::new()),
