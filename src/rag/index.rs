@@ -37,6 +37,7 @@
 //! Search is exact; see [`super::search`].
 
 use super::search::{self, DeviceVectors};
+use crate::backend::cpu::Cpu;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use memmap2::{Mmap, MmapOptions};
@@ -538,10 +539,7 @@ impl Index {
     /// [`Index::search`] for n queries at once (`queries` is n × dim,
     /// row-major): one list of hits per query.
     pub fn search_batch(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<Hit>>> {
-        self.search_ids(queries, k)?
-            .into_iter()
-            .map(|ids| self.hits(ids))
-            .collect()
+        self.search_batch_on(&Cpu, queries, k)
     }
 
     fn hits(&self, ids: Vec<(usize, f32)>) -> Result<Vec<Hit>> {
@@ -559,41 +557,48 @@ impl Index {
     /// The search without reading the chunk records: (id, score) of the k
     /// best rows for each of the n queries in `queries` (n × dim).
     pub fn search_ids(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+        self.search_ids_on(&Cpu, queries, k)
+    }
+
+    /// [`Index::search_ids`] on `be`'s device: on the CPU the vectors are
+    /// searched where they lie, in the memory map; elsewhere the live vectors
+    /// are uploaded first (keep a [`DeviceVectors`] to search one upload
+    /// many times).
+    pub fn search_ids_on<B: Backend>(
+        &self,
+        be: &B,
+        queries: &[f32],
+        k: usize,
+    ) -> Result<Vec<Vec<(usize, f32)>>> {
         let nq = self.check_queries(queries, "the query batch")?;
         let k = k.min(self.count);
         if k == 0 {
             return Ok(vec![Vec::new(); nq]);
         }
-        let live = self.live.as_deref();
-        Ok(search::on_host(
-            self.all_vectors(),
-            self.m.dim,
-            live,
-            queries,
-            k,
-        ))
+        if be.is_host() {
+            let live = self.live.as_deref();
+            return Ok(search::on_host(
+                self.all_vectors(),
+                self.m.dim,
+                live,
+                queries,
+                k,
+            ));
+        }
+        DeviceVectors::upload(be, self)?.search_ids(be, queries, k)
     }
 
-    /// [`Index::search_batch`] on `be`'s device: on the CPU the same as
-    /// `search_batch`; elsewhere the live vectors are uploaded first (keep a
-    /// [`DeviceVectors`] to search one upload many times).
+    /// [`Index::search_batch`] on `be`'s device, as [`Index::search_ids_on`].
     pub fn search_batch_on<B: Backend>(
         &self,
         be: &B,
         queries: &[f32],
         k: usize,
     ) -> Result<Vec<Vec<Hit>>> {
-        if be.is_host() {
-            return self.search_batch(queries, k);
-        }
-        let nq = self.check_queries(queries, "the query batch")?;
-        let k = k.min(self.count);
-        let found = if k == 0 {
-            vec![Vec::new(); nq]
-        } else {
-            DeviceVectors::upload(be, self)?.search_ids(be, queries, k)?
-        };
-        found.into_iter().map(|ids| self.hits(ids)).collect()
+        self.search_ids_on(be, queries, k)?
+            .into_iter()
+            .map(|ids| self.hits(ids))
+            .collect()
     }
 
     /// The ids of the live rows, ascending.
