@@ -778,7 +778,6 @@ fn index_add<B: Backend>(
     use engine::rag::ingest::{add_file, files_under, Outcome};
     let files = files_under(paths)?;
     let embedder = engine::model::bert::Embedder::load(embedder_dir, be)?;
-    let counter = Tokenizer::load(embedder_dir)?;
     let mut writer =
         engine::rag::index::Writer::open_or_create(index, embedder.identity(), embedder.dim())?;
     let bar = indicatif::ProgressBar::new(files.len() as u64).with_style(
@@ -788,7 +787,7 @@ fn index_add<B: Backend>(
     let (mut added, mut chunks, mut unchanged, mut empty) = (0, 0, 0, Vec::new());
     for f in &files {
         bar.set_message(f.display().to_string());
-        match add_file(&mut writer, &embedder, &counter, opts, f)? {
+        match add_file(&mut writer, &embedder, opts, f)? {
             Outcome::Added(n) => (added, chunks) = (added + 1, chunks + n),
             Outcome::Unchanged => unchanged += 1,
             Outcome::Empty => empty.push(f.display().to_string()),

@@ -74,7 +74,15 @@ fn tokens_match_sentence_transformers() {
         let enc = embedder.tokenize(&r.text).unwrap();
         assert_eq!(enc.ids, r.token_ids, "token ids of {:?}", r.text);
         assert!(enc.type_ids.iter().all(|&t| t == 0));
+        // The chunker's count is the same tokens, before truncation.
+        if enc.ids.len() < embedder.sentence.max_seq_length {
+            assert_eq!(embedder.count_tokens(&r.text).unwrap(), enc.ids.len());
+        }
     }
+    let max = embedder.sentence.max_seq_length;
+    let long = "word ".repeat(2 * max);
+    assert_eq!(embedder.tokenize(&long).unwrap().ids.len(), max);
+    assert_eq!(embedder.count_tokens(&long).unwrap(), 2 * max + 2);
 }
 
 #[test]

@@ -342,6 +342,8 @@ pub struct Embedder<B: Backend> {
     pub sentence: SentenceConfig,
     pub weights: BertWeights<B>,
     tokenizer: tokenizers::Tokenizer,
+    /// The same without truncation, to count every token.
+    counter: tokenizers::Tokenizer,
     backend: B,
     batch_size: usize,
     identity: String,
@@ -374,6 +376,10 @@ impl<B: Backend> Embedder<B> {
         let sentence = SentenceConfig::load(dir, &config)?;
         let model_dir = &sentence.transformer_dir;
         let tokenizer = load_tokenizer(model_dir, sentence.max_seq_length)?;
+        let mut counter = tokenizer.clone();
+        counter
+            .with_truncation(None)
+            .expect("no truncation is valid");
         let files = SafetensorsFiles::open_dir(model_dir)?;
         let mut fp = Fingerprint::new();
         fp.add_bytes(
@@ -396,6 +402,7 @@ impl<B: Backend> Embedder<B> {
             sentence,
             weights,
             tokenizer,
+            counter,
             backend,
             batch_size: DEFAULT_BATCH_SIZE,
             identity,
@@ -431,17 +438,7 @@ impl<B: Backend> Embedder<B> {
 
     /// [CLS] text [SEP] as token ids, truncated to max_seq_length.
     pub fn tokenize(&self, text: &str) -> Result<Encoded> {
-        let lowered;
-        let text = if self.sentence.do_lower_case {
-            lowered = text.to_lowercase();
-            &lowered
-        } else {
-            text
-        };
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| Error::Invalid(format!("cannot tokenize text: {e}")))?;
+        let enc = self.encode(&self.tokenizer, text)?;
         let ids = enc.get_ids().to_vec();
         let type_ids = enc.get_type_ids().to_vec();
         let c = &self.config;
@@ -458,6 +455,24 @@ impl<B: Backend> Embedder<B> {
             )));
         }
         Ok(Encoded { ids, type_ids })
+    }
+
+    /// The tokens of `text`, [CLS] and [SEP] included, before truncation:
+    /// the chunker's measure, so that a chunk fits max_seq_length.
+    pub fn count_tokens(&self, text: &str) -> Result<usize> {
+        Ok(self.encode(&self.counter, text)?.len())
+    }
+
+    fn encode(&self, tok: &tokenizers::Tokenizer, text: &str) -> Result<tokenizers::Encoding> {
+        let lowered;
+        let text = if self.sentence.do_lower_case {
+            lowered = text.to_lowercase();
+            &lowered
+        } else {
+            text
+        };
+        tok.encode_fast(text, true)
+            .map_err(|e| Error::Invalid(format!("cannot tokenize text: {e}")))
     }
 
     /// One embedding per text, in order. Texts are grouped by length into

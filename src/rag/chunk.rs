@@ -79,11 +79,10 @@ impl<F: Fn(&str) -> usize> TokenCounter for F {
     }
 }
 
-/// The project's tokenizer wrapper (which loads without the file's own
-/// padding and truncation), special tokens included.
-impl TokenCounter for crate::tokenizer::Tokenizer {
+/// The embedder's own tokenizer, before its truncation.
+impl<B: crate::backend::Backend> TokenCounter for crate::model::bert::Embedder<B> {
     fn count(&self, text: &str) -> Result<usize> {
-        Ok(self.encode(text, true)?.len())
+        self.count_tokens(text)
     }
 }
 

@@ -7,7 +7,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::bert::Embedder;
-use crate::rag::chunk::{chunk_file, ChunkOptions, Format, TokenCounter};
+use crate::rag::chunk::{chunk_file, ChunkOptions, Format};
 use crate::rag::index::{Piece, Writer};
 use std::path::{Path, PathBuf};
 
@@ -85,7 +85,6 @@ pub fn content_hash(bytes: &[u8], opts: &ChunkOptions) -> String {
 pub fn add_file<B: Backend>(
     writer: &mut Writer,
     embedder: &Embedder<B>,
-    counter: &dyn TokenCounter,
     opts: &ChunkOptions,
     path: &Path,
 ) -> Result<Outcome> {
@@ -95,7 +94,7 @@ pub fn add_file<B: Backend>(
     if writer.source_hash(&source) == Some(hash.as_str()) {
         return Ok(Outcome::Unchanged);
     }
-    let chunks = chunk_file(path, opts, counter)?;
+    let chunks = chunk_file(path, opts, embedder)?;
     if chunks.is_empty() {
         writer.remove(&source);
         return Ok(Outcome::Empty);
