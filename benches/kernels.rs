@@ -50,9 +50,9 @@ mod common;
 use anyhow::{bail, Context as _, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::cuda::driver::{DevicePtr, GpuDriver};
-use engine::backend::cuda::{real, sources, Cuda};
+use engine::backend::cuda::{merge_top_k, real, sources, top_k_segment, Cuda};
 use engine::backend::sample::{argmax, Sampler, SamplerConfig};
-use engine::backend::{mean_scale, top_k_order, AdamW, AdamWTensors, Backend, IGNORE};
+use engine::backend::{mean_scale, AdamW, AdamWTensors, Backend, IGNORE};
 use engine::tensor::DType::{self, BF16, F32};
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -357,7 +357,7 @@ const SPECS: &[Spec] = &[
         },
         6,
     ),
-    spec("topk_f32", Family::TopK, 5),
+    spec("topk_f32", Family::TopK, 6),
 ];
 
 /// The parameter count of a kernel the bench runs through the Cuda device's
@@ -495,7 +495,7 @@ impl Case {
                 let real: usize = lens.iter().sum();
                 3 * 2 * real * ENC_D + 2 * n * ENC_D + 4 * lens.len()
             }
-            Family::TopK => 4 * n * m + 8 * n * k,
+            Family::TopK => 4 * n * m + 8 * n * m.div_ceil(top_k_segment(k)) * k,
         };
         b as f64
     }
@@ -934,8 +934,9 @@ enum Check {
     F64(f32),
     /// Top-k lists of k (column, score) per row, exactly: the output holds
     /// every row's columns (u32, as the bits of f32s), then every row's
-    /// scores; the kernel's in any order within a row, the CPU's best first.
-    TopK(usize),
+    /// scores; the kernel's `width` candidates per row in any order, the
+    /// CPU's k best first.
+    TopK { k: usize, width: usize },
 }
 
 /// An f64 as the two f32s that hold its bits (little-endian), as an F32
@@ -1732,15 +1733,19 @@ impl<D: GpuDriver> Bench<'_, D> {
                 want.extend(lists.iter().flatten().map(|&(c, _)| f32::from_bits(c)));
                 want.extend(lists.iter().flatten().map(|&(_, v)| v));
                 let scores = self.up(&sv, &[n, m], F32)?;
-                // One buffer: idx [n, k] (u32), then val [n, k] inside it.
-                let out = self.poisoned(&[2, n, k], F32)?;
-                let val = out.buf.ptr + (4 * n * k) as DevicePtr;
+                // Each row's segments x k candidates, as the launcher asks.
+                let seg = top_k_segment(k);
+                let segs = m.div_ceil(seg);
+                let width = segs * k;
+                // One buffer: idx [n, width] (u32), then val [n, width] inside it.
+                let out = self.poisoned(&[2, n, width], F32)?;
+                let val = out.buf.ptr + (4 * n * width) as DevicePtr;
                 let args = Args::default().ptr(out.buf.ptr).ptr(val);
-                let args = args.ptr(scores.buf.ptr).int(m).int(k);
+                let args = args.ptr(scores.buf.ptr).int(m).int(k).int(seg);
                 Prepared {
                     inputs: vec![scores],
-                    outs: vec![output("top k", out, want, Check::TopK(k))],
-                    call: kernel((n, 1), 256, args),
+                    outs: vec![output("top k", out, want, Check::TopK { k, width })],
+                    call: kernel((n, segs), 256, args),
                 }
             }
         })
@@ -1976,8 +1981,8 @@ impl<D: GpuDriver> Bench<'_, D> {
                     }
                     0.0
                 }
-                Check::TopK(k) => {
-                    if let Some(what) = top_k_mismatch(&got, want, k) {
+                Check::TopK { k, width } => {
+                    if let Some(what) = top_k_mismatch(&got, want, k, width) {
                         return Ok(Outcome::Mismatch(what));
                     }
                     0.0
@@ -1993,24 +1998,18 @@ impl<D: GpuDriver> Bench<'_, D> {
 }
 
 /// How a top-k output (`Check::TopK`) differs from the CPU device's lists,
-/// if it does: each row's k entries sorted as the launcher sorts them
-/// (`top_k_order`), then compared exactly, columns and score bits.
-fn top_k_mismatch(got: &[f32], want: &[f32], k: usize) -> Option<String> {
-    let lists = |v: &[f32]| -> Vec<Vec<(u32, f32)>> {
+/// if it does: each row's candidates (`width` of them) merged as the launcher
+/// merges them (`merge_top_k`), then compared exactly, columns and score
+/// bits.
+fn top_k_mismatch(got: &[f32], want: &[f32], k: usize, width: usize) -> Option<String> {
+    let lists = |v: &[f32], width: usize| -> Vec<Vec<(u32, f32)>> {
         let (idx, val) = v.split_at(v.len() / 2);
-        (idx.chunks_exact(k).zip(val.chunks_exact(k)))
-            .map(|(i, s)| {
-                let mut row: Vec<(u32, f32)> = i
-                    .iter()
-                    .map(|c| c.to_bits())
-                    .zip(s.iter().copied())
-                    .collect();
-                row.sort_by(top_k_order);
-                row
-            })
+        let idx: Vec<u32> = idx.iter().map(|c| c.to_bits()).collect();
+        (idx.chunks_exact(width).zip(val.chunks_exact(width)))
+            .map(|(i, s)| merge_top_k(i, s, k))
             .collect()
     };
-    let (got, want) = (lists(got), lists(want));
+    let (got, want) = (lists(got, width), lists(want, k));
     let same = |a: &[(u32, f32)], b: &[(u32, f32)]| {
         a.iter()
             .zip(b)

@@ -71,6 +71,25 @@ impl Args {
 
 const THREADS: u32 = 256;
 
+/// Columns per block of `topk_f32`: blocks enough for one query over many
+/// vectors to fill the GPU, and at least 16·k, so that the host merges at
+/// most a sixteenth of a row.
+pub fn top_k_segment(k: usize) -> usize {
+    4096.max(16 * k)
+}
+
+/// The k best of one row's `topk_f32` candidates (columns, scores), sorted
+/// as the CPU ranks them.
+pub fn merge_top_k(idx: &[u32], val: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut row: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
+    if row.len() > k {
+        row.select_nth_unstable_by(k - 1, top_k_order);
+        row.truncate(k);
+    }
+    row.sort_by(top_k_order);
+    row
+}
+
 /// Blocks for a grid-stride loop over `n` elements.
 fn blocks_for(n: usize) -> u32 {
     n.div_ceil(THREADS as usize).clamp(1, 65535) as u32
@@ -1131,31 +1150,35 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         if rows == 0 || k == 0 {
             return Ok(vec![Vec::new(); rows]);
         }
-        let (idx, val) = (self.alloc(rows * k * 4)?, self.alloc(rows * k * 4)?);
+        let seg = top_k_segment(k);
+        let segs = m.div_ceil(seg);
+        if segs > 65535 {
+            return Err(Error::Invalid(format!("top-k over rows of {m} scores")));
+        }
+        // Each row's segments x k candidates: segs blocks' best, padded.
+        let width = segs * k;
+        let (idx, val) = (self.alloc(rows * width * 4)?, self.alloc(rows * width * 4)?);
         let args = Args::default()
             .ptr(idx.ptr)
             .ptr(val.ptr)
             .ptr(scores.buf.ptr)
             .int(m)
-            .int(k);
-        self.launch("topk_f32", (rows as u32, 1, 1), (THREADS, 1, 1), args)?;
-        let (mut idx_h, mut val_h) = (vec![0u32; rows * k], vec![0f32; rows * k]);
-        // SAFETY: both allocations hold rows·k 4-byte values.
+            .int(k)
+            .int(seg);
+        let grid = (rows as u32, segs as u32, 1);
+        self.launch("topk_f32", grid, (THREADS, 1, 1), args)?;
+        let (mut idx_h, mut val_h) = (vec![0u32; rows * width], vec![0f32; rows * width]);
+        // SAFETY: both allocations hold rows·width 4-byte values.
         unsafe {
             self.driver
                 .download(bytemuck::cast_slice_mut(&mut idx_h), idx.ptr)?;
             self.driver
                 .download(bytemuck::cast_slice_mut(&mut val_h), val.ptr)?;
         }
-        // The kernel leaves each row's k in no order: sort them as the CPU ranks.
         Ok(idx_h
-            .chunks_exact(k)
-            .zip(val_h.chunks_exact(k))
-            .map(|(i, v)| {
-                let mut row: Vec<(u32, f32)> = i.iter().copied().zip(v.iter().copied()).collect();
-                row.sort_by(top_k_order);
-                row
-            })
+            .chunks_exact(width)
+            .zip(val_h.chunks_exact(width))
+            .map(|(i, v)| merge_top_k(i, v, k))
             .collect())
     }
 
