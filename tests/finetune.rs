@@ -126,7 +126,8 @@ fn lora_run_overfits_and_writes_its_outputs() {
 
 /// Resume equivalence: the steps after a checkpoint, run again from that
 /// checkpoint in a fresh folder, have the losses of the uninterrupted run
-/// (to 1e-6), and the final adapters are identical.
+/// (to 1e-6), and the final adapters are identical; `elapsed_s` continues
+/// from the checkpoint's training time.
 #[test]
 fn resumed_run_reproduces_the_uninterrupted_one() {
     let tmp = tempfile::tempdir().unwrap();
@@ -187,6 +188,22 @@ fn resumed_run_reproduces_the_uninterrupted_one() {
     }
     let read = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
     assert_eq!(read(&whole), read(&stopped), "final adapters differ");
+    // The training time goes on from the checkpoint's, step by step.
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let mut last = state["elapsed_s"].as_f64().unwrap();
+    assert!(last > 0.0, "{state}");
+    for v in std::fs::read_to_string(stopped.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("loss").is_some())
+    {
+        let t = v["elapsed_s"].as_f64().unwrap();
+        assert!(t > last, "elapsed_s {t} after {last}: {v}");
+        last = t;
+    }
 }
 
 /// Full fine-tuning writes a complete model folder that loads, with the

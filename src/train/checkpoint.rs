@@ -52,10 +52,22 @@ pub struct TrainerState {
     pub fingerprint: String,
     /// The settings that shape the run (see `trainer::RunSettings`).
     pub run: Json,
+    /// Seconds of training up to this checkpoint, over every run that led
+    /// to it, so that `elapsed_s` in metrics.jsonl goes on across a resume
+    /// (0 in checkpoints written before the field).
+    #[serde(default)]
+    pub elapsed_s: f64,
 }
 
 impl TrainerState {
-    pub fn new(step: u64, data: DataPosition, base: &Path, fingerprint: String, run: Json) -> Self {
+    pub fn new(
+        step: u64,
+        data: DataPosition,
+        base: &Path,
+        fingerprint: String,
+        run: Json,
+        elapsed_s: f64,
+    ) -> Self {
         TrainerState {
             format: FORMAT.into(),
             version: 1,
@@ -64,6 +76,7 @@ impl TrainerState {
             base_model: base.display().to_string(),
             fingerprint,
             run,
+            elapsed_s,
         }
     }
 }

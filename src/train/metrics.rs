@@ -3,7 +3,9 @@
 //!
 //! Train records, one per optimizer step:
 //! `{"step":12,"loss":2.31,"lr":0.0002,"grad_norm":0.84,"tokens":2048,"tokens_per_s":1534.2,"elapsed_s":17.3,"act_mib":85.5}`
-//! (`tokens`: token positions processed in the step; `act_mib`: the device
+//! (`tokens`: token positions processed in the step; `tokens_per_s`: this
+//! process's rate; `elapsed_s`: training seconds since the run began, carried
+//! across a resume by the checkpoint; `act_mib`: the device
 //! memory the run's activations and their scratch hold, in MiB; absent from
 //! older logs, read back as NaN and written back without it). Eval records:
 //! `{"step":50,"eval_loss":2.02}`. JSON has no NaN or infinity: a float that

@@ -186,6 +186,9 @@ pub fn finetune<B: Backend>(
             dir.display()
         ));
     }
+    // Training time of the runs before this one, and this one's clock.
+    let before = resume.as_ref().map_or(0.0, |(_, s)| s.elapsed_s);
+    let began = Instant::now();
     let save = |model: &Llama<B>, opt: &AdamWState<B>, step: u64, loader: &Loader| {
         let dir = checkpoint::checkpoint_dir(paths.out, step);
         let state = TrainerState::new(
@@ -194,12 +197,12 @@ pub fn finetune<B: Backend>(
             paths.model,
             fingerprint.clone(),
             run.clone(),
+            before + began.elapsed().as_secs_f64(),
         );
         checkpoint::save(&dir, model, paths.model, opt, &state).map(|_| dir)
     };
 
     let mut acts: HashMap<usize, TrainActivations<B>> = HashMap::new();
-    let began = Instant::now();
     let (mut tokens_done, mut last_loss, mut last_eval) = (0usize, f64::NAN, None);
     let log_every = (total / 20).max(1);
     for step in start..total {
@@ -281,7 +284,7 @@ pub fn finetune<B: Backend>(
             grad_norm: norm as f64,
             tokens: tokens as u64,
             tokens_per_s,
-            elapsed_s: elapsed,
+            elapsed_s: before + elapsed,
             act_mib: mib(acts.values().map(TrainActivations::bytes).sum()),
         })?;
         bar.set_position(done);
