@@ -51,7 +51,10 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
-    common::use_threads(args.threads);
+    common::in_pool(args.threads, || run(args));
+}
+
+fn run(args: Args) {
     let texts: Vec<String> = serde_json::from_str(
         &std::fs::read_to_string(&args.texts).expect("--texts FILE (a JSON list of strings)"),
     )

@@ -100,7 +100,10 @@ fn index_of(dir: &Path, rows: usize, dim: usize) -> Index {
 
 fn main() {
     let args = parse_args();
-    common::use_threads(args.threads);
+    common::in_pool(args.threads, || run(args));
+}
+
+fn run(args: Args) {
     let (d, k) = (args.dim, args.k);
     let index = index_of(&args.dir, args.rows, d);
     let queries = unit_vectors(&mut StdRng::seed_from_u64(2), args.queries, d);

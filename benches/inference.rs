@@ -47,7 +47,10 @@ fn parse_args() -> Args {
 
 fn main() {
     let args = parse_args();
-    common::use_threads(args.threads);
+    common::in_pool(args.threads, || run(args));
+}
+
+fn run(args: Args) {
     let ids: Vec<u32> = serde_json::from_str(
         &std::fs::read_to_string(&args.prompt_ids).expect("--prompt-ids FILE (a JSON list)"),
     )

@@ -7,12 +7,14 @@ pub fn all_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Runs this process's rayon work on `n` threads.
-pub fn use_threads(n: usize) {
+/// Runs `body` on a thread of a pool of `n`, as `engine` runs its commands
+/// (src/main.rs says why).
+pub fn in_pool<R: Send>(n: usize, body: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global()
         .unwrap();
+    rayon::scope(|_| body())
 }
 
 /// Calls `set(flag, value)` for each `--flag value` pair of the command
