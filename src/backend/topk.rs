@@ -124,3 +124,14 @@ impl TopK {
             .collect()
     }
 }
+
+/// The k best of one row's candidates from a device (columns and scores in
+/// any order, e.g. `topk_f32`'s segments), in [`top_k_order`].
+pub fn merge_top_k(cols: &[u32], scores: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut best = TopK::new(k);
+    for (&c, &s) in cols.iter().zip(scores) {
+        best.offer(c as usize, s);
+    }
+    let sorted = best.into_sorted().into_iter();
+    sorted.map(|(c, s)| (c as u32, s)).collect()
+}

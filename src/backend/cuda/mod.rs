@@ -11,7 +11,8 @@ pub mod sources;
 
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::shapes::LoraDims;
-use crate::backend::{mean_scale, shapes, top_k_order, AdamW, AdamWTensors, Backend, IGNORE};
+use crate::backend::topk::merge_top_k;
+use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -76,18 +77,6 @@ const THREADS: u32 = 256;
 /// most a sixteenth of a row.
 pub fn top_k_segment(k: usize) -> usize {
     4096.max(16 * k)
-}
-
-/// The k best of one row's `topk_f32` candidates (columns, scores), sorted
-/// as the CPU ranks them.
-pub fn merge_top_k(idx: &[u32], val: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut row: Vec<(u32, f32)> = idx.iter().copied().zip(val.iter().copied()).collect();
-    if row.len() > k {
-        row.select_nth_unstable_by(k - 1, top_k_order);
-        row.truncate(k);
-    }
-    row.sort_by(top_k_order);
-    row
 }
 
 /// Blocks for a grid-stride loop over `n` elements.
