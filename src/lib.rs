@@ -9,6 +9,7 @@ pub mod infer;
 pub mod kernels_check;
 pub mod model;
 pub mod rag;
+pub mod serve;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

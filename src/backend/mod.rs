@@ -386,6 +386,11 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
+    // TEMPORARY STUB (replaced by the matmul branch)
+    fn matmul_nt_invariant(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
+        self.matmul_nt(out, x, w)
+    }
+
     // ----- optimizer -----
 
     /// Σ x² over the tensor, accumulated in f64 on the host side (the

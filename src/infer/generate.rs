@@ -1,12 +1,16 @@
-//! Autoregressive generation: prefill the prompt into the KV cache, then
-//! decode one token at a time until a stop token or the token budget.
+//! Autoregressive generation of one request: the engine's batched path with
+//! a batch of one, so `engine generate` and `engine serve` compute the same
+//! tokens.
 
-use crate::backend::sample::{Sampler, SamplerConfig};
+use crate::backend::sample::SamplerConfig;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::infer::engine::{Engine, EngineConfig, Event, FinishReason, Request};
+use crate::infer::metrics::Metrics;
 use crate::infer::PREFILL_CHUNK;
 use crate::model::llama::Llama;
-use crate::tensor::DType;
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -28,6 +32,9 @@ pub struct Generation {
     pub hit_stop: bool,
 }
 
+/// Positions per KV block (the server's default too).
+pub const BLOCK_SIZE: usize = 16;
+
 /// Generates after `prompt`, calling `on_token` with each new token id.
 pub fn generate<B: Backend>(
     model: &Llama<B>,
@@ -35,62 +42,68 @@ pub fn generate<B: Backend>(
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
-        return Err(Error::Invalid("the prompt is empty".into()));
-    }
     let c = &model.config;
-    let capacity = (prompt.len() + opts.max_tokens).min(c.max_position_embeddings);
-    if prompt.len() >= capacity && opts.max_tokens > 0 {
+    if prompt.len() >= c.max_position_embeddings && opts.max_tokens > 0 {
         return Err(Error::Invalid(format!(
             "the prompt has {} tokens; the model's context is {}",
             prompt.len(),
             c.max_position_embeddings
         )));
     }
-    let be = &model.backend;
-    let mut cache = model.new_cache(capacity.max(prompt.len()))?;
-    let mut acts = model.new_activations(PREFILL_CHUNK.min(prompt.len()))?;
-    let mut hidden = be.zeros(
-        &[PREFILL_CHUNK.min(prompt.len()), c.hidden_size],
-        be.dtype(),
-    )?;
-    let mut last = be.zeros(&[1, c.hidden_size], be.dtype())?;
-    let mut logits = be.zeros(&[1, c.vocab_size], DType::F32)?;
-    let mut sampler = Sampler::new(opts.sampler);
-
+    let len = (prompt.len() + opts.max_tokens).min(c.max_position_embeddings);
+    let cfg = EngineConfig {
+        max_batch_tokens: PREFILL_CHUNK,
+        max_seqs: 1,
+        block_size: BLOCK_SIZE,
+        num_blocks: len.div_ceil(BLOCK_SIZE),
+    };
     let start = Instant::now();
-    let mut out = Generation {
+    let out = RefCell::new(Generation {
         ids: Vec::new(),
         prompt_tokens: prompt.len(),
         prefill: Duration::ZERO,
         decode: Duration::ZERO,
         hit_stop: false,
+    });
+    let failed: RefCell<Option<Error>> = RefCell::new(None);
+    let request = Request {
+        prompt: prompt.to_vec(),
+        max_tokens: opts.max_tokens,
+        sampler: opts.sampler,
+        stop_ids: opts.stop_ids.clone(),
+        logprobs: None,
     };
-    let mut next_input: Vec<u32> = prompt.to_vec();
-    while out.ids.len() < opts.max_tokens {
-        // Feed pending tokens (the prompt in chunks, then one at a time).
-        for chunk in next_input.chunks(PREFILL_CHUNK) {
-            model.forward(&mut hidden, chunk, &mut cache, &mut acts)?;
-        }
-        let rows = hidden.shape[0];
-        be.copy_rows(&mut last, 0, &hidden, rows - 1, 1)?;
-        model.logits(&mut logits, &last)?;
-        let u = sampler.draw();
-        let id = be.sample(&logits, sampler.config(), u)?;
-        if out.ids.is_empty() {
-            out.prefill = start.elapsed();
-        }
-        if opts.stop_ids.contains(&id) {
-            out.hit_stop = true;
-            break;
-        }
-        out.ids.push(id);
-        on_token(id)?;
-        if cache.len == cache.capacity {
-            break;
-        }
-        next_input = vec![id];
+    let mut engine = Engine::new(model, cfg, Arc::new(Metrics::default()))?;
+    engine.add(
+        request,
+        Box::new(|event| {
+            let mut out = out.borrow_mut();
+            if out.ids.is_empty() && out.prefill.is_zero() {
+                out.prefill = start.elapsed();
+            }
+            match event {
+                Event::Token(t) => {
+                    out.ids.push(t.id);
+                    if let Err(e) = on_token(t.id) {
+                        *failed.borrow_mut() = Some(e);
+                        return false;
+                    }
+                }
+                Event::Cached(_) => {}
+                Event::Finished(reason, _) => out.hit_stop = reason == FinishReason::Stop,
+                Event::Failed(msg) => *failed.borrow_mut() = Some(Error::Invalid(msg)),
+            }
+            true
+        }),
+    )?;
+    while !engine.is_idle() {
+        engine.step()?;
     }
+    drop(engine);
+    if let Some(e) = failed.into_inner() {
+        return Err(e);
+    }
+    let mut out = out.into_inner();
     out.decode = start.elapsed().saturating_sub(out.prefill);
     Ok(out)
 }

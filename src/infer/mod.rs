@@ -1,6 +1,10 @@
 //! Inference jobs over a loaded model: sampling, generation and scoring.
 
 pub mod generate;
+pub mod engine;
+pub mod kv_blocks;
+pub mod metrics;
+pub mod scheduler;
 pub mod score;
 pub mod stream;
 

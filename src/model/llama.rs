@@ -14,6 +14,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::adapter::{Lora, LoraScratch};
+use crate::model::batch::{Batch, PagedKv};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraAdapter, Target};
 use crate::model::weights::SafetensorsFiles;
@@ -215,31 +216,87 @@ impl<B: Backend> Llama<B> {
             self.linear(&mut a.proj, &a.att, &lw.wo, l, Target::OProj, &mut a.lora)?;
             be.add_assign(&mut a.x, &a.proj)?;
             // feed-forward block
-            be.rmsnorm(&mut a.h, &a.x, &lw.ffn_norm, c.rms_norm_eps)?;
-            self.linear(
-                &mut a.gate,
-                &a.h,
-                &lw.w_gate,
-                l,
-                Target::GateProj,
-                &mut a.lora,
-            )?;
-            self.linear(&mut a.up, &a.h, &lw.w_up, l, Target::UpProj, &mut a.lora)?;
-            be.swiglu(&mut a.act, &a.gate, &a.up)?;
-            self.linear(
-                &mut a.proj,
-                &a.act,
-                &lw.w_down,
-                l,
-                Target::DownProj,
-                &mut a.lora,
-            )?;
-            be.add_assign(&mut a.x, &a.proj)?;
+            self.feed_forward(a, lw, l)?;
         }
         out.shape[0] = n;
         be.rmsnorm(out, &a.x, &w.norm, c.rms_norm_eps)?;
         cache.len += n;
         Ok(())
+    }
+
+    /// Runs one step of batched inference: the rows of many sequences at
+    /// once, each at its own position, with keys and values in the paged
+    /// cache `kv`. Writes the next-token logits [batch.logit_rows, vocab]
+    /// (f32) to `logits`.
+    ///
+    /// Every op here computes a row the same way whatever the other rows
+    /// are (`matmul_nt_invariant`, per-row norms and attention), so on the
+    /// CPU a sequence's results do not depend on the batch it is in.
+    pub fn forward_batch(
+        &self,
+        logits: &mut Tensor<B>,
+        batch: &Batch,
+        kv: &mut PagedKv<B>,
+        a: &mut Activations<B>,
+    ) -> Result<()> {
+        let (c, w, be) = (&self.config, &self.weights, &self.backend);
+        let n = batch.rows();
+        if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let seqs = batch.paged_seqs();
+        a.set_rows(n);
+        be.embedding(&mut a.x, &batch.ids, &w.embed)?;
+        for (l, lw) in w.layers.iter().enumerate() {
+            // attention block
+            be.rmsnorm(&mut a.h, &a.x, &lw.attn_norm, c.rms_norm_eps)?;
+            self.linear(&mut a.q, &a.h, &lw.wq, l, Target::QProj, &mut a.lora)?;
+            self.linear(&mut a.k, &a.h, &lw.wk, l, Target::KProj, &mut a.lora)?;
+            self.linear(&mut a.v, &a.h, &lw.wv, l, Target::VProj, &mut a.lora)?;
+            be.rope_rows(&mut a.q, c.num_heads, &batch.positions, c.rope_theta)?;
+            be.rope_rows(&mut a.k, c.num_kv_heads, &batch.positions, c.rope_theta)?;
+            be.scatter_rows(&mut kv.k[l], &a.k, &batch.slots)?;
+            be.scatter_rows(&mut kv.v[l], &a.v, &batch.slots)?;
+            be.attention_paged(
+                &mut a.att,
+                &a.q,
+                &kv.k[l],
+                &kv.v[l],
+                &seqs,
+                c.num_heads,
+                c.num_kv_heads,
+                kv.block_size,
+            )?;
+            self.linear(&mut a.proj, &a.att, &lw.wo, l, Target::OProj, &mut a.lora)?;
+            be.add_assign(&mut a.x, &a.proj)?;
+            // feed-forward block
+            self.feed_forward(a, lw, l)?;
+        }
+        // The final norm over every row, then the logits of the wanted rows
+        // only (gathered into `proj`, free by now).
+        be.rmsnorm(&mut a.h, &a.x, &w.norm, c.rms_norm_eps)?;
+        let r = batch.logit_rows.len();
+        a.proj.shape[0] = r;
+        for (i, &row) in batch.logit_rows.iter().enumerate() {
+            be.copy_rows(&mut a.proj, i, &a.h, row, 1)?;
+        }
+        logits.shape[0] = r;
+        let head = w.lm_head.as_ref().unwrap_or(&w.embed);
+        be.matmul_nt_invariant(logits, &a.proj, head)
+    }
+
+    /// x += (silu(h·Wgateᵀ) ∘ h·Wupᵀ) · Wdownᵀ with h = rmsnorm(x) · w_ffn_norm.
+    fn feed_forward(&self, a: &mut Activations<B>, lw: &LayerWeights<B>, l: usize) -> Result<()> {
+        let (c, be) = (&self.config, &self.backend);
+        be.rmsnorm(&mut a.h, &a.x, &lw.ffn_norm, c.rms_norm_eps)?;
+        self.linear(&mut a.gate, &a.h, &lw.w_gate, l, Target::GateProj, &mut a.lora)?;
+        self.linear(&mut a.up, &a.h, &lw.w_up, l, Target::UpProj, &mut a.lora)?;
+        be.swiglu(&mut a.act, &a.gate, &a.up)?;
+        self.linear(&mut a.proj, &a.act, &lw.w_down, l, Target::DownProj, &mut a.lora)?;
+        be.add_assign(&mut a.x, &a.proj)
     }
 
     /// y = x·Wᵀ, plus the adapter's branch when `(layer, target)` is adapted.
@@ -252,7 +309,9 @@ impl<B: Backend> Llama<B> {
         target: Target,
         scratch: &mut Option<LoraScratch<B>>,
     ) -> Result<()> {
-        self.backend.matmul_nt(y, x, w)?;
+        // Inference takes the batch-invariant product everywhere, so that a
+        // prompt gives the same bits through `forward` and `forward_batch`.
+        self.backend.matmul_nt_invariant(y, x, w)?;
         match (&self.adapter, scratch) {
             (Some(lora), Some(s)) => {
                 lora.forward(&self.backend, y, x, layer, target, None, None, s)

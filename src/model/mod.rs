@@ -1,6 +1,7 @@
 //! Model definitions and the file formats their weights come in.
 
 pub mod adapter;
+pub mod batch;
 pub mod bert;
 pub mod config;
 pub mod dequant;

@@ -1,0 +1,130 @@
+//! `engine serve`: OpenAI's HTTP API over the inference engine.
+//!
+//! axum on tokio parses and checks requests, applies the chat template,
+//! tokenizes, and sends each request to the engine thread
+//! (`infer::engine::spawn`) with a channel for its tokens; it turns the
+//! tokens back into text, JSON and server-sent events. It never touches a
+//! tensor. A client that goes away drops its channel, which cancels its
+//! request in the engine. A semaphore bounds the requests in the server
+//! (running and queued); past it, a request gets 429.
+
+pub mod chat;
+pub mod error;
+pub mod generation;
+pub mod metrics;
+pub mod openai;
+
+use crate::infer::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use error::ApiError;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+
+/// The largest request body read (a long RAG prompt fits many times over).
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// The name clients give as `model` for the base model.
+    pub model_name: String,
+    pub stop_ids: Vec<u32>,
+    pub api_key: Option<String>,
+    /// Requests admitted (running or queued).
+    pub permits: Arc<Semaphore>,
+    /// When the server started (Unix seconds): the models' `created`.
+    pub started: u64,
+}
+
+impl AppState {
+    /// 404 for a model this server does not serve.
+    pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
+        if name == self.model_name {
+            return Ok(());
+        }
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the model {name:?} does not exist here; this server has {:?} (GET /v1/models lists them)",
+                self.model_name
+            ),
+        )
+        .with_code("model_not_found"))
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/completions", post(chat::completions))
+        .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .merge(v1)
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics::render))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").with_code("unknown_url")
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// With an API key set, every /v1 request must carry
+/// `Authorization: Bearer KEY`.
+async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(key.as_str()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API key: send Authorization: Bearer KEY",
+            )
+            .with_code("invalid_api_key")
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "engine",
+        }],
+    }))
+}
+
+/// The body as JSON of type T; a 400 saying what is wrong and where.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
+}
+
+/// Reads a whole body, refusing one over `MAX_BODY_BYTES` with a 413.
+pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {MAX_BODY_BYTES} bytes"),
+        )
+    })
+}
