@@ -8,7 +8,9 @@
 //! (AdamW, conversions, gradient norm and clipping) on a LoRA A of rank 8, an
 //! FFN weight and the embedding; the embedding model's (all-MiniLM-L6-v2:
 //! hidden 384, intermediate 1536, 12 heads of 32) LayerNorm, GELU, bias and
-//! bidirectional attention on 32 sentences padded to 128 tokens; and
+//! bidirectional attention on 32 sentences padded to 128 tokens; serving's
+//! (RoPE at a position per row, the KV write into a paged pool, attention
+//! through a block table) in the prefill and decode phases; and
 //! retrieval's, the flat-IP index's f32 scores and their top 10, for 1 and
 //! 64 queries against 100,000 vectors.
 //!
@@ -53,10 +55,11 @@ use engine::backend::cuda::driver::{DevicePtr, GpuDriver};
 use engine::backend::cuda::{real, sources, top_k_segment, Cuda};
 use engine::backend::sample::{argmax, Sampler, SamplerConfig};
 use engine::backend::topk::merge_top_k;
-use engine::backend::{mean_scale, AdamW, AdamWTensors, Backend, IGNORE};
+use engine::backend::{mean_scale, AdamW, AdamWTensors, Backend, PagedSeq, IGNORE};
 use engine::tensor::DType::{self, BF16, F32};
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::ffi::c_void;
 use std::io::IsTerminal as _;
@@ -73,6 +76,9 @@ const THETA: f32 = 100_000.0;
 const EPS: f32 = 1e-5;
 /// The KV cache a decode step attends over.
 const CACHE: usize = 512;
+/// The paged KV pool of the serving rows: slots, in blocks of PAGE.
+const POOL: usize = 2048;
+const PAGE: usize = 16;
 /// The LoRA dropout of the dropout rows.
 const DROPOUT: f32 = 0.1;
 /// The LoRA rows' alpha: their scaling s is alpha / r.
@@ -134,6 +140,19 @@ enum Family {
     LogSoftmax,
     /// (out ids, logits, vocab); a block of 1024 per row.
     Argmax,
+    /// Serving's RoPE with a position per row: (x, positions, n, heads, hd,
+    /// theta), in place, positions u32 on the device; grid-stride over pairs.
+    RopeRows,
+    /// Serving's KV write: (dst, src, slots, d), dst[slots[i]] = src[i],
+    /// rows of a layer's keys into the pool of POOL slots, slots u32 on the
+    /// device; grid (n), block 256. bf16, or f32 rows with `f32`.
+    ScatterRows { f32: bool },
+    /// Serving's attention over the paged pool (blocks of PAGE, shuffled):
+    /// (out, q, k_cache, v_cache, tasks, blocks, heads, kv_heads, hd,
+    /// block_size), tasks (row, position, table offset) and the block table
+    /// u32 on the device; grid (n, heads), block 128. One sequence of n
+    /// queries at pos0, the same work as `Attention`.
+    AttentionPaged,
     /// (out ids, logits, vocab, temperature, top_k, top_p, u); a block of
     /// 1024 per row.
     Sample,
@@ -296,6 +315,10 @@ const SPECS: &[Spec] = &[
     spec("rmsnorm_fwd_bf16", Family::Rmsnorm { f32_in: false }, 5),
     spec("rmsnorm_fwd_f32_bf16", Family::Rmsnorm { f32_in: true }, 5),
     spec("rope_fwd_bf16", Family::Rope { backward: false }, 6),
+    spec("rope_rows_bf16", Family::RopeRows, 6),
+    spec("scatter_rows_bf16", Family::ScatterRows { f32: false }, 4),
+    spec("scatter_rows_f32", Family::ScatterRows { f32: true }, 4),
+    spec("attention_paged_bf16", Family::AttentionPaged, 10),
     spec("swiglu_fwd_bf16", Family::Swiglu, 4),
     spec("add_scaled_bf16", add(false, false), 4),
     spec("add_scaled_f32_bf16", add(true, false), 4),
@@ -434,6 +457,10 @@ impl Case {
                 size(f32_in) * (n * k + m * k) + size(f32_out) * n * m
             }
             Family::Attention => qkv,
+            // The tables: (row, position, offset) per query, a block id per block.
+            Family::AttentionPaged => qkv + 12 * n + 4 * (self.pos0 + n).div_ceil(PAGE),
+            Family::RopeRows => 2 * 2 * n * HEADS * HD + 4 * n,
+            Family::ScatterRows { f32 } => 2 * size(f32) * n * KV_HEADS * HD + 4 * n,
             Family::AttentionPrefill => qkv + 4 * HEADS * n,
             Family::Rmsnorm { f32_in } => n * D * size(f32_in) + 2 * D + 2 * n * D,
             Family::Rope { .. } => 2 * 2 * n * HEADS * HD,
@@ -546,6 +573,7 @@ impl Case {
             }
             Family::Attention
             | Family::AttentionPrefill
+            | Family::AttentionPaged
             | Family::AttentionBwdDq
             | Family::AttentionBwdDkv => {
                 // Query i sees pos0 + i + 1 keys. Per (query, key, head), in
@@ -805,6 +833,16 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                 | Family::AttentionBwdDq
                 | Family::AttentionBwdDkv => {
                     format!("{HEADS}/{KV_HEADS} heads of {HD}, {n} q × {} k", pos0 + n)
+                }
+                Family::AttentionPaged => format!(
+                    "{HEADS}/{KV_HEADS} heads of {HD}, {n} q × {} k, pool blocks of {PAGE}",
+                    pos0 + n
+                ),
+                Family::RopeRows => {
+                    format!("q [{n},{}], {HEADS} heads, a position per row", HEADS * HD)
+                }
+                Family::ScatterRows { .. } => {
+                    format!("k [{n},{}] into a pool of {POOL} slots", KV_HEADS * HD)
                 }
                 Family::Rmsnorm { .. } | Family::Add { .. } | Family::RmsnormBwd => {
                     format!("[{n},{D}]")
@@ -1190,6 +1228,104 @@ impl<D: GpuDriver> Bench<'_, D> {
                     inputs: vec![],
                     outs: vec![output("out", out, want.buf, bf16)],
                     call: kernel((grid, 1), 256, args),
+                }
+            }
+            Family::RopeRows => {
+                // In place (so not poisoned), on q, rows at scattered positions.
+                let xv = data(rng, n * HEADS * HD, 2.0);
+                let positions: Vec<u32> = (0..n).map(|_| rng.random_range(0..4096)).collect();
+                let mut want = cpu(&xv, &[n, HEADS * HD])?;
+                Cpu.rope_rows(&mut want, HEADS, &positions, THETA)?;
+                let out = self.up(&xv, &[n, HEADS * HD], BF16)?;
+                let dev_positions = self.ids(&positions)?;
+                let args = Args::default().ptr(out.buf.ptr).ptr(dev_positions.buf.ptr);
+                let args = args.int(n).int(HEADS).int(HD).float(THETA);
+                let grid = blocks_for(n * HEADS * HD / 2) as usize;
+                Prepared {
+                    inputs: vec![dev_positions],
+                    outs: vec![output("out", out, want.buf, bf16)],
+                    call: kernel((grid, 1), 256, args),
+                }
+            }
+            Family::ScatterRows { f32 } => {
+                // Into a random pool (the rows not named must keep their
+                // values), exactly.
+                let d = KV_HEADS * HD;
+                let (before, src) = (data(rng, POOL * d, 1.0), data(rng, n * d, 1.0));
+                let mut slots: Vec<u32> = (0..POOL as u32).collect();
+                slots.shuffle(rng);
+                slots.truncate(n);
+                let mut want = cpu(&before, &[POOL, d])?;
+                Cpu.scatter_rows(&mut want, &cpu(&src, &[n, d])?, &slots)?;
+                let dst = self.up(&before, &[POOL, d], dtype(f32))?;
+                let src = self.up(&src, &[n, d], dtype(f32))?;
+                let dev_slots = self.ids(&slots)?;
+                let args = Args::default().ptr(dst.buf.ptr).ptr(src.buf.ptr);
+                let args = args.ptr(dev_slots.buf.ptr).int(d);
+                Prepared {
+                    inputs: vec![src, dev_slots],
+                    outs: vec![output("dst", dst, want.buf, Check::Tol(0.0))],
+                    call: kernel((n, 1), 256, args),
+                }
+            }
+            Family::AttentionPaged => {
+                // One sequence's keys and values in shuffled blocks of the
+                // pool, NaN in every other slot.
+                let (width, kv_width, ctx) = (HEADS * HD, KV_HEADS * HD, pos0 + n);
+                let num_blocks = ctx.div_ceil(PAGE) + 4;
+                let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
+                ids.shuffle(rng);
+                let table = &ids[..ctx.div_ceil(PAGE)];
+                let slots = num_blocks * PAGE;
+                let (mut kp, mut vp) = (
+                    vec![f32::NAN; slots * kv_width],
+                    vec![f32::NAN; slots * kv_width],
+                );
+                let (kc, vc) = (
+                    data(rng, ctx * kv_width, 2.0),
+                    data(rng, ctx * kv_width, 1.0),
+                );
+                for p in 0..ctx {
+                    let slot = table[p / PAGE] as usize * PAGE + p % PAGE;
+                    kp[slot * kv_width..][..kv_width]
+                        .copy_from_slice(&kc[p * kv_width..][..kv_width]);
+                    vp[slot * kv_width..][..kv_width]
+                        .copy_from_slice(&vc[p * kv_width..][..kv_width]);
+                }
+                let qv = data(rng, n * width, 2.0);
+                let seq = [PagedSeq {
+                    row: 0,
+                    rows: n,
+                    ctx,
+                    blocks: table,
+                }];
+                let mut want = Cpu.zeros(&[n, width], F32)?;
+                Cpu.attention_paged(
+                    &mut want,
+                    &cpu(&qv, &[n, width])?,
+                    &cpu(&kp, &[slots, kv_width])?,
+                    &cpu(&vp, &[slots, kv_width])?,
+                    &seq,
+                    HEADS,
+                    KV_HEADS,
+                    PAGE,
+                )?;
+                let q = self.up(&qv, &[n, width], BF16)?;
+                let kt = self.up(&kp, &[slots, kv_width], BF16)?;
+                let vt = self.up(&vp, &[slots, kv_width], BF16)?;
+                let tasks: Vec<u32> = (0..n)
+                    .flat_map(|i| [i as u32, (pos0 + i) as u32, 0])
+                    .collect();
+                let (dev_tasks, dev_table) = (self.ids(&tasks)?, self.ids(table)?);
+                let out = self.poisoned(&[n, width], BF16)?;
+                let args = Args::default().ptr(out.buf.ptr).ptr(q.buf.ptr);
+                let args = args.ptr(kt.buf.ptr).ptr(vt.buf.ptr);
+                let args = args.ptr(dev_tasks.buf.ptr).ptr(dev_table.buf.ptr);
+                let args = args.int(HEADS).int(KV_HEADS).int(HD).int(PAGE);
+                Prepared {
+                    inputs: vec![q, kt, vt, dev_tasks, dev_table],
+                    outs: vec![output("out", out, want.buf, bf16)],
+                    call: kernel((n, HEADS), 128, args),
                 }
             }
             Family::Swiglu => {

@@ -245,6 +245,79 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
+    /// `rope` with a position per row: row r turns by `positions[r]` (a
+    /// ragged serving batch, whose rows belong to different sequences). For
+    /// positions pos0..pos0+n it computes exactly what `rope(x, heads, pos0,
+    /// theta)` does, bit for bit. x [n, heads·hd] in place; positions [n].
+    fn rope_rows(
+        &self,
+        x: &mut Tensor<Self>,
+        heads: usize,
+        positions: &[u32],
+        theta: f32,
+    ) -> Result<()> {
+        let _ = (x, heads, positions, theta);
+        Err(Error::Unsupported(format!(
+            "rope_rows is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// dst[slots[i]] = src[i] for every row i of src: the write of a step's
+    /// keys or values into a paged KV pool through its slot mapping. Rows of
+    /// dst that no slot names are untouched. dst [num_slots, d], src [n, d]
+    /// (same element type); slots [n], each < num_slots and no two alike
+    /// (else `Error::Invalid`, nothing written).
+    fn scatter_rows(
+        &self,
+        dst: &mut Tensor<Self>,
+        src: &Tensor<Self>,
+        slots: &[u32],
+    ) -> Result<()> {
+        let _ = (dst, src, slots);
+        Err(Error::Unsupported(format!(
+            "scatter_rows is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// Causal grouped-query attention over a paged KV pool, for a ragged
+    /// batch of sequences (decode rows and prefill chunks in one call),
+    /// scaled by 1/sqrt(hd). For each sequence s of `seqs` and each of its
+    /// rows i < s.rows, the query in row s.row + i sits at position
+    /// P = s.ctx − s.rows + i and attends to the keys and values of positions
+    /// 0..=P, position p read from pool slot
+    /// s.blocks[p / block_size]·block_size + p % block_size:
+    ///   out[r,h] = Σ_{p ≤ P} softmax_p(q[r,h]·k[slot(p),g] / sqrt(hd)) v[slot(p),g]
+    /// with g = h / (heads / kv_heads). Each (row, head) is computed on its
+    /// own, so a row's result does not depend on the other rows of the call
+    /// (batch invariance: bit for bit on the CPU). Rows of out that no
+    /// sequence covers are untouched. out, q [n, heads·hd]; k_cache, v_cache
+    /// [num_slots, kv_heads·hd], num_slots a multiple of block_size.
+    /// `Error::Invalid` (nothing written) unless heads is a multiple of
+    /// kv_heads and every sequence has rows ≤ ctx, rows inside q, no row
+    /// shared with another sequence, blocks enough for ctx
+    /// (blocks.len()·block_size ≥ ctx) and every block id < num_slots /
+    /// block_size.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_paged(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k_cache: &Tensor<Self>,
+        v_cache: &Tensor<Self>,
+        seqs: &[PagedSeq<'_>],
+        heads: usize,
+        kv_heads: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        let _ = (out, q, k_cache, v_cache, seqs, heads, kv_heads, block_size);
+        Err(Error::Unsupported(format!(
+            "attention_paged is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// Causal grouped-query attention of n new queries at positions pos0..pos0+n
     /// over the cached keys/values 0..pos0+n, scaled by 1/sqrt(hd).
     /// out, q [n, heads·hd]; k, v [capacity, kv_heads·hd]. With `lse` [heads,
@@ -497,6 +570,20 @@ pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
     z ^= z >> 31;
     let u = (z >> 40) as f32 / (1u32 << 24) as f32;
     u >= p
+}
+
+/// One sequence's rows in an `attention_paged` call.
+#[derive(Clone, Copy, Debug)]
+pub struct PagedSeq<'a> {
+    /// The first row of q and out that holds this sequence's queries.
+    pub row: usize,
+    /// Its queries in this call, at positions ctx − rows .. ctx.
+    pub rows: usize,
+    /// Its length after this step: the keys visible to its last query.
+    pub ctx: usize,
+    /// The pool blocks holding positions 0..ctx in order: position p lives in
+    /// slot blocks[p / block_size] · block_size + p % block_size.
+    pub blocks: &'a [u32],
 }
 
 /// One trainable tensor of `Backend::adamw_step`: the f32 parameter (the

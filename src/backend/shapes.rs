@@ -1,8 +1,10 @@
 //! The shape rules of the ops, checked in one place for every device. A
 //! mismatch is a bug in the calling model code, not bad user input, so these
-//! panic with the shapes involved.
+//! panic with the shapes involved — except the serving ops' at the end, whose
+//! batch bookkeeping is checked into an error.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, PagedSeq};
+use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
 /// out [n, m] = x [n, k] · w [m, k]ᵀ; returns (n, m, k).
@@ -335,4 +337,158 @@ pub fn attention_bidirectional<B: Backend>(
         "sequence lengths {lens:?} for {seq} rows each"
     );
     (seq, width / heads)
+}
+
+// ----- serving: a ragged batch over a paged KV pool -----
+//
+// The per-row positions, slots and block tables of these ops come from the
+// scheduler's bookkeeping rather than from fixed model shapes, so a mismatch
+// is reported as `Error::Invalid` (before anything is written), not a panic.
+
+fn invalid<T>(msg: String) -> Result<T> {
+    Err(Error::Invalid(msg))
+}
+
+/// `rope_rows`' x [n, heads·hd] with one position per row; returns (n, hd).
+pub fn rope_rows<B: Backend>(
+    x: &Tensor<B>,
+    heads: usize,
+    positions: &[u32],
+) -> Result<(usize, usize)> {
+    let (n, width) = x.rows_cols();
+    if heads == 0 || !width.is_multiple_of(heads) || !(width / heads).is_multiple_of(2) {
+        return invalid(format!(
+            "rope_rows: width {width} is no {heads} heads of an even width"
+        ));
+    }
+    if positions.len() != n {
+        return invalid(format!(
+            "rope_rows: {} positions for {n} rows",
+            positions.len()
+        ));
+    }
+    Ok((n, width / heads))
+}
+
+/// `scatter_rows`' dst [num_slots, d] and src [slots.len(), d] of one element
+/// type, every slot < num_slots and no two alike; returns (n, d).
+pub fn scatter_rows<B: Backend>(
+    dst: &Tensor<B>,
+    src: &Tensor<B>,
+    slots: &[u32],
+) -> Result<(usize, usize)> {
+    let (num_slots, d) = dst.rows_cols();
+    let (n, sd) = src.rows_cols();
+    if d != sd {
+        return invalid(format!("scatter_rows: rows of {sd} into rows of {d}"));
+    }
+    if dst.dtype != src.dtype {
+        return invalid(format!(
+            "scatter_rows: {} rows into a {} tensor",
+            src.dtype, dst.dtype
+        ));
+    }
+    if slots.len() != n {
+        return invalid(format!("scatter_rows: {} slots for {n} rows", slots.len()));
+    }
+    if let Some((i, &s)) = slots
+        .iter()
+        .enumerate()
+        .find(|(_, &s)| s as usize >= num_slots)
+    {
+        return invalid(format!(
+            "scatter_rows: slot {s} (row {i}) outside {num_slots} slots"
+        ));
+    }
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return invalid(format!("scatter_rows: slot {} named twice", w[0]));
+    }
+    Ok((n, d))
+}
+
+/// `attention_paged`'s out, q [n, heads·hd] and k_cache, v_cache
+/// [num_slots, kv_heads·hd], with every sequence's rows, context and block
+/// table checked (see `Backend::attention_paged`); returns (n, hd).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_paged<B: Backend>(
+    out: &Tensor<B>,
+    q: &Tensor<B>,
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+    seqs: &[PagedSeq<'_>],
+    heads: usize,
+    kv_heads: usize,
+    block_size: usize,
+) -> Result<(usize, usize)> {
+    let (n, width) = q.rows_cols();
+    let (num_slots, kv_width) = k_cache.rows_cols();
+    if out.shape != q.shape {
+        return invalid(format!(
+            "attention_paged: out {:?} for q {:?}",
+            out.shape, q.shape
+        ));
+    }
+    if v_cache.shape != k_cache.shape {
+        return invalid(format!(
+            "attention_paged: v_cache {:?} beside k_cache {:?}",
+            v_cache.shape, k_cache.shape
+        ));
+    }
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return invalid(format!(
+            "attention_paged: {heads} heads over {kv_heads} kv heads"
+        ));
+    }
+    if !width.is_multiple_of(heads) || kv_width != kv_heads * (width / heads) {
+        return invalid(format!(
+            "attention_paged: q width {width} for {heads} heads, kv width {kv_width} for {kv_heads}"
+        ));
+    }
+    if block_size == 0 || !num_slots.is_multiple_of(block_size) {
+        return invalid(format!(
+            "attention_paged: {num_slots} slots in blocks of {block_size}"
+        ));
+    }
+    let num_blocks = num_slots / block_size;
+    let mut spans = Vec::with_capacity(seqs.len());
+    for (i, s) in seqs.iter().enumerate() {
+        if s.rows > s.ctx {
+            return invalid(format!(
+                "attention_paged: sequence {i} has {} rows but ctx {}",
+                s.rows, s.ctx
+            ));
+        }
+        if s.row + s.rows > n {
+            return invalid(format!(
+                "attention_paged: sequence {i}'s rows {}..{} outside q's {n}",
+                s.row,
+                s.row + s.rows
+            ));
+        }
+        if s.blocks.len() * block_size < s.ctx {
+            return invalid(format!(
+                "attention_paged: sequence {i} has {} blocks of {block_size} for ctx {}",
+                s.blocks.len(),
+                s.ctx
+            ));
+        }
+        if let Some(&b) = s.blocks.iter().find(|&&b| b as usize >= num_blocks) {
+            return invalid(format!(
+                "attention_paged: sequence {i}'s block {b} outside {num_blocks} blocks"
+            ));
+        }
+        if s.rows > 0 {
+            spans.push((s.row, s.row + s.rows, i));
+        }
+    }
+    spans.sort_unstable();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+        return invalid(format!(
+            "attention_paged: sequences {} and {} share row {}",
+            w[0].2, w[1].2, w[1].0
+        ));
+    }
+    Ok((n, width / heads))
 }

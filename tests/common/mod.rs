@@ -3,6 +3,7 @@
 
 #[cfg(feature = "emu")]
 pub mod emu;
+pub mod paged;
 
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};

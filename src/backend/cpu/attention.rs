@@ -224,3 +224,70 @@ pub unsafe fn mm(
         )
     }
 }
+
+/// The sizes of an `attention_paged` call (see `Backend::attention_paged`).
+#[derive(Clone, Copy)]
+pub struct PagedDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Head width.
+    pub hd: usize,
+    pub block_size: usize,
+}
+
+/// Causal attention of a ragged batch over a paged KV pool: the query of
+/// row r at position P (per `rows[r]`: its sequence's block table and P, or
+/// None for a row no sequence covers, left untouched) attends to positions
+/// 0..=P, position p read from slot blocks[p / block_size]·block_size +
+/// p % block_size of k and v [num_slots, kv_heads·hd].
+///
+/// Batch invariance: one task per (row, head), each computed alone in one
+/// fixed order — `dot` per key, softmax over the keys in order, the
+/// weighted sum of v in key order — whatever the other rows are and however
+/// rayon spreads the tasks. (This is also `causal_loop`'s arithmetic, so a
+/// decode row gives the bits of the contiguous `attention` of fewer than
+/// GEMM_MIN_QUERIES rows.)
+pub fn paged(
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rows: &[Option<(&[u32], usize)>],
+    dims: PagedDims,
+) {
+    let PagedDims {
+        heads,
+        kv_heads,
+        hd,
+        block_size,
+    } = dims;
+    assert_eq!(out.len(), rows.len() * heads * hd);
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kv_width = kv_heads * hd;
+    out.par_chunks_mut(hd).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (task, o)| {
+            let (r, h) = (task / heads, task % heads);
+            let Some((blocks, pos)) = rows[r] else {
+                return;
+            };
+            let g = h / group;
+            let qh = &q[task * hd..(task + 1) * hd];
+            // Position p's row of the pool, at kv head g.
+            let at = |p: usize| {
+                let slot = blocks[p / block_size] as usize * block_size + p % block_size;
+                slot * kv_width + g * hd
+            };
+            scores.clear();
+            scores.extend((0..=pos).map(|p| dot(qh, &k[at(p)..][..hd]) * scale));
+            softmax_in_place(scores);
+            o.fill(0.0);
+            for (p, w) in scores.iter().enumerate() {
+                for (o, v) in o.iter_mut().zip(&v[at(p)..][..hd]) {
+                    *o += w * v;
+                }
+            }
+        },
+    );
+}

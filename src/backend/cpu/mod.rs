@@ -11,7 +11,7 @@ mod ops;
 mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend};
+use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, PagedSeq};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -247,6 +247,63 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let (_, hd) = shapes::rope(dx, heads);
         backward::rope_backward(view_mut(dx), heads * hd, heads, pos0, theta);
+        Ok(())
+    }
+
+    fn rope_rows(
+        &self,
+        x: &mut Tensor<Self>,
+        heads: usize,
+        positions: &[u32],
+        theta: f32,
+    ) -> Result<()> {
+        let (_, hd) = shapes::rope_rows(x, heads, positions)?;
+        ops::rope_rows(view_mut(x), heads * hd, heads, positions, theta);
+        Ok(())
+    }
+
+    fn scatter_rows(
+        &self,
+        dst: &mut Tensor<Self>,
+        src: &Tensor<Self>,
+        slots: &[u32],
+    ) -> Result<()> {
+        let (_, d) = shapes::scatter_rows(dst, src, slots)?;
+        for (row, &slot) in view(src).chunks_exact(d).zip(slots) {
+            let slot = slot as usize;
+            dst.buf[slot * d..(slot + 1) * d].copy_from_slice(row);
+        }
+        Ok(())
+    }
+
+    fn attention_paged(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k_cache: &Tensor<Self>,
+        v_cache: &Tensor<Self>,
+        seqs: &[PagedSeq<'_>],
+        heads: usize,
+        kv_heads: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        let (n, hd) =
+            shapes::attention_paged(out, q, k_cache, v_cache, seqs, heads, kv_heads, block_size)?;
+        // Each row's block table and position; None where no sequence is.
+        let mut rows: Vec<Option<(&[u32], usize)>> = vec![None; n];
+        for s in seqs {
+            for i in 0..s.rows {
+                rows[s.row + i] = Some((s.blocks, s.ctx - s.rows + i));
+            }
+        }
+        let dims = attention::PagedDims {
+            heads,
+            kv_heads,
+            hd,
+            block_size,
+        };
+        let (k, v) = (view(k_cache), view(v_cache));
+        attention::paged(view_mut(out), view(q), k, v, &rows, dims);
         Ok(())
     }
 

@@ -27,6 +27,23 @@ pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], d: usize, eps: f32) {
 
 /// Rotary embedding, "rotate half" layout (see `Backend::rope`).
 pub fn rope(x: &mut [f32], width: usize, heads: usize, pos0: usize, theta: f32) {
+    rope_by(x, width, heads, |r| (pos0 + r) as f32, theta);
+}
+
+/// `rope` with row r at `positions[r]` (see `Backend::rope_rows`): the same
+/// arithmetic, so the same bits for the same positions.
+pub fn rope_rows(x: &mut [f32], width: usize, heads: usize, positions: &[u32], theta: f32) {
+    rope_by(x, width, heads, |r| positions[r] as f32, theta);
+}
+
+/// Rotary embedding of each row r by the angle of position `pos(r)`.
+fn rope_by(
+    x: &mut [f32],
+    width: usize,
+    heads: usize,
+    pos: impl Fn(usize) -> f32 + Sync,
+    theta: f32,
+) {
     let hd = width / heads;
     let half = hd / 2;
     // Same arithmetic as HF: inv_freq in f32, angle = pos * inv_freq in f32.
@@ -34,7 +51,7 @@ pub fn rope(x: &mut [f32], width: usize, heads: usize, pos0: usize, theta: f32) 
         .map(|i| 1.0 / theta.powf((2 * i) as f32 / hd as f32))
         .collect();
     x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
-        let pos = (pos0 + r) as f32;
+        let pos = pos(r);
         for head in row.chunks_exact_mut(hd) {
             let (a, b) = head.split_at_mut(half);
             for ((a, b), f) in a.iter_mut().zip(b.iter_mut()).zip(&inv_freq) {

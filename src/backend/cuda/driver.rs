@@ -62,14 +62,24 @@ pub trait GpuDriver: Send + Sync + 'static {
 pub struct Emu {
     // Live allocations and their layouts, so `free` can return them.
     allocs: std::sync::Mutex<std::collections::HashMap<DevicePtr, std::alloc::Layout>>,
+    // The lane order of every launch.
+    order: super::emu::LaneOrder,
 }
 
 #[cfg(feature = "emu")]
 impl Emu {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
+        Self::with_lane_order(super::emu::LaneOrder::Default)
+    }
+
+    /// An emulator whose launches all run in `order`, whatever the
+    /// process-wide setting: a test can run an op through the `Backend`
+    /// in both orders side by side.
+    pub fn with_lane_order(order: super::emu::LaneOrder) -> Self {
         Emu {
             allocs: Default::default(),
+            order,
         }
     }
 }
@@ -134,7 +144,8 @@ impl GpuDriver for Emu {
         shared_mem_bytes: u32,
         args: &mut [*mut c_void],
     ) -> Result<()> {
-        super::emu::launch(name, grid, block, shared_mem_bytes, args)
+        // SAFETY: the caller's contract.
+        unsafe { super::emu::launch_ordered(name, grid, block, shared_mem_bytes, args, self.order) }
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -12,7 +12,7 @@ pub mod sources;
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::shapes::LoraDims;
 use crate::backend::topk::merge_top_k;
-use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, IGNORE};
+use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, PagedSeq, IGNORE};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -643,6 +643,135 @@ impl<D: GpuDriver> Backend for Cuda<D> {
             .float(theta);
         let grid = (blocks_for(n * heads * hd / 2), 1, 1);
         self.launch("rope_bwd_bf16", grid, (THREADS, 1, 1), args)
+    }
+
+    fn rope_rows(
+        &self,
+        x: &mut Tensor<Self>,
+        heads: usize,
+        positions: &[u32],
+        theta: f32,
+    ) -> Result<()> {
+        let (n, hd) = shapes::rope_rows(x, heads, positions)?;
+        expect_dtype("rope_rows x", x, DType::BF16);
+        if n == 0 {
+            return Ok(());
+        }
+        let dev_positions = self.upload_slice(positions)?;
+        // SAFETY: x holds n rows of heads·hd bf16 (checked above), the grid
+        // strides over its n·heads·hd/2 pairs, and positions holds n values.
+        let args = Args::default()
+            .ptr(x.buf.ptr)
+            .ptr(dev_positions.ptr)
+            .int(n)
+            .int(heads)
+            .int(hd)
+            .float(theta);
+        let grid = (blocks_for(n * heads * hd / 2), 1, 1);
+        self.launch("rope_rows_bf16", grid, (THREADS, 1, 1), args)?;
+        // The positions must outlive the kernel.
+        self.driver.synchronize()
+    }
+
+    fn scatter_rows(
+        &self,
+        dst: &mut Tensor<Self>,
+        src: &Tensor<Self>,
+        slots: &[u32],
+    ) -> Result<()> {
+        let (n, d) = shapes::scatter_rows(dst, src, slots)?;
+        let kernel = match dst.dtype {
+            DType::BF16 => "scatter_rows_bf16",
+            DType::F32 => "scatter_rows_f32",
+            other => {
+                return Err(Error::Unsupported(format!("scatter_rows of {other} rows")));
+            }
+        };
+        if n == 0 || d == 0 {
+            return Ok(());
+        }
+        let dev_slots = self.upload_slice(slots)?;
+        // SAFETY: every slot is < dst's rows and distinct (checked above), so the
+        // blocks write disjoint rows inside dst and read the n rows of src.
+        let args = Args::default()
+            .ptr(dst.buf.ptr)
+            .ptr(src.buf.ptr)
+            .ptr(dev_slots.ptr)
+            .int(d);
+        self.launch(kernel, (n as u32, 1, 1), (THREADS, 1, 1), args)?;
+        // The slots must outlive the kernel.
+        self.driver.synchronize()
+    }
+
+    fn attention_paged(
+        &self,
+        out: &mut Tensor<Self>,
+        q: &Tensor<Self>,
+        k_cache: &Tensor<Self>,
+        v_cache: &Tensor<Self>,
+        seqs: &[PagedSeq<'_>],
+        heads: usize,
+        kv_heads: usize,
+        block_size: usize,
+    ) -> Result<()> {
+        let (_, hd) =
+            shapes::attention_paged(out, q, k_cache, v_cache, seqs, heads, kv_heads, block_size)?;
+        if hd > 256 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {hd} (the paged attention kernel takes up to 256)"
+            )));
+        }
+        for (what, t) in [
+            ("out", &*out),
+            ("q", q),
+            ("k_cache", k_cache),
+            ("v_cache", v_cache),
+        ] {
+            if t.dtype != DType::BF16 {
+                return Err(Error::Unsupported(format!(
+                    "attention_paged: {what} is {}, the kernel takes bf16",
+                    t.dtype
+                )));
+            }
+        }
+        // One task per covered row: (row, position, offset of its sequence's
+        // block table in the flattened tables).
+        let mut tasks: Vec<u32> = Vec::new();
+        let mut blocks: Vec<u32> = Vec::new();
+        for s in seqs.iter().filter(|s| s.rows > 0) {
+            let offset = u32::try_from(blocks.len())
+                .map_err(|_| Error::Invalid("attention_paged: block tables too long".into()))?;
+            let used = s.ctx.div_ceil(block_size);
+            blocks.extend_from_slice(&s.blocks[..used]);
+            for i in 0..s.rows {
+                let pos = s.ctx - s.rows + i;
+                tasks.extend([s.row + i, pos].map(|x| x as u32));
+                tasks.push(offset);
+            }
+        }
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let (dev_tasks, dev_blocks) = (self.upload_slice(&tasks)?, self.upload_slice(&blocks)?);
+        // SAFETY: each task's row is inside q and out (and no two tasks share one),
+        // its table holds ceil((pos + 1) / block_size) ≤ ceil(ctx /
+        // block_size) block ids, each < num_slots / block_size: every slot
+        // the kernel reads is a row of k_cache and v_cache (checked above).
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(q.buf.ptr)
+            .ptr(k_cache.buf.ptr)
+            .ptr(v_cache.buf.ptr)
+            .ptr(dev_tasks.ptr)
+            .ptr(dev_blocks.ptr)
+            .int(heads)
+            .int(kv_heads)
+            .int(hd)
+            .int(block_size);
+        let grid = ((tasks.len() / 3) as u32, heads as u32, 1);
+        self.launch("attention_paged_bf16", grid, (128, 1, 1), args)?;
+        // The tables must outlive the kernel.
+        self.driver.synchronize()
     }
 
     fn attention(
