@@ -21,6 +21,10 @@ use engine::train::batch::Layout;
 use engine::train::schedule::{Decay, Length};
 use engine::train::trainer::{finetune, Outcome, RunPaths, TrainOptions};
 use std::io::Write;
+
+mod cli {
+    pub mod serve;
+}
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -84,6 +88,8 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Serve the model behind OpenAI's API (chat, completions), with continuous batching.
+    Serve(Box<cli::serve::ServeArgs>),
     /// The CUDA kernels (kernels/*.cu).
     Kernels {
         #[command(subcommand)]
@@ -451,6 +457,11 @@ fn run(cli: Cli) -> Result<()> {
             .build_global()
             .context("cannot start the thread pool")?;
     }
+    // The server's engine thread runs on the pool; the HTTP side must not
+    // hold a worker.
+    if let Command::Serve(args) = cli.command {
+        return cli::serve::run(*args);
+    }
     // The command runs on a thread of the pool, so that each CPU op's
     // parallel loop starts where it is called. From outside the pool every
     // op wakes a worker and sleeps until it is done: on one thread that
@@ -460,6 +471,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn command(command: Command) -> Result<()> {
     match command {
+        Command::Serve(_) => unreachable!("served outside the pool"),
         Command::Generate(args) => {
             on_device!(open_device(args.device)?, |be| generate_cmd(be, &args))?
         }

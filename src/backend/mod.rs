@@ -460,7 +460,12 @@ pub trait Backend: Sized + Send + Sync {
     }
 
     // TEMPORARY STUB (replaced by the matmul branch)
-    fn matmul_nt_invariant(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
+    fn matmul_nt_invariant(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()> {
         self.matmul_nt(out, x, w)
     }
 

@@ -154,7 +154,9 @@ impl<'a, B: Backend> Engine<'a, B> {
             },
             BlockPool::new(cfg.num_blocks, cfg.block_size),
         );
-        metrics.kv_blocks_total.store(cfg.num_blocks as u64, Relaxed);
+        metrics
+            .kv_blocks_total
+            .store(cfg.num_blocks as u64, Relaxed);
         metrics.kv_blocks_free.store(cfg.num_blocks as u64, Relaxed);
         Ok(Engine {
             model,
@@ -252,16 +254,16 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// hands it on, finishing the request at a stop token or its length.
     fn emit_next(&mut self, id: u64, row: usize) -> Result<()> {
         let be = &self.model.backend;
-        let live = self.live.get_mut(&id).expect("a scheduled sequence is live");
+        let live = self
+            .live
+            .get_mut(&id)
+            .expect("a scheduled sequence is live");
         be.copy_rows(&mut self.row, 0, &self.logits, row, 1)?;
         let u = live.sampler.draw();
         let token = be.sample(&self.row, live.sampler.config(), u)?;
         let now = Instant::now();
         match live.last_token {
-            None => self
-                .metrics
-                .time_to_first_token
-                .observe(now - live.arrived),
+            None => self.metrics.time_to_first_token.observe(now - live.arrived),
             Some(t) => self.metrics.inter_token_latency.observe(now - t),
         }
         live.last_token = Some(now);
@@ -272,8 +274,12 @@ impl<'a, B: Backend> Engine<'a, B> {
             Some(top) => Some(logprobs(be, &mut self.row_logp, &self.row, token, top)?),
             None => None,
         };
-        let seq = self.sched.get_mut(id).expect("a live sequence is scheduled");
-        if seq.generated().is_empty() && !(live.sink)(Event::Cached(seq.cached_tokens.unwrap_or(0))) {
+        let seq = self
+            .sched
+            .get_mut(id)
+            .expect("a live sequence is scheduled");
+        if seq.generated().is_empty() && !(live.sink)(Event::Cached(seq.cached_tokens.unwrap_or(0)))
+        {
             self.abort(id);
             return Ok(());
         }
@@ -350,7 +356,12 @@ fn logprobs<B: Backend>(
     let mut best: Vec<(u32, f32)> = Vec::new();
     if top > 0 {
         let mut order: Vec<u32> = (0..row.len() as u32).collect();
-        let key = |i: &u32| (std::cmp::Reverse(crate::backend::sample::key(row[*i as usize])), *i);
+        let key = |i: &u32| {
+            (
+                std::cmp::Reverse(crate::backend::sample::key(row[*i as usize])),
+                *i,
+            )
+        };
         let top = top.min(order.len());
         order.select_nth_unstable_by_key(top - 1, key);
         order.truncate(top);

@@ -45,16 +45,18 @@ impl Histogram {
             })
             .collect();
         let total = acc + self.over.load(Relaxed);
-        (cumulative, total, self.sum_micros.load(Relaxed) as f64 / 1e6)
+        (
+            cumulative,
+            total,
+            self.sum_micros.load(Relaxed) as f64 / 1e6,
+        )
     }
 }
 
 const TTFT_BOUNDS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
-const ITL_BOUNDS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+const ITL_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 pub struct Metrics {
     pub requests_running: AtomicU64,

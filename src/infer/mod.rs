@@ -1,7 +1,7 @@
 //! Inference jobs over a loaded model: sampling, generation and scoring.
 
-pub mod generate;
 pub mod engine;
+pub mod generate;
 pub mod kv_blocks;
 pub mod metrics;
 pub mod scheduler;

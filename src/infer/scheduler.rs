@@ -349,8 +349,8 @@ mod tests {
         s.add(Sequence::new(2, prompt(7, 40), 0));
         run(&mut s, 5); // prompts computed: 8 tokens each, 7 computed
         run(&mut s, 6); // 9 tokens each, 8 computed: two full blocks each
-        // Position 8 needs a third block each: none is free, so 2 (the
-        // latest) is preempted and 1 takes one of its blocks.
+                        // Position 8 needs a third block each: none is free, so 2 (the
+                        // latest) is preempted and 1 takes one of its blocks.
         let w = run(&mut s, 7);
         assert_eq!(w.len(), 1);
         assert_eq!(w[0].id, 1);

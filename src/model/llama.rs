@@ -292,10 +292,24 @@ impl<B: Backend> Llama<B> {
     fn feed_forward(&self, a: &mut Activations<B>, lw: &LayerWeights<B>, l: usize) -> Result<()> {
         let (c, be) = (&self.config, &self.backend);
         be.rmsnorm(&mut a.h, &a.x, &lw.ffn_norm, c.rms_norm_eps)?;
-        self.linear(&mut a.gate, &a.h, &lw.w_gate, l, Target::GateProj, &mut a.lora)?;
+        self.linear(
+            &mut a.gate,
+            &a.h,
+            &lw.w_gate,
+            l,
+            Target::GateProj,
+            &mut a.lora,
+        )?;
         self.linear(&mut a.up, &a.h, &lw.w_up, l, Target::UpProj, &mut a.lora)?;
         be.swiglu(&mut a.act, &a.gate, &a.up)?;
-        self.linear(&mut a.proj, &a.act, &lw.w_down, l, Target::DownProj, &mut a.lora)?;
+        self.linear(
+            &mut a.proj,
+            &a.act,
+            &lw.w_down,
+            l,
+            Target::DownProj,
+            &mut a.lora,
+        )?;
         be.add_assign(&mut a.x, &a.proj)
     }
 

@@ -4,11 +4,11 @@
 //! per piece of text, the finish reason once, the usage last when asked,
 //! then `data: [DONE]`).
 
+use crate::infer::engine::Usage;
 use crate::serve::error::ApiError;
 use crate::serve::generation::{self, Piece, Running, Settings, TokenLogprob};
 use crate::serve::openai::{ChatRequest, CompletionRequest, Content, Prompt};
 use crate::serve::{parse_json, AppState};
-use crate::infer::engine::Usage;
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -84,7 +84,11 @@ pub async fn completions(
     let req: CompletionRequest = parse_json(&body)?;
     state.check_model(&req.model)?;
     let mut settings = Settings::from_request(&req.sampling)?;
-    settings.max_tokens = Some(settings.max_tokens.unwrap_or(COMPLETION_MAX_TOKENS as usize));
+    settings.max_tokens = Some(
+        settings
+            .max_tokens
+            .unwrap_or(COMPLETION_MAX_TOKENS as usize),
+    );
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
@@ -108,7 +112,14 @@ pub async fn completions(
     let prompt = state.tokenizer.encode(&prompt, true)?;
     let logprobs = req.logprobs.map(|n| n as usize);
     let running = generation::start(&state, prompt, &settings, logprobs)?;
-    respond(Api::Completion, req.model, running, &settings, logprobs.is_some()).await
+    respond(
+        Api::Completion,
+        req.model,
+        running,
+        &settings,
+        logprobs.is_some(),
+    )
+    .await
 }
 
 /// The messages as the chat template takes them: string contents, the text
@@ -204,7 +215,11 @@ async fn respond(
                         "finish_reason": reason,
                     }),
                 };
-                let object = if api == Api::Chat { "chat.completion" } else { "text_completion" };
+                let object = if api == Api::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
                 return Ok(Json(json!({
                     "id": ids.id,
                     "object": object,
@@ -216,7 +231,11 @@ async fn respond(
                 .into_response());
             }
             Some(Err(e)) => return Err(e),
-            None => return Err(ApiError::bad_request("the generation ended without a result")),
+            None => {
+                return Err(ApiError::bad_request(
+                    "the generation ended without a result",
+                ))
+            }
         }
     }
 }
@@ -228,7 +247,11 @@ fn stream(
     include_usage: bool,
     logprobs: bool,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let object = if api == Api::Chat { "chat.completion.chunk" } else { "text_completion" };
+    let object = if api == Api::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
     let chunk = move |choices: Value, usage: Option<Value>| {
         let mut c = json!({
             "id": ids.id,
@@ -245,65 +268,72 @@ fn stream(
     // State: the running request, whether the role chunk went out, the
     // text offset (completion logprobs), and whether the stream is over.
     let init = (running, false, 0usize, false);
-    let events = futures_util::stream::unfold(init, move |(mut run, mut began, mut offset, over)| {
-        let chunk = chunk.clone();
-        async move {
-            if over {
-                return None;
-            }
-            let mut out: Vec<SseEvent> = Vec::new();
-            if api == Api::Chat && !began {
-                began = true;
-                out.push(chunk(
+    let events = futures_util::stream::unfold(
+        init,
+        move |(mut run, mut began, mut offset, over)| {
+            let chunk = chunk.clone();
+            async move {
+                if over {
+                    return None;
+                }
+                let mut out: Vec<SseEvent> = Vec::new();
+                if api == Api::Chat && !began {
+                    began = true;
+                    out.push(chunk(
                     json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
                     None,
                 ));
-            }
-            let mut over = false;
-            match run.next().await {
-                Some(Ok(Piece::Text(t, lp))) => {
-                    let choice = match api {
-                        Api::Chat => json!({
-                            "index": 0,
-                            "delta": {"content": t},
-                            "logprobs": logprobs.then(|| chat_logprobs(&lp)),
-                            "finish_reason": null,
-                        }),
-                        Api::Completion => json!({
-                            "index": 0,
-                            "text": t,
-                            "logprobs": logprobs.then(|| completion_logprobs(&lp, offset)),
-                            "finish_reason": null,
-                        }),
-                    };
-                    offset += t.len();
-                    out.push(chunk(json!([choice]), None));
                 }
-                Some(Ok(Piece::Done(reason, usage))) => {
-                    let choice = match api {
-                        Api::Chat => json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason}),
-                        Api::Completion => json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason}),
-                    };
-                    out.push(chunk(json!([choice]), None));
-                    if include_usage {
-                        out.push(chunk(json!([]), Some(usage_json(&usage))));
+                let mut over = false;
+                match run.next().await {
+                    Some(Ok(Piece::Text(t, lp))) => {
+                        let choice = match api {
+                            Api::Chat => json!({
+                                "index": 0,
+                                "delta": {"content": t},
+                                "logprobs": logprobs.then(|| chat_logprobs(&lp)),
+                                "finish_reason": null,
+                            }),
+                            Api::Completion => json!({
+                                "index": 0,
+                                "text": t,
+                                "logprobs": logprobs.then(|| completion_logprobs(&lp, offset)),
+                                "finish_reason": null,
+                            }),
+                        };
+                        offset += t.len();
+                        out.push(chunk(json!([choice]), None));
                     }
-                    out.push(SseEvent::default().data("[DONE]"));
-                    over = true;
+                    Some(Ok(Piece::Done(reason, usage))) => {
+                        let choice = match api {
+                            Api::Chat => {
+                                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
+                            }
+                            Api::Completion => {
+                                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
+                            }
+                        };
+                        out.push(chunk(json!([choice]), None));
+                        if include_usage {
+                            out.push(chunk(json!([]), Some(usage_json(&usage))));
+                        }
+                        out.push(SseEvent::default().data("[DONE]"));
+                        over = true;
+                    }
+                    Some(Err(e)) => {
+                        // Mid-stream the status is sent already: the error goes
+                        // in the stream, as OpenAI does.
+                        out.push(SseEvent::default().data(e.body().to_string()));
+                        out.push(SseEvent::default().data("[DONE]"));
+                        over = true;
+                    }
+                    None => over = true,
                 }
-                Some(Err(e)) => {
-                    // Mid-stream the status is sent already: the error goes
-                    // in the stream, as OpenAI does.
-                    out.push(SseEvent::default().data(e.body().to_string()));
-                    out.push(SseEvent::default().data("[DONE]"));
-                    over = true;
-                }
-                None => over = true,
+                let items = futures_util::stream::iter(out.into_iter().map(Ok));
+                Some((items, (run, began, offset, over)))
             }
-            let items = futures_util::stream::iter(out.into_iter().map(Ok));
-            Some((items, (run, began, offset, over)))
-        }
-    });
+        },
+    );
     Sse::new(futures_util::StreamExt::flatten(events))
 }
 
@@ -317,9 +347,7 @@ fn usage_json(u: &Usage) -> Value {
 }
 
 fn chat_logprobs(tokens: &[TokenLogprob]) -> Value {
-    let entry = |token: &str, logprob: f32| {
-        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
-    };
+    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
     let content: Vec<Value> = tokens
         .iter()
         .map(|t| {

@@ -57,7 +57,10 @@ impl Settings {
             ));
         }
         if s.max_tokens == Some(0) {
-            return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
         }
         let stops = match &s.stop {
             None => Vec::new(),
@@ -218,7 +221,11 @@ impl Running {
         }
     }
 
-    fn on_token(&mut self, id: u32, logprob: Option<(f32, Vec<(u32, f32)>)>) -> Result<(), ApiError> {
+    fn on_token(
+        &mut self,
+        id: u32,
+        logprob: Option<(f32, Vec<(u32, f32)>)>,
+    ) -> Result<(), ApiError> {
         self.ids.push(id);
         if let Some((logprob, top)) = logprob {
             let top = top

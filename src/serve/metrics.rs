@@ -13,20 +13,54 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     let m = &state.engine.metrics;
     let mut out = String::new();
     let gauges = [
-        ("engine_requests_running", "Requests in the running batch.", &m.requests_running),
-        ("engine_requests_waiting", "Requests waiting to be admitted.", &m.requests_waiting),
-        ("engine_kv_blocks_total", "KV-cache blocks in the pool.", &m.kv_blocks_total),
-        ("engine_kv_blocks_free", "KV-cache blocks no request uses.", &m.kv_blocks_free),
+        (
+            "engine_requests_running",
+            "Requests in the running batch.",
+            &m.requests_running,
+        ),
+        (
+            "engine_requests_waiting",
+            "Requests waiting to be admitted.",
+            &m.requests_waiting,
+        ),
+        (
+            "engine_kv_blocks_total",
+            "KV-cache blocks in the pool.",
+            &m.kv_blocks_total,
+        ),
+        (
+            "engine_kv_blocks_free",
+            "KV-cache blocks no request uses.",
+            &m.kv_blocks_free,
+        ),
     ];
     for (name, help, v) in gauges {
         metric(&mut out, name, help, "gauge", v.load(Relaxed));
     }
     let used = m.kv_blocks_total.load(Relaxed) - m.kv_blocks_free.load(Relaxed);
-    metric(&mut out, "engine_kv_blocks_used", "KV-cache blocks in use.", "gauge", used);
+    metric(
+        &mut out,
+        "engine_kv_blocks_used",
+        "KV-cache blocks in use.",
+        "gauge",
+        used,
+    );
     let counters = [
-        ("engine_requests_finished_total", "Requests that finished.", &m.requests_finished),
-        ("engine_prompt_tokens_total", "Prompt tokens of admitted requests.", &m.prompt_tokens),
-        ("engine_generation_tokens_total", "Tokens generated.", &m.generation_tokens),
+        (
+            "engine_requests_finished_total",
+            "Requests that finished.",
+            &m.requests_finished,
+        ),
+        (
+            "engine_prompt_tokens_total",
+            "Prompt tokens of admitted requests.",
+            &m.prompt_tokens,
+        ),
+        (
+            "engine_generation_tokens_total",
+            "Tokens generated.",
+            &m.generation_tokens,
+        ),
         (
             "engine_prefix_cache_queries_total",
             "Prompt tokens looked up in the prefix cache.",
@@ -41,7 +75,10 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
     for (name, help, v) in counters {
         metric(&mut out, name, help, "counter", v.load(Relaxed));
     }
-    let (q, h) = (m.prefix_queried_tokens.load(Relaxed), m.prefix_hit_tokens.load(Relaxed));
+    let (q, h) = (
+        m.prefix_queried_tokens.load(Relaxed),
+        m.prefix_hit_tokens.load(Relaxed),
+    );
     let rate = if q == 0 { 0.0 } else { h as f64 / q as f64 };
     let _ = writeln!(
         out,
@@ -60,14 +97,14 @@ pub async fn render(State(state): State<Arc<AppState>>) -> impl IntoResponse {
         "Time between a request's successive tokens.",
         &m.inter_token_latency,
     );
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 fn metric(out: &mut String, name: &str, help: &str, kind: &str, value: u64) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
 }
 
 fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
@@ -76,5 +113,8 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
     for (bound, c) in h.bounds.iter().zip(cumulative) {
         let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {c}");
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}");
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {sum}\n{name}_count {count}"
+    );
 }

@@ -1,0 +1,158 @@
+//! `engine serve`: OpenAI's API over continuous-batched inference.
+
+use crate::{open_device, Device, DeviceArg};
+use anyhow::{bail, Context, Result};
+use engine::backend::cpu::Cpu;
+use engine::backend::cuda::Cuda;
+use engine::backend::Backend;
+use engine::infer::engine::{spawn, EngineConfig};
+use engine::infer::generate::BLOCK_SIZE;
+use engine::model::llama::Llama;
+use engine::serve::{router, AppState};
+use engine::tokenizer::Tokenizer;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// The name clients give as `model` (default: the folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on; 0.0.0.0 listens on every interface.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: IpAddr,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every /v1 request.
+    #[arg(long, env = "ENGINE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Memory for the KV cache, in MiB: it bounds the tokens of all running
+    /// requests together.
+    #[arg(long, default_value_t = 1024)]
+    kv_cache_mib: usize,
+    /// Most tokens computed in one step (decode tokens and prompt chunks).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Most requests running at once.
+    #[arg(long, default_value_t = 64)]
+    max_seqs: usize,
+    /// Most requests waiting for a place; past them a request gets 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    device: DeviceArg,
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.max_batch_tokens == 0 || args.max_seqs == 0 {
+        bail!("--max-batch-tokens and --max-seqs must be at least 1");
+    }
+    let tokenizer = Tokenizer::load(&args.model)?;
+    match open_device(args.device)? {
+        Device::Cpu => serve(Cpu, &args, tokenizer),
+        Device::Cuda(gpu) => serve(Cuda::new(gpu), &args, tokenizer),
+        #[cfg(feature = "emu")]
+        Device::Emu => serve(
+            Cuda::new(engine::backend::cuda::driver::Emu::new()),
+            &args,
+            tokenizer,
+        ),
+    }
+}
+
+fn serve<B: Backend + 'static>(be: B, args: &ServeArgs, tokenizer: Tokenizer) -> Result<()> {
+    let device = be.name();
+    let model = Llama::load(be, &args.model)?;
+    let num_blocks = EngineConfig::blocks_in_mib(&model, BLOCK_SIZE, args.kv_cache_mib);
+    if num_blocks == 0 {
+        bail!(
+            "--kv-cache-mib {} holds no KV block of this model",
+            args.kv_cache_mib
+        );
+    }
+    let stop_ids = tokenizer.stop_ids(&model.config.eos_token_ids);
+    let name = match &args.served_model_name {
+        Some(n) => n.clone(),
+        None => folder_name(&args.model),
+    };
+    let cfg = EngineConfig {
+        max_batch_tokens: args.max_batch_tokens,
+        max_seqs: args.max_seqs,
+        block_size: BLOCK_SIZE,
+        num_blocks,
+    };
+    let engine = spawn(model, cfg)?;
+    let state = Arc::new(AppState {
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        model_name: name.clone(),
+        stop_ids,
+        api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+        permits: Arc::new(tokio::sync::Semaphore::new(args.max_seqs + args.max_queue)),
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let addr = std::net::SocketAddr::new(args.host, args.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let addr = listener.local_addr()?;
+        eprintln!(
+            "engine serve: http://{addr} · device {device} · model {name} · adapters: none · index: none · \
+             KV cache {num_blocks} blocks of {BLOCK_SIZE} tokens ({} MiB){}",
+            args.kv_cache_mib,
+            if state.api_key.is_some() { " · API key required" } else { "" },
+        );
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown())
+            .await
+            .context("the server failed")
+    })?;
+    eprintln!("engine serve: stopped");
+    Ok(())
+}
+
+/// The folder's last component ("smollm2-135m-instruct").
+fn folder_name(dir: &std::path::Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Resolves at SIGTERM or Ctrl-C: the server stops accepting, lets the
+/// requests in flight finish, and returns.
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    eprintln!("engine serve: shutting down (finishing the requests in flight)");
+}

@@ -1,0 +1,210 @@
+//! `engine serve` on SmolLM2, driven by the official `openai` Python client
+//! (tests/serve_client.py; scripts/test installs it into .venv-client).
+//! Each test starts its own server on a free port of 127.0.0.1.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+const MODEL_NAME: &str = "smollm2-135m-instruct";
+const QUESTION: &str = "What is the capital of France?";
+
+fn model() -> Option<PathBuf> {
+    common::real_model(
+        MODEL_NAME,
+        &["config.json", "model.safetensors", "tokenizer.json"],
+    )
+}
+
+/// The client's Python, or None (the test skips) unless
+/// ENGINE_REQUIRE_OPENAI=1 (CI), where its absence fails the test.
+fn python() -> Option<PathBuf> {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-client/bin/python");
+    let ok = py.exists()
+        && Command::new(&py)
+            .args(["-c", "import openai"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if ok {
+        return Some(py);
+    }
+    if std::env::var("ENGINE_REQUIRE_OPENAI").as_deref() == Ok("1") {
+        panic!("the openai client is missing: run scripts/test (it installs .venv-client)");
+    }
+    eprintln!("skipped: no .venv-client with the openai package (scripts/test installs it)");
+    None
+}
+
+/// A running `engine serve`, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
+            .args(["serve", "--device", "cpu", "--port", "0", "--model"])
+            .arg(model)
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The startup line names the address the server listens on.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("the server exited before listening")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("engine serve: http://") {
+                break rest.split(' ').next().unwrap().to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server {
+            child,
+            base: format!("http://{addr}/v1"),
+        }
+    }
+
+    /// Runs one mode of serve_client.py against this server.
+    fn client(&self, py: &Path, mode: &str, args: &[&str]) {
+        let out = Command::new(py)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_client.py"))
+            .args([mode, &self.base, MODEL_NAME])
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "serve_client.py {mode} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("ok {mode}")), "{stdout}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `engine generate --chat`'s greedy answer to `prompt`.
+fn generate(model: &Path, prompt: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args([
+            "generate", "--device", "cpu", "--chat", "--prompt", prompt, "--model",
+        ])
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim_end_matches('\n')
+        .to_string()
+}
+
+#[test]
+fn the_openai_client_gets_what_engine_generate_gets() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let expected = generate(&model, QUESTION);
+    assert_eq!(expected, "The capital of France is Paris.");
+    let server = Server::start(&model, &[]);
+    server.client(&py, "api", &[&expected, QUESTION]);
+}
+
+#[test]
+fn concurrent_streams_each_get_their_solo_text() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--max-batch-tokens", "256"]);
+    server.client(&py, "concurrent", &[]);
+}
+
+#[test]
+fn a_client_that_disconnects_frees_its_blocks() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let server = Server::start(&model, &[]);
+    server.client(&py, "disconnect", &[]);
+}
+
+#[test]
+fn an_api_key_is_required_when_set() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--api-key", "sesame"]);
+    server.client(&py, "auth", &["sesame"]);
+}
+
+#[test]
+fn a_full_queue_answers_429() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let server = Server::start(&model, &["--max-seqs", "1", "--max-queue", "0"]);
+    server.client(&py, "overload", &[]);
+}
+
+#[test]
+fn sigterm_finishes_the_streams_in_flight_and_exits_0() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let mut server = Server::start(&model, &[]);
+    let mut client = Command::new(&py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_client.py"))
+        .args(["stream_until_killed", &server.base, MODEL_NAME])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "streaming");
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(client.wait().unwrap().success(), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.starts_with("finished length")),
+        "the stream did not finish: {rest:?}"
+    );
+    let status = server.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn bad_flags_get_one_line() {
+    let Some(model) = model() else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(["serve", "--device", "cpu", "--kv-cache-mib", "0", "--model"])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kv-cache-mib"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
