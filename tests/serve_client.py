@@ -109,6 +109,10 @@ def api():
     r = chat(c, "Count from one to fifty in words.", temperature=0, max_completion_tokens=3)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
 
+    # ignore_eos (an extension) runs to max_tokens past the end of turn.
+    r = chat(c, question, temperature=0, max_tokens=u.completion_tokens + 5, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == u.completion_tokens + 5
+
     # A stop string cuts the text before it, streamed or not.
     prompt = "Count from one to twenty, separated by commas."
     full = chat(c, prompt, temperature=0, max_tokens=40).choices[0].message.content

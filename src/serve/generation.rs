@@ -29,6 +29,7 @@ pub struct Settings {
     pub stops: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 impl Settings {
@@ -93,6 +94,7 @@ impl Settings {
             stops,
             stream: s.stream,
             include_usage: s.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            ignore_eos: s.ignore_eos,
         })
     }
 }
@@ -164,7 +166,11 @@ pub fn start(
         prompt,
         max_tokens,
         sampler: settings.sampler,
-        stop_ids: state.stop_ids.clone(),
+        stop_ids: if settings.ignore_eos {
+            Vec::new()
+        } else {
+            state.stop_ids.clone()
+        },
         logprobs,
     };
     state

@@ -83,6 +83,10 @@ pub struct Sampling {
     pub top_k: Option<u32>,
     pub seed: Option<u64>,
     pub stop: Option<Stop>,
+    /// Keep generating past the end-of-sequence token (an extension, as in
+    /// vLLM and llama.cpp: benchmarks that want a fixed output length).
+    #[serde(default)]
+    pub ignore_eos: bool,
     pub n: Option<u32>,
     #[serde(default)]
     pub stream: bool,
