@@ -56,8 +56,10 @@ if [ ! -s smollm2-135m-instruct/model.safetensors ]; then
     rm -rf "$downloads/gguf"
   fi
   if [ ! -x "$engine" ]; then
-    echo "fetch: building engine (cargo build --release)" >&2
-    (cd .. && cargo build --release --quiet)
+    # Not --quiet: the first build takes minutes, and cargo's progress shows
+    # that it is working.
+    echo "fetch: building engine (cargo build --release; minutes the first time)" >&2
+    (cd .. && cargo build --release)
   fi
   "$engine" convert "$gguf" smollm2-135m-instruct
 fi

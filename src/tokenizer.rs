@@ -85,6 +85,11 @@ impl Tokenizer {
         self.chat_template.is_some()
     }
 
+    /// The chat template's Jinja source, if the folder has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
     /// Token ids of `text`. `add_special` adds what the tokenizer's
     /// post-processor adds around a sequence (a BOS token, for models that
     /// want one), as transformers does by default.

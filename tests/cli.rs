@@ -138,16 +138,139 @@ fn info_describes_the_model() {
         "bf16",
         "/ 2 (head dim 16)",
         "context length    128",
-        "chat template     no",
+        "chat template     none (generate --chat and ask need one)",
     ] {
         assert!(text.contains(want), "{want:?} not in\n{text}");
     }
 }
 
 #[test]
-fn missing_model_folder() {
-    let out = engine(&["score", "--model", "/nonexistent/model", "--text", TEXT]);
-    common::assert_fails_with(&out, &["/nonexistent/model", "tokenizer.json"]);
+fn info_shows_the_chat_template() {
+    let (_tmp, dir) = model_copy("model");
+    let template =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}\
+                    {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let cfg = serde_json::json!({"chat_template": template});
+    std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string()).unwrap();
+    let out = engine(&["info", "--model", s(&dir)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in [
+        "chat template     yes: below",
+        "    {% for m in messages %}<|im_start|>{{ m.role }}",
+        "  user \"Hello!\" becomes:",
+        "    <|im_start|>user\n    Hello!<|im_end|>\n    <|im_start|>assistant",
+    ] {
+        assert!(text.contains(want), "{want:?} not in\n{text}");
+    }
+}
+
+/// A folder that does not exist gets the same one line from every command
+/// that takes one, naming the flag's kind of folder and the path.
+#[test]
+fn missing_folders_say_so_in_every_command() {
+    let (tmp, dir) = model_copy("model");
+    let nope = tmp.path().join("nope");
+    let (nope, dir) = (s(&nope), s(&dir));
+    let adapter = fixture("lora/peft_adapter");
+    let adapter = s(&adapter);
+    let data = tmp.path().join("data.jsonl");
+    std::fs::write(&data, "{\"text\": \"w1 w2\"}\n").unwrap();
+    let out_dir = tmp.path().join("out");
+    let (data, out_dir) = (s(&data), s(&out_dir));
+    let model = format!("model folder {nope} does not exist");
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["score", "--model", nope, "--text", TEXT],
+            model.clone(),
+        ),
+        (
+            vec!["generate", "--model", nope, "--prompt", "w1"],
+            model.clone(),
+        ),
+        (vec!["info", "--model", nope], model.clone()),
+        (vec!["embed", "--model", nope, "--text", "x"], model.clone()),
+        (
+            vec![
+                "merge",
+                "--model",
+                nope,
+                "--adapter",
+                adapter,
+                "--out",
+                out_dir,
+            ],
+            model.clone(),
+        ),
+        (
+            vec![
+                "finetune",
+                "--model",
+                nope,
+                "--data",
+                data,
+                "--lora-rank",
+                "2",
+                "--out",
+                out_dir,
+            ],
+            model.clone(),
+        ),
+        (
+            vec![
+                "ask",
+                "--model",
+                nope,
+                "--index",
+                nope,
+                "--embedder",
+                dir,
+                "q",
+            ],
+            model.clone(),
+        ),
+        (
+            vec!["score", "--model", dir, "--adapter", nope, "--text", TEXT],
+            format!("adapter folder {nope} does not exist"),
+        ),
+        (
+            vec!["merge", "--model", dir, "--adapter", nope, "--out", out_dir],
+            format!("adapter folder {nope} does not exist"),
+        ),
+        (
+            vec!["index", "add", "--index", out_dir, "--embedder", nope, dir],
+            format!("embedder folder {nope} does not exist"),
+        ),
+        (
+            vec![
+                "index",
+                "search",
+                "--index",
+                out_dir,
+                "--embedder",
+                nope,
+                "q",
+            ],
+            format!("embedder folder {nope} does not exist"),
+        ),
+    ];
+    for (args, want) in cases {
+        let out = engine(&args);
+        common::assert_fails_with(&out, &[&format!("error: {want}")]);
+    }
+    // A path under models/ points at the script that makes the real models.
+    let out = engine(&["info", "--model", "models/no-such-model"]);
+    common::assert_fails_with(
+        &out,
+        &[
+            "model folder models/no-such-model does not exist",
+            "models/fetch.sh",
+        ],
+    );
 }
 
 #[test]
@@ -247,8 +370,201 @@ fn bad_flags_and_text() {
     let long = vec!["w5"; 200].join(" ");
     let out = engine(&["generate", "--model", s(&dir), "--prompt", &long]);
     common::assert_fails_with(&out, &["context"]);
-    let out = engine(&["score", "--model", s(&dir), "--text", &long]);
-    common::assert_fails_with(&out, &["context"]);
+    // A scoring window the model cannot hold, or too small to predict.
+    for w in ["129", "1"] {
+        let out = engine(&["score", "--model", s(&dir), "--text", TEXT, "--window", w]);
+        common::assert_fails_with(&out, &["window of", "context of 128"]);
+    }
+}
+
+/// A negative count reaches the flag's parser, whose message names the
+/// value and the flag; clap used to answer "unexpected argument '-5'".
+#[test]
+fn negative_counts_name_the_value() {
+    let (_tmp, dir) = model_copy("model");
+    for (flag, cmd) in [
+        ("--max-tokens", "generate"),
+        ("--top-k", "generate"),
+        ("--window", "score"),
+    ] {
+        let mut args = vec!["--model", s(&dir), flag, "-5"];
+        args.insert(0, cmd);
+        args.extend(if cmd == "generate" {
+            ["--prompt", "w1"]
+        } else {
+            ["--text", TEXT]
+        });
+        let out = engine(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("invalid value '-5' for '{flag} <"))
+                && err.contains("must be 0 or more"),
+            "{err}"
+        );
+        assert!(!err.contains("unexpected argument"), "{err}");
+    }
+    let out = engine(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "w1",
+        "--max-tokens",
+        "2.5",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a whole number"));
+    // A negative float reaches the command's own check.
+    let out = engine(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "w1",
+        "--temperature",
+        "-1",
+    ]);
+    common::assert_fails_with(&out, &["--temperature must be a number ≥ 0, got -1"]);
+}
+
+/// --max-tokens 0 generates nothing, and the rate line has no rate for
+/// what was not timed (it printed "100000000" tok/s for the prompt).
+#[test]
+fn zero_max_tokens_generates_nothing() {
+    let (_tmp, dir) = model_copy("model");
+    let out = engine(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "w1 w2 w3",
+        "--max-tokens",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "[prompt 3 tokens | generated 0 tokens]\n"
+    );
+    // With tokens, both rates are there, and finite.
+    let out = engine(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "w1 w2 w3",
+        "--max-tokens",
+        "4",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("[prompt 3 tokens, ") && err.contains("| generated 4 tokens, "),
+        "{err}"
+    );
+    assert_eq!(err.matches(" tok/s").count(), 2, "{err}");
+}
+
+/// Ids of a text of `n` tokens ("wN" is token N in the test tokenizer).
+fn words(n: usize) -> (String, Vec<u32>) {
+    let ids: Vec<u32> = (0..n).map(|i| ((i * 37 + 11) % 300) as u32).collect();
+    let text: Vec<String> = ids.iter().map(|i| format!("w{i}")).collect();
+    (text.join(" "), ids)
+}
+
+fn score_json(dir: &Path, text: &str, extra: &[&str]) -> (serde_json::Value, String) {
+    let mut args = vec!["score", "--model", s(dir), "--json", "--text", text];
+    args.extend_from_slice(extra);
+    let out = engine(&args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{err}");
+    (serde_json::from_slice(&out.stdout).unwrap(), err)
+}
+
+fn logprobs(v: &serde_json::Value) -> Vec<f64> {
+    v["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// A text longer than the context (128 here) is scored in windows that
+/// advance by half a window: every token once, each with the context its
+/// window gives — the same numbers as scoring that window's text alone.
+#[test]
+fn score_long_text_in_windows() {
+    let (_tmp, dir) = model_copy("model");
+    let n = 300;
+    let (text, ids) = words(n);
+    let (v, err) = score_json(&dir, &text, &[]);
+    // Windows [0,128) [64,192) [128,256) [192,300).
+    assert!(
+        err.contains(
+            "300 tokens: longer than a window of 128, scored in 4 windows advancing by 64"
+        ),
+        "{err}"
+    );
+    let all = logprobs(&v);
+    assert_eq!(all.len(), n - 1);
+    assert!(all.iter().all(|l| l.is_finite() && *l < 0.0));
+    let alone = |from: usize, to: usize| {
+        let t: Vec<String> = ids[from..to].iter().map(|i| format!("w{i}")).collect();
+        logprobs(&score_json(&dir, &t.join(" "), &[]).0)
+    };
+    // Token t's value is index t - 1; window [s, e) scores the tokens past
+    // the previous window's end.
+    assert_eq!(all[..127], alone(0, 128)[..]);
+    for (start, first, end) in [(64, 128, 192), (128, 192, 256), (192, 256, 300)] {
+        let w = alone(start, end);
+        assert_eq!(
+            all[first - 1..end - 1],
+            w[first - start - 1..],
+            "window at {start}"
+        );
+    }
+    let nll: f64 = -all.iter().sum::<f64>();
+    assert!((v["nll"].as_f64().unwrap() - nll).abs() < 1e-6 * nll);
+    // --window sets the window: 100 tokens in windows of 40 that advance by 20.
+    let (text, _) = words(100);
+    let (small, err) = score_json(&dir, &text, &["--window", "40"]);
+    assert!(err.contains("scored in 4 windows advancing by 20"), "{err}");
+    assert_eq!(logprobs(&small).len(), 99);
+    let (whole, err) = score_json(&dir, &text, &[]);
+    assert_eq!(err, "", "a text that fits is one window, silently");
+    // The first window's 39 tokens agree; later ones see less context.
+    assert_eq!(logprobs(&small)[..39], logprobs(&whole)[..39]);
+    assert_ne!(logprobs(&small), logprobs(&whole));
+}
+
+/// A plain CPU run prints nothing about devices; `--device auto` given
+/// explicitly says which device it took, and why not a GPU.
+#[test]
+fn plain_generate_prints_no_device_line() {
+    let (_tmp, dir) = model_copy("model");
+    let out = engine_raw(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--prompt",
+        "w1 w2",
+        "--max-tokens",
+        "2",
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    if engine::backend::cuda::real::unavailable_reason().is_some() {
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("[prompt 2 tokens"), "{err}");
+        assert!(!err.contains("CUDA") && !err.contains("device"), "{err}");
+    } else {
+        assert!(err.starts_with("device: "), "a GPU is named: {err}");
+    }
 }
 
 #[test]

@@ -222,7 +222,7 @@ fn cli_bad_input_fails_cleanly() {
     // A missing folder.
     let missing = tmp.path().join("no-such-model");
     let out = engine(&["embed", "--model", s(&missing), "--text", "x"]);
-    common::assert_fails_with(&out, &["no-such-model", "no such model folder"]);
+    common::assert_fails_with(&out, &["no-such-model", "does not exist"]);
 
     // A decoder's folder: not a BERT encoder, naming its config.json.
     let llama = common::tiny_model_copy("model", &tmp.path().join("llama"));

@@ -1,6 +1,6 @@
 //! `engine serve`: OpenAI's API over continuous-batched inference.
 
-use crate::{open_device, Device, DeviceArg};
+use crate::cli::common::{folder, open_device, Device, DeviceArg};
 use anyhow::{bail, Context, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::cuda::Cuda;
@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(clap::Args)]
-pub struct ServeArgs {
+pub struct Args {
     /// Model folder (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
@@ -43,12 +43,13 @@ pub struct ServeArgs {
     /// Most requests waiting for a place; past them a request gets 429.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
-    /// Where the model runs.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    device: DeviceArg,
+    /// Where the model runs [default: auto].
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: Args) -> Result<()> {
+    folder("model", &args.model)?;
     if args.max_batch_tokens == 0 || args.max_seqs == 0 {
         bail!("--max-batch-tokens and --max-seqs must be at least 1");
     }
@@ -65,7 +66,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     }
 }
 
-fn serve<B: Backend + 'static>(be: B, args: &ServeArgs, tokenizer: Tokenizer) -> Result<()> {
+fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Result<()> {
     let device = be.name();
     let model = Llama::load(be, &args.model)?;
     let num_blocks = EngineConfig::blocks_in_mib(&model, BLOCK_SIZE, args.kv_cache_mib);

@@ -1,0 +1,70 @@
+//! `engine info`: describe a model folder.
+
+use super::common::folder;
+use anyhow::Result;
+use engine::model::config::LlamaConfig;
+use engine::model::weights::SafetensorsFiles;
+use engine::tokenizer::{Message, Tokenizer};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model folder (config.json, *.safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let dir = &a.model;
+    folder("model", dir)?;
+    let c = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let files = SafetensorsFiles::open_dir(dir)?;
+    let tokenizer = Tokenizer::load(dir)?;
+    println!("architecture      llama (LlamaForCausalLM)");
+    println!(
+        "parameters        {} ({:.1} M)",
+        c.num_parameters(),
+        c.num_parameters() as f64 / 1e6
+    );
+    println!("stored dtypes     {}", files.dtypes().join(", "));
+    println!("layers            {}", c.num_layers);
+    println!(
+        "hidden / ffn      {} / {}",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads / kv heads  {} / {} (head dim {})",
+        c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!(
+        "vocabulary        {} (tokenizer: {})",
+        c.vocab_size,
+        tokenizer.vocab_size()
+    );
+    println!("context length    {}", c.max_position_embeddings);
+    println!("rope theta        {}", c.rope_theta);
+    println!("tied embeddings   {}", c.tie_word_embeddings);
+    let Some(template) = tokenizer.chat_template() else {
+        println!("chat template     none (generate --chat and ask need one)");
+        return Ok(());
+    };
+    println!("chat template     yes: below, and what it makes of a user message");
+    println!();
+    for line in template.trim_end().lines() {
+        println!("    {line}");
+    }
+    let example = tokenizer.apply_chat_template(
+        &[Message {
+            role: "user".into(),
+            content: "Hello!".into(),
+        }],
+        true,
+    )?;
+    println!();
+    println!("  user \"Hello!\" becomes:");
+    println!();
+    for line in example.lines() {
+        println!("    {line}");
+    }
+    Ok(())
+}
