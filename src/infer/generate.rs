@@ -78,11 +78,11 @@ pub fn generate<B: Backend>(
         request,
         Box::new(|event| {
             let mut out = out.borrow_mut();
-            if out.ids.is_empty() && out.prefill.is_zero() {
-                out.prefill = start.elapsed();
-            }
             match event {
                 Event::Token(t) => {
+                    if out.ids.is_empty() {
+                        out.prefill = start.elapsed();
+                    }
                     out.ids.push(t.id);
                     if let Err(e) = on_token(t.id) {
                         *failed.borrow_mut() = Some(e);
@@ -90,7 +90,13 @@ pub fn generate<B: Backend>(
                     }
                 }
                 Event::Cached(_) => {}
-                Event::Finished(reason, _) => out.hit_stop = reason == FinishReason::Stop,
+                Event::Finished(reason, _) => {
+                    out.hit_stop = reason == FinishReason::Stop;
+                    // A stop token first: the prompt was computed all the same.
+                    if out.hit_stop && out.ids.is_empty() {
+                        out.prefill = start.elapsed();
+                    }
+                }
                 Event::Failed(msg) => *failed.borrow_mut() = Some(Error::Invalid(msg)),
             }
             true
