@@ -1,6 +1,6 @@
 //! `engine ask`: answer a question from an index's passages, citing them.
 
-use super::common::{count, folder, load_model, on_device, open_device, DeviceArg};
+use super::common::{count, folder, load_model_and_adapter, on_device, open_device, DeviceArg};
 use anyhow::{bail, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::sample::SamplerConfig;
@@ -68,7 +68,7 @@ fn ask_on<B: Backend>(be: B, a: &Args) -> Result<()> {
         );
     }
     let tokenizer = Tokenizer::load(&a.model)?;
-    let llm = load_model(be, &a.model, a.adapter.as_deref())?;
+    let (llm, adapter) = load_model_and_adapter(be, &a.model, a.adapter.as_deref())?;
     let text = tokenizer.apply_chat_template(&messages(&a.question, &passages), true)?;
     let ids = tokenizer.encode(&text, false)?;
     let opts = GenerateOptions {
@@ -84,7 +84,7 @@ fn ask_on<B: Backend>(be: B, a: &Args) -> Result<()> {
     let mut stream = TextStream::new(&tokenizer);
     let mut answer = String::new();
     let mut stdout = std::io::stdout().lock();
-    generate(&llm, &ids, &opts, |id| {
+    generate(&llm, adapter.as_ref(), &ids, &opts, |id| {
         let piece = stream.push(id)?;
         answer.push_str(&piece);
         if !a.json

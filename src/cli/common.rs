@@ -136,6 +136,25 @@ pub fn load_model<B: Backend>(be: B, dir: &Path, adapter: Option<&Path>) -> Resu
     Ok(llm)
 }
 
+/// Loads a model folder and, when given, a LoRA adapter for it, kept apart:
+/// generation takes adapters per request (`infer::generate`).
+pub fn load_model_and_adapter<B: Backend>(
+    be: B,
+    dir: &Path,
+    adapter: Option<&Path>,
+) -> Result<(Llama<B>, Option<LoraAdapter>)> {
+    folder("model", dir)?;
+    if let Some(adapter) = adapter {
+        folder("adapter", adapter)?;
+    }
+    let llm = Llama::load(be, dir)?;
+    let lora = match adapter {
+        Some(dir) => Some(LoraAdapter::load(dir, &llm.config)?),
+        None => None,
+    };
+    Ok((llm, lora))
+}
+
 /// A count flag (`--max-tokens`, `--batch`, …): a whole number ≥ 0. With
 /// `allow_negative_numbers` on the flag, `--max-tokens -5` reaches this
 /// parser and reads "invalid value '-5' for '--max-tokens <N>': …" instead

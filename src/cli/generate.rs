@@ -1,6 +1,6 @@
 //! `engine generate`: text after a prompt, streamed to stdout.
 
-use super::common::{count, count_u64, folder, load_model, on_device, open_device, rate, DeviceArg};
+use super::common::{count, count_u64, folder, load_model_and_adapter, on_device, open_device, rate, DeviceArg};
 use anyhow::{bail, Result};
 use engine::backend::sample::SamplerConfig;
 use engine::backend::Backend;
@@ -65,7 +65,7 @@ pub fn run(a: Args) -> Result<()> {
 
 fn generate_on<B: Backend>(be: B, a: &Args) -> Result<()> {
     let tokenizer = Tokenizer::load(&a.model)?;
-    let llm = load_model(be, &a.model, a.adapter.as_deref())?;
+    let (llm, adapter) = load_model_and_adapter(be, &a.model, a.adapter.as_deref())?;
     let ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(system) = &a.system {
@@ -95,7 +95,7 @@ fn generate_on<B: Backend>(be: B, a: &Args) -> Result<()> {
     };
     let mut stream = TextStream::new(&tokenizer);
     let mut stdout = std::io::stdout().lock();
-    let gen = generate(&llm, &ids, &opts, |id| {
+    let gen = generate(&llm, adapter.as_ref(), &ids, &opts, |id| {
         let text = stream.push(id)?;
         // A closed pipe (`| head`) ends the generation quietly.
         if stdout

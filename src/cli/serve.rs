@@ -8,7 +8,9 @@ use engine::backend::Backend;
 use engine::infer::engine::{spawn, EngineConfig};
 use engine::infer::generate::BLOCK_SIZE;
 use engine::model::llama::Llama;
-use engine::serve::{router, AppState};
+use engine::model::bert::Embedder;
+use engine::serve::rag::Rag;
+use engine::serve::{adapters, router, AppState};
 use engine::tokenizer::Tokenizer;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -43,6 +45,23 @@ pub struct Args {
     /// Most requests waiting for a place; past them a request gets 429.
     #[arg(long, default_value_t = 256)]
     max_queue: usize,
+    /// A LoRA adapter (PEFT folder) to serve as NAME: requests give NAME as
+    /// their `model`. Repeatable.
+    #[arg(long = "adapter", value_name = "NAME=DIR", value_parser = named_dir)]
+    adapters: Vec<(String, PathBuf)>,
+    /// A folder of adapter folders that `POST /v1/adapters {"name"}` loads
+    /// from while serving (e.g. the --out folders of `engine finetune`).
+    #[arg(long, value_name = "DIR")]
+    adapter_dir: Option<PathBuf>,
+    /// A RAG index folder (`engine index add` makes one; POST /v1/documents
+    /// starts one): chat requests with `"retrieval": {"k": 3}` answer from
+    /// its passages. Needs --embedder.
+    #[arg(long, value_name = "DIR", requires = "embedder")]
+    index: Option<PathBuf>,
+    /// The sentence embedder of the index (models/all-minilm-l6-v2); also
+    /// serves POST /v1/embeddings under its folder's name.
+    #[arg(long, value_name = "DIR", requires = "index")]
+    embedder: Option<PathBuf>,
     /// Where the model runs [default: auto].
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
@@ -52,6 +71,9 @@ pub fn run(args: Args) -> Result<()> {
     folder("model", &args.model)?;
     if args.max_batch_tokens == 0 || args.max_seqs == 0 {
         bail!("--max-batch-tokens and --max-seqs must be at least 1");
+    }
+    if let Some(dir) = &args.adapter_dir {
+        folder("adapter", dir)?;
     }
     let tokenizer = Tokenizer::load(&args.model)?;
     match open_device(args.device)? {
@@ -77,6 +99,7 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
         );
     }
     let stop_ids = tokenizer.stop_ids(&model.config.eos_token_ids);
+    let model_config = model.config.clone();
     let name = match &args.served_model_name {
         Some(n) => n.clone(),
         None => folder_name(&args.model),
@@ -86,6 +109,18 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
         max_seqs: args.max_seqs,
         block_size: BLOCK_SIZE,
         num_blocks,
+    };
+    let rag = match (&args.index, &args.embedder) {
+        (Some(index), Some(embedder)) => {
+            folder("embedder", embedder)?;
+            let e = Embedder::load(embedder, Cpu)?;
+            Some(Arc::new(Rag::open(e, folder_name(embedder), index.clone())?))
+        }
+        _ => None,
+    };
+    let index_line = match &rag {
+        Some(r) => format!("{} ({} chunks, embedder {})", r.index_dir.display(), r.len(), r.name),
+        None => "none".to_string(),
     };
     let engine = spawn(model, cfg)?;
     let state = Arc::new(AppState {
@@ -99,7 +134,20 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        model_config,
+        adapters: Default::default(),
+        adapter_dir: args.adapter_dir.clone(),
+        rag,
     });
+    for (name, dir) in &args.adapters {
+        adapters::check_name(name, &state.model_name).map_err(|e| anyhow::anyhow!(e.message))?;
+        folder("adapter", dir)?;
+        adapters::load(&state, name, dir).with_context(|| format!("--adapter {name}={}", dir.display()))?;
+    }
+    let adapter_list = match state.adapters.lock().unwrap().iter().cloned().collect::<Vec<_>>() {
+        v if v.is_empty() => "none".to_string(),
+        v => v.join(", "),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,8 +160,12 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
             .with_context(|| format!("cannot listen on {addr}"))?;
         let addr = listener.local_addr()?;
         eprintln!(
-            "engine serve: http://{addr} · device {device} · model {name} · adapters: none · index: none · \
-             KV cache {num_blocks} blocks of {BLOCK_SIZE} tokens ({} MiB){}",
+            "engine serve: http://{addr} · device {device} · model {name} · adapters: {adapter_list}{} · \
+             index: {index_line} · KV cache {num_blocks} blocks of {BLOCK_SIZE} tokens ({} MiB){}",
+            match &args.adapter_dir {
+                Some(d) => format!(" (more from {})", d.display()),
+                None => String::new(),
+            },
             args.kv_cache_mib,
             if state.api_key.is_some() { " · API key required" } else { "" },
         );
@@ -124,6 +176,16 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
     })?;
     eprintln!("engine serve: stopped");
     Ok(())
+}
+
+/// `NAME=DIR` of `--adapter`.
+fn named_dir(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("expected NAME=DIR, got {s:?}")),
+    }
 }
 
 /// The folder's last component ("smollm2-135m-instruct").

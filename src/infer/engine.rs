@@ -15,12 +15,15 @@
 
 use crate::backend::sample::{Sampler, SamplerConfig};
 use crate::backend::Backend;
+use crate::backend::NO_ADAPTER;
 use crate::error::{Error, Result};
 use crate::infer::kv_blocks::BlockPool;
 use crate::infer::metrics::Metrics;
 use crate::infer::scheduler::{Scheduler, SchedulerConfig, Sequence};
+use crate::model::adapter::Lora;
 use crate::model::batch::PagedKv;
 use crate::model::llama::{Activations, Llama};
+use crate::model::lora::LoraAdapter;
 use crate::tensor::{DType, Tensor};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -65,6 +68,8 @@ pub struct Request {
     /// Report each token's log-probability, with this many of the most
     /// likely alternatives.
     pub logprobs: Option<usize>,
+    /// The loaded adapter to generate with (None: the base model).
+    pub adapter: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -113,6 +118,18 @@ struct Live<'a> {
     sink: Sink<'a>,
     arrived: Instant,
     last_token: Option<Instant>,
+    /// Its adapter's slot, or NO_ADAPTER.
+    adapter: u32,
+}
+
+/// A loaded adapter. An unloaded one stays until its last request ends.
+struct Slot<B: Backend> {
+    name: String,
+    lora: Lora<B>,
+    /// `LoraAdapter::content_hash`: part of its sequences' cache keys.
+    hash: u64,
+    users: usize,
+    unloaded: bool,
 }
 
 pub struct Engine<'a, B: Backend> {
@@ -126,6 +143,7 @@ pub struct Engine<'a, B: Backend> {
     row: Tensor<B>,
     row_logp: Tensor<B>,
     live: HashMap<u64, Live<'a>>,
+    adapters: Vec<Option<Slot<B>>>,
     next_id: u64,
     /// The longest a sequence may grow: the model's context, or the whole
     /// KV pool if that is smaller.
@@ -167,6 +185,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             row: be.zeros(&[1, c.vocab_size], DType::F32)?,
             row_logp: be.zeros(&[1, c.vocab_size], DType::F32)?,
             live: HashMap::new(),
+            adapters: Vec::new(),
             next_id: 0,
             max_len: c
                 .max_position_embeddings
@@ -189,6 +208,18 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// vocabulary) is an error here, before anything is queued.
     pub fn add(&mut self, req: Request, sink: Sink<'a>) -> Result<u64> {
         check_request(&req, self.model.config.vocab_size, self.max_len)?;
+        let (adapter, extra) = match &req.adapter {
+            None => (NO_ADAPTER, 0),
+            Some(name) => {
+                let slot = self
+                    .adapter_slot(name)
+                    .ok_or_else(|| Error::Invalid(format!("the adapter {name:?} is not loaded")))?;
+                (
+                    slot as u32,
+                    self.adapters[slot].as_ref().expect("found").hash,
+                )
+            }
+        };
         let id = self.next_id;
         self.next_id += 1;
         self.metrics
@@ -202,6 +233,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             sink,
             arrived: Instant::now(),
             last_token: None,
+            adapter,
         };
         if req.max_tokens == 0 {
             let usage = Usage {
@@ -211,7 +243,15 @@ impl<'a, B: Backend> Engine<'a, B> {
             (live.sink)(Event::Finished(FinishReason::Length, usage));
             return Ok(id);
         }
-        self.sched.add(Sequence::new(id, req.prompt, 0));
+        if let Some(slot) = self
+            .adapters
+            .get_mut(adapter as usize)
+            .and_then(Option::as_mut)
+        {
+            slot.users += 1;
+        }
+        self.sched
+            .add(Sequence::new(id, req.prompt, adapter, extra));
         self.live.insert(id, live);
         self.update_gauges();
         Ok(id)
@@ -220,7 +260,9 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// Drops a request (the client went away) and frees its blocks.
     pub fn abort(&mut self, id: u64) {
         self.sched.remove(id);
-        self.live.remove(&id);
+        if let Some(live) = self.live.remove(&id) {
+            self.release_adapter(live.adapter);
+        }
         self.update_gauges();
     }
 
@@ -228,9 +270,71 @@ impl<'a, B: Backend> Engine<'a, B> {
     pub fn fail_all(&mut self, msg: &str) {
         for (id, mut live) in std::mem::take(&mut self.live) {
             self.sched.remove(id);
+            self.release_adapter(live.adapter);
             (live.sink)(Event::Failed(msg.to_string()));
         }
         self.update_gauges();
+    }
+
+    /// Loads `adapter` under `name` for the requests that name it. A name
+    /// in use is replaced: requests running with the old one finish with it.
+    pub fn load_adapter(&mut self, name: &str, adapter: &LoraAdapter) -> Result<()> {
+        let c = &self.model.config;
+        if adapter.layers.len() != c.num_layers {
+            return Err(Error::Invalid(format!(
+                "the adapter has {} layers; the model has {}",
+                adapter.layers.len(),
+                c.num_layers
+            )));
+        }
+        let be = &self.model.backend;
+        let slot = Slot {
+            name: name.to_string(),
+            lora: Lora::upload(be, adapter, be.dtype())?,
+            hash: adapter.content_hash(),
+            users: 0,
+            unloaded: false,
+        };
+        let _ = self.unload_adapter(name);
+        match self.adapters.iter().position(Option::is_none) {
+            Some(free) => self.adapters[free] = Some(slot),
+            None => self.adapters.push(Some(slot)),
+        }
+        Ok(())
+    }
+
+    /// Unloads an adapter: new requests can no longer name it; its memory
+    /// goes when its last running request ends.
+    pub fn unload_adapter(&mut self, name: &str) -> Result<()> {
+        let slot = self
+            .adapter_slot(name)
+            .ok_or_else(|| Error::Invalid(format!("the adapter {name:?} is not loaded")))?;
+        let s = self.adapters[slot].as_mut().expect("found");
+        s.unloaded = true;
+        if s.users == 0 {
+            self.adapters[slot] = None;
+        }
+        Ok(())
+    }
+
+    /// The slot of the loaded (not unloaded) adapter `name`.
+    fn adapter_slot(&self, name: &str) -> Option<usize> {
+        self.adapters
+            .iter()
+            .position(|s| s.as_ref().is_some_and(|s| s.name == name && !s.unloaded))
+    }
+
+    /// A request of adapter slot `slot` ended.
+    fn release_adapter(&mut self, slot: u32) {
+        let Some(entry) = self.adapters.get_mut(slot as usize) else {
+            return;
+        };
+        if let Some(s) = entry {
+            s.users -= 1;
+            if s.unloaded && s.users == 0 {
+                *entry = None;
+            }
+        }
     }
 
     /// One step: a batched forward over the scheduler's rows, then a token
@@ -239,8 +343,18 @@ impl<'a, B: Backend> Engine<'a, B> {
         let Some(step) = self.sched.schedule() else {
             return Ok(());
         };
-        self.model
-            .forward_batch(&mut self.logits, &step.batch, &mut self.kv, &mut self.acts)?;
+        let adapters: Vec<Option<&Lora<B>>> = self
+            .adapters
+            .iter()
+            .map(|s| s.as_ref().map(|s| &s.lora))
+            .collect();
+        self.model.forward_batch(
+            &mut self.logits,
+            &step.batch,
+            &mut self.kv,
+            &mut self.acts,
+            &adapters,
+        )?;
         self.sched.complete(&step);
         let sampled = step.work.iter().filter(|w| w.sample).map(|w| w.id);
         for (row, id) in sampled.enumerate() {
@@ -305,6 +419,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             completion_tokens: seq.generated().len(),
         };
         (live.sink)(Event::Finished(reason, usage));
+        self.release_adapter(live.adapter);
         self.metrics.requests_finished.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -371,16 +486,28 @@ fn logprobs<B: Backend>(
     Ok((row[token as usize], best))
 }
 
-/// A request sent to an engine thread, with where its events go.
-pub struct Submit {
-    pub request: Request,
-    pub sink: Box<dyn FnMut(Event) -> bool + Send>,
+/// What an engine thread is asked to do.
+pub enum Command {
+    /// Run a request; its events go to the sink.
+    Submit {
+        request: Request,
+        sink: Box<dyn FnMut(Event) -> bool + Send>,
+    },
+    LoadAdapter {
+        name: String,
+        adapter: Box<LoraAdapter>,
+        done: mpsc::Sender<Result<()>>,
+    },
+    UnloadAdapter {
+        name: String,
+        done: mpsc::Sender<Result<()>>,
+    },
 }
 
 /// The sending end of a running engine thread.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::Sender<Submit>,
+    tx: mpsc::Sender<Command>,
     pub metrics: Arc<Metrics>,
     /// The longest a sequence may be (prompt and generated tokens).
     pub max_len: usize,
@@ -393,17 +520,43 @@ impl EngineHandle {
         request: Request,
         sink: Box<dyn FnMut(Event) -> bool + Send>,
     ) -> Result<()> {
-        self.tx
-            .send(Submit { request, sink })
-            .map_err(|_| Error::Invalid("the inference engine has stopped".into()))
+        self.send(Command::Submit { request, sink })
     }
+
+    /// Loads an adapter under `name` and waits until it is in place.
+    pub fn load_adapter(&self, name: &str, adapter: LoraAdapter) -> Result<()> {
+        let (done, rx) = mpsc::channel();
+        self.send(Command::LoadAdapter {
+            name: name.to_string(),
+            adapter: Box::new(adapter),
+            done,
+        })?;
+        rx.recv().map_err(|_| stopped())?
+    }
+
+    pub fn unload_adapter(&self, name: &str) -> Result<()> {
+        let (done, rx) = mpsc::channel();
+        self.send(Command::UnloadAdapter {
+            name: name.to_string(),
+            done,
+        })?;
+        rx.recv().map_err(|_| stopped())?
+    }
+
+    fn send(&self, c: Command) -> Result<()> {
+        self.tx.send(c).map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> Error {
+    Error::Invalid("the inference engine has stopped".into())
 }
 
 /// Starts an engine on a thread of its own (a worker of the rayon pool, so
 /// the ops' parallel loops start where they are called), owning `model`.
 /// It runs while any handle lives or any request is unfinished.
 pub fn spawn<B: Backend + 'static>(model: Llama<B>, cfg: EngineConfig) -> Result<EngineHandle> {
-    let (tx, rx) = mpsc::channel::<Submit>();
+    let (tx, rx) = mpsc::channel::<Command>();
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize>>();
     let metrics = Arc::new(Metrics::default());
     let m = metrics.clone();
@@ -425,7 +578,7 @@ fn run<B: Backend>(
     model: &Llama<B>,
     cfg: EngineConfig,
     metrics: Arc<Metrics>,
-    rx: mpsc::Receiver<Submit>,
+    rx: mpsc::Receiver<Command>,
     ready: mpsc::Sender<Result<usize>>,
 ) {
     let mut engine = match Engine::new(model, cfg, metrics) {
@@ -446,13 +599,13 @@ fn run<B: Backend>(
                 return;
             }
             match rx.recv() {
-                Ok(s) => engine.add_or_fail(s),
+                Ok(c) => engine.command(c),
                 Err(_) => return,
             }
         }
         loop {
             match rx.try_recv() {
-                Ok(s) => engine.add_or_fail(s),
+                Ok(c) => engine.command(c),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
                     open = false;
@@ -467,14 +620,34 @@ fn run<B: Backend>(
 }
 
 impl<B: Backend> Engine<'_, B> {
-    fn add_or_fail(&mut self, s: Submit) {
-        let Submit { request, mut sink } = s;
-        match check_request(&request, self.model.config.vocab_size, self.max_len) {
-            Err(e) => {
-                sink(Event::Failed(e.to_string()));
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Submit { request, mut sink } => {
+                let vocab = self.model.config.vocab_size;
+                let known = match &request.adapter {
+                    Some(name) if self.adapter_slot(name).is_none() => Err(Error::Invalid(
+                        format!("the adapter {name:?} is not loaded"),
+                    )),
+                    _ => check_request(&request, vocab, self.max_len),
+                };
+                match known {
+                    Err(e) => {
+                        sink(Event::Failed(e.to_string()));
+                    }
+                    Ok(()) => {
+                        self.add(request, sink).expect("checked above");
+                    }
+                }
             }
-            Ok(()) => {
-                self.add(request, sink).expect("checked above");
+            Command::LoadAdapter {
+                name,
+                adapter,
+                done,
+            } => {
+                let _ = done.send(self.load_adapter(&name, &adapter));
+            }
+            Command::UnloadAdapter { name, done } => {
+                let _ = done.send(self.unload_adapter(&name));
             }
         }
     }

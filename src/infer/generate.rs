@@ -9,6 +9,7 @@ use crate::infer::engine::{Engine, EngineConfig, Event, FinishReason, Request};
 use crate::infer::metrics::Metrics;
 use crate::infer::PREFILL_CHUNK;
 use crate::model::llama::Llama;
+use crate::model::lora::LoraAdapter;
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,9 +36,11 @@ pub struct Generation {
 /// Positions per KV block (the server's default too).
 pub const BLOCK_SIZE: usize = 16;
 
-/// Generates after `prompt`, calling `on_token` with each new token id.
+/// Generates after `prompt`, with `adapter` when given, calling `on_token`
+/// with each new token id.
 pub fn generate<B: Backend>(
     model: &Llama<B>,
+    adapter: Option<&LoraAdapter>,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
@@ -72,8 +75,12 @@ pub fn generate<B: Backend>(
         sampler: opts.sampler,
         stop_ids: opts.stop_ids.clone(),
         logprobs: None,
+        adapter: adapter.map(|_| "adapter".to_string()),
     };
     let mut engine = Engine::new(model, cfg, Arc::new(Metrics::default()))?;
+    if let Some(adapter) = adapter {
+        engine.load_adapter("adapter", adapter)?;
+    }
     engine.add(
         request,
         Box::new(|event| {

@@ -36,6 +36,8 @@ pub struct Sequence {
     /// The adapter's content hash (0: the base model); part of every cache
     /// key, so one adapter's keys and values never serve another.
     pub extra: u64,
+    /// The adapter's slot in the engine (`NO_ADAPTER`: the base model).
+    pub adapter: u32,
     /// Tokens whose keys and values are in the cache.
     pub computed: usize,
     /// Prompt tokens the prefix cache held at the first admission.
@@ -44,12 +46,13 @@ pub struct Sequence {
 }
 
 impl Sequence {
-    pub fn new(id: u64, prompt: Vec<u32>, extra: u64) -> Self {
+    pub fn new(id: u64, prompt: Vec<u32>, adapter: u32, extra: u64) -> Self {
         Sequence {
             id,
             prompt_len: prompt.len(),
             tokens: prompt,
             extra,
+            adapter,
             computed: 0,
             cached_tokens: None,
             blocks: SeqBlocks::default(),
@@ -206,8 +209,14 @@ impl Scheduler {
             let seq = &self.running[i];
             let sample = seq.computed + n == seq.tokens.len();
             let ids = &seq.tokens[seq.computed..seq.computed + n];
-            step.batch
-                .push_seq(ids, seq.computed, &seq.blocks.table, bs, sample);
+            step.batch.push_seq(
+                ids,
+                seq.computed,
+                &seq.blocks.table,
+                bs,
+                seq.adapter,
+                sample,
+            );
             step.work.push(Work {
                 id: seq.id,
                 tokens: n,
@@ -234,6 +243,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::NO_ADAPTER;
 
     fn sched(blocks: usize, budget: usize, max_seqs: usize) -> Scheduler {
         Scheduler::new(
@@ -264,10 +274,10 @@ mod tests {
     #[test]
     fn long_prompts_are_chunked_while_others_decode() {
         let mut s = sched(64, 8, 8);
-        s.add(Sequence::new(1, prompt(3, 0), 0));
+        s.add(Sequence::new(1, prompt(3, 0), NO_ADAPTER, 0));
         let w = run(&mut s, 100);
         assert_eq!((w[0].tokens, w[0].sample), (3, true));
-        s.add(Sequence::new(2, prompt(20, 1), 0));
+        s.add(Sequence::new(2, prompt(20, 1), NO_ADAPTER, 0));
         // Sequence 1 decodes one token; 2 gets the other 7 of the budget.
         let w = run(&mut s, 101);
         assert_eq!(w.len(), 2);
@@ -284,8 +294,8 @@ mod tests {
     #[test]
     fn batch_rows_carry_positions_and_slots() {
         let mut s = sched(64, 64, 8);
-        s.add(Sequence::new(1, prompt(6, 0), 0));
-        s.add(Sequence::new(2, prompt(2, 50), 0));
+        s.add(Sequence::new(1, prompt(6, 0), NO_ADAPTER, 0));
+        s.add(Sequence::new(2, prompt(2, 50), NO_ADAPTER, 0));
         let step = s.schedule().unwrap();
         let b = &step.batch;
         assert_eq!(b.rows(), 8);
@@ -301,12 +311,12 @@ mod tests {
     fn a_shared_prefix_is_not_computed_again() {
         let mut s = sched(64, 64, 8);
         let p = prompt(13, 0);
-        s.add(Sequence::new(1, p.clone(), 0));
+        s.add(Sequence::new(1, p.clone(), NO_ADAPTER, 0));
         run(&mut s, 7);
         s.remove(1);
         let mut q = p[..12].to_vec();
         q.push(999);
-        s.add(Sequence::new(2, q, 0));
+        s.add(Sequence::new(2, q, NO_ADAPTER, 0));
         let step = s.schedule().unwrap();
         // 12 tokens = 3 full blocks hit; only the last token is computed.
         assert_eq!(step.work[0].tokens, 1);
@@ -319,7 +329,7 @@ mod tests {
     fn max_seqs_and_free_blocks_bound_admission() {
         let mut s = sched(64, 64, 2);
         for id in 0..3 {
-            s.add(Sequence::new(id, prompt(2, id as u32 * 10), 0));
+            s.add(Sequence::new(id, prompt(2, id as u32 * 10), NO_ADAPTER, 0));
         }
         let w = run(&mut s, 1);
         assert_eq!(w.len(), 2);
@@ -330,8 +340,8 @@ mod tests {
 
         // 3 blocks of 4: a 9-token prompt takes all of them; the next waits.
         let mut s = sched(3, 64, 8);
-        s.add(Sequence::new(1, prompt(9, 0), 0));
-        s.add(Sequence::new(2, prompt(2, 5), 0));
+        s.add(Sequence::new(1, prompt(9, 0), NO_ADAPTER, 0));
+        s.add(Sequence::new(2, prompt(2, 5), NO_ADAPTER, 0));
         let w = run(&mut s, 1);
         assert_eq!(w.len(), 1);
         assert_eq!(s.num_waiting(), 1);
@@ -345,8 +355,8 @@ mod tests {
     fn a_sequence_that_outgrows_the_cache_preempts_the_latest() {
         // 4 blocks of 4 tokens. Two prompts of 7 tokens take 2 blocks each.
         let mut s = sched(4, 64, 8);
-        s.add(Sequence::new(1, prompt(7, 0), 0));
-        s.add(Sequence::new(2, prompt(7, 40), 0));
+        s.add(Sequence::new(1, prompt(7, 0), NO_ADAPTER, 0));
+        s.add(Sequence::new(2, prompt(7, 40), NO_ADAPTER, 0));
         run(&mut s, 5); // prompts computed: 8 tokens each, 7 computed
         run(&mut s, 6); // 9 tokens each, 8 computed: two full blocks each
                         // Position 8 needs a third block each: none is free, so 2 (the

@@ -6,7 +6,7 @@
 //! prompts, each row with its own position and KV slot. It lives in `model`
 //! so that the model never needs to know about requests or scheduling.
 
-use crate::backend::{Backend, PagedSeq};
+use crate::backend::{Backend, PagedSeq, NO_ADAPTER};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -21,6 +21,8 @@ pub struct BatchSeq {
     pub ctx: usize,
     /// The cache blocks of positions 0..ctx, in order.
     pub blocks: Vec<u32>,
+    /// Its adapter's slot in the forward's adapter list, or `NO_ADAPTER`.
+    pub adapter: u32,
 }
 
 /// The rows of one forward call.
@@ -45,13 +47,15 @@ impl Batch {
     }
 
     /// Adds `ids`, at positions `start..`, as the rows of one sequence
-    /// whose cache blocks are `blocks`; `logits` asks for its last row's.
+    /// whose cache blocks are `blocks` and whose adapter is `adapter`;
+    /// `logits` asks for its last row's.
     pub fn push_seq(
         &mut self,
         ids: &[u32],
         start: usize,
         blocks: &[u32],
         block_size: usize,
+        adapter: u32,
         logits: bool,
     ) {
         let row = self.ids.len();
@@ -67,10 +71,20 @@ impl Batch {
             rows: ids.len(),
             ctx: start + ids.len(),
             blocks: blocks.to_vec(),
+            adapter,
         });
         if logits {
             self.logit_rows.push(row + ids.len() - 1);
         }
+    }
+
+    /// Each row's adapter slot (`NO_ADAPTER` for the base model).
+    pub fn row_adapters(&self) -> Vec<u32> {
+        let mut rows = vec![NO_ADAPTER; self.rows()];
+        for s in &self.seqs {
+            rows[s.row..s.row + s.rows].fill(s.adapter);
+        }
+        rows
     }
 
     /// The sequences as `Backend::attention_paged` takes them.

@@ -11,7 +11,7 @@
 //! With a LoRA adapter, an adapted projection adds its branch
 //! s·(h·Aᵀ)·Bᵀ to h·Wᵀ (`model::adapter`).
 
-use crate::backend::Backend;
+use crate::backend::{Backend, LoraRef, NO_ADAPTER};
 use crate::error::{Error, Result};
 use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::batch::{Batch, PagedKv};
@@ -226,36 +226,47 @@ impl<B: Backend> Llama<B> {
 
     /// Runs one step of batched inference: the rows of many sequences at
     /// once, each at its own position, with keys and values in the paged
-    /// cache `kv`. Writes the next-token logits [batch.logit_rows, vocab]
-    /// (f32) to `logits`.
+    /// cache `kv`, and each sequence's LoRA adapter taken from `adapters`
+    /// by its slot (`BatchSeq::adapter`). Writes the next-token logits
+    /// [batch.logit_rows, vocab] (f32) to `logits`.
     ///
     /// Every op here computes a row the same way whatever the other rows
-    /// are (`matmul_nt_invariant`, per-row norms and attention), so on the
-    /// CPU a sequence's results do not depend on the batch it is in.
+    /// are (`matmul_nt_invariant`, per-row norms, attention and adapters),
+    /// so on the CPU a sequence's results do not depend on its batch.
     pub fn forward_batch(
         &self,
         logits: &mut Tensor<B>,
         batch: &Batch,
         kv: &mut PagedKv<B>,
         a: &mut Activations<B>,
+        adapters: &[Option<&Lora<B>>],
     ) -> Result<()> {
         let (c, w, be) = (&self.config, &self.weights, &self.backend);
-        let n = batch.rows();
+        if self.adapter.is_some() {
+            return Err(Error::Invalid(
+                "forward_batch takes adapters per sequence, not one set on the model".into(),
+            ));
+        }
         if let Some(&bad) = batch.ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::Invalid(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 c.vocab_size
             )));
         }
+        let n = batch.rows();
         let seqs = batch.paged_seqs();
+        let lora = RowAdapters {
+            slots: adapters,
+            rows: batch.row_adapters(),
+        };
         a.set_rows(n);
         be.embedding(&mut a.x, &batch.ids, &w.embed)?;
         for (l, lw) in w.layers.iter().enumerate() {
             // attention block
             be.rmsnorm(&mut a.h, &a.x, &lw.attn_norm, c.rms_norm_eps)?;
-            self.linear(&mut a.q, &a.h, &lw.wq, l, Target::QProj, &mut a.lora)?;
-            self.linear(&mut a.k, &a.h, &lw.wk, l, Target::KProj, &mut a.lora)?;
-            self.linear(&mut a.v, &a.h, &lw.wv, l, Target::VProj, &mut a.lora)?;
+            lora.linear(be, &mut a.q, &a.h, &lw.wq, l, Target::QProj)?;
+            lora.linear(be, &mut a.k, &a.h, &lw.wk, l, Target::KProj)?;
+            lora.linear(be, &mut a.v, &a.h, &lw.wv, l, Target::VProj)?;
             be.rope_rows(&mut a.q, c.num_heads, &batch.positions, c.rope_theta)?;
             be.rope_rows(&mut a.k, c.num_kv_heads, &batch.positions, c.rope_theta)?;
             be.scatter_rows(&mut kv.k[l], &a.k, &batch.slots)?;
@@ -270,10 +281,15 @@ impl<B: Backend> Llama<B> {
                 c.num_kv_heads,
                 kv.block_size,
             )?;
-            self.linear(&mut a.proj, &a.att, &lw.wo, l, Target::OProj, &mut a.lora)?;
+            lora.linear(be, &mut a.proj, &a.att, &lw.wo, l, Target::OProj)?;
             be.add_assign(&mut a.x, &a.proj)?;
             // feed-forward block
-            self.feed_forward(a, lw, l)?;
+            be.rmsnorm(&mut a.h, &a.x, &lw.ffn_norm, c.rms_norm_eps)?;
+            lora.linear(be, &mut a.gate, &a.h, &lw.w_gate, l, Target::GateProj)?;
+            lora.linear(be, &mut a.up, &a.h, &lw.w_up, l, Target::UpProj)?;
+            be.swiglu(&mut a.act, &a.gate, &a.up)?;
+            lora.linear(be, &mut a.proj, &a.act, &lw.w_down, l, Target::DownProj)?;
+            be.add_assign(&mut a.x, &a.proj)?;
         }
         // The final norm over every row, then the logits of the wanted rows
         // only (gathered into `proj`, free by now).
@@ -387,4 +403,54 @@ fn load_weights<B: Backend>(
         norm: load("model.norm.weight", &[d])?,
         lm_head,
     })
+}
+
+/// The adapters of one batched forward: each slot's LoRA (None: an empty
+/// slot) and each row's slot.
+struct RowAdapters<'a, B: Backend> {
+    slots: &'a [Option<&'a Lora<B>>],
+    rows: Vec<u32>,
+}
+
+impl<B: Backend> RowAdapters<'_, B> {
+    /// y = x·Wᵀ, plus, for each row, the branch of its adapter if that
+    /// adapter adapts `(layer, target)`.
+    fn linear(
+        &self,
+        be: &B,
+        y: &mut Tensor<B>,
+        x: &Tensor<B>,
+        w: &Tensor<B>,
+        layer: usize,
+        target: Target,
+    ) -> Result<()> {
+        be.matmul_nt_invariant(y, x, w)?;
+        if self.rows.iter().all(|&s| s == NO_ADAPTER) {
+            return Ok(());
+        }
+        // This target's adapters, and where each slot's went in that list.
+        let mut refs = Vec::new();
+        let mut index = vec![NO_ADAPTER; self.slots.len()];
+        for (slot, lora) in self.slots.iter().enumerate() {
+            let Some(lora) = lora else { continue };
+            if let Some(j) = lora.config.targets.iter().position(|&t| t == target) {
+                index[slot] = refs.len() as u32;
+                let pair = &lora.layers[layer][j];
+                refs.push(LoraRef {
+                    a: &pair.a,
+                    b: &pair.b,
+                    scale: lora.config.scaling(),
+                });
+            }
+        }
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let rows: Vec<u32> = self
+            .rows
+            .iter()
+            .map(|&s| index.get(s as usize).copied().unwrap_or(NO_ADAPTER))
+            .collect();
+        be.lora_gathered(y, x, &refs, &rows)
+    }
 }

@@ -295,6 +295,23 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
+    /// A 64-bit hash (xxh3) of the adapter's scaling and weights: what it
+    /// computes, whatever it is called. Cached keys and values are keyed by
+    /// it, so an adapter reloaded under the same name never meets the
+    /// cache entries of its old weights.
+    pub fn content_hash(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&self.config.scaling().to_le_bytes());
+        for t in &self.config.targets {
+            h.update(t.name().as_bytes());
+        }
+        for pair in self.layers.iter().flatten() {
+            h.update(bytemuck::cast_slice(&pair.a));
+            h.update(bytemuck::cast_slice(&pair.b));
+        }
+        h.digest()
+    }
+
     /// A fresh adapter, initialised as PEFT does (see the module docs):
     /// A ~ U(−1/sqrt(in), 1/sqrt(in)), B = 0. Deterministic for a seed.
     pub fn init(config: LoraConfig, model: &LlamaConfig, seed: u64) -> Result<Self> {

@@ -5,13 +5,15 @@
 //! then `data: [DONE]`).
 
 use crate::infer::engine::Usage;
+use crate::rag::answer::Passage;
 use crate::serve::error::ApiError;
 use crate::serve::generation::{self, Piece, Running, Settings, TokenLogprob};
 use crate::serve::openai::{ChatRequest, CompletionRequest, Content, Prompt};
-use crate::serve::{parse_json, AppState};
+use crate::serve::{parse_json, rag, AppState};
 use crate::tokenizer::Message;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -38,7 +40,7 @@ pub async fn chat_completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_json(&body)?;
-    state.check_model(&req.model)?;
+    let adapter = state.check_model(&req.model)?;
     let mut settings = Settings::from_request(&req.sampling)?;
     if let Some(n) = req.max_completion_tokens {
         if n == 0 {
@@ -48,12 +50,6 @@ pub async fn chat_completions(
             ));
         }
         settings.max_tokens = Some(n as usize);
-    }
-    if req.retrieval.is_some() {
-        return Err(ApiError::invalid(
-            "retrieval",
-            "this server has no index: start it with --index DIR --embedder DIR",
-        ));
     }
     let top = req.top_logprobs.unwrap_or(0);
     if top > MAX_TOP_LOGPROBS {
@@ -69,12 +65,41 @@ pub async fn chat_completions(
             "top_logprobs needs logprobs: true",
         ));
     }
-    let messages = chat_messages(&req.messages)?;
+    let mut messages = chat_messages(&req.messages)?;
+    let mut passages = None;
+    if let Some(retrieval) = &req.retrieval {
+        let Some(rag) = state.rag.clone() else {
+            return Err(ApiError::invalid(
+                "retrieval",
+                "this server has no index: start it with --index DIR --embedder DIR",
+            ));
+        };
+        let k = rag::check_k(retrieval.k)?;
+        let question = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.content.clone())
+            .unwrap_or_default();
+        let found = tokio::task::spawn_blocking(move || rag.retrieve(&question, k))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+        messages = rag::retrieval_messages(&messages, &found)?;
+        passages = Some(found);
+    }
     let text = state.tokenizer.apply_chat_template(&messages, true)?;
     let prompt = state.tokenizer.encode(&text, false)?;
     let logprobs = want_logprobs.then_some(top as usize);
-    let running = generation::start(&state, prompt, &settings, logprobs)?;
-    respond(Api::Chat, req.model, running, &settings, logprobs.is_some()).await
+    let running = generation::start(&state, prompt, &settings, logprobs, adapter)?;
+    respond(
+        Api::Chat,
+        req.model,
+        running,
+        &settings,
+        logprobs.is_some(),
+        passages,
+    )
+    .await
 }
 
 pub async fn completions(
@@ -82,7 +107,7 @@ pub async fn completions(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_json(&body)?;
-    state.check_model(&req.model)?;
+    let adapter = state.check_model(&req.model)?;
     let mut settings = Settings::from_request(&req.sampling)?;
     settings.max_tokens = Some(
         settings
@@ -111,13 +136,14 @@ pub async fn completions(
     }
     let prompt = state.tokenizer.encode(&prompt, true)?;
     let logprobs = req.logprobs.map(|n| n as usize);
-    let running = generation::start(&state, prompt, &settings, logprobs)?;
+    let running = generation::start(&state, prompt, &settings, logprobs, adapter)?;
     respond(
         Api::Completion,
         req.model,
         running,
         &settings,
         logprobs.is_some(),
+        None,
     )
     .await
 }
@@ -173,24 +199,107 @@ struct Ids {
     model: String,
 }
 
+/// What one response carries besides the text: the request's shape and
+/// options, and the retrieved passages of a retrieval chat.
+struct Shape {
+    api: Api,
+    ids: Ids,
+    logprobs: bool,
+    include_usage: bool,
+    passages: Option<Vec<Passage>>,
+}
+
+impl Shape {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.api, chunk) {
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+            (Api::Completion, _) => "text_completion",
+        }
+    }
+
+    /// The response object around `choices`.
+    fn body(&self, chunk: bool, choices: Value) -> Value {
+        json!({
+            "id": self.ids.id,
+            "object": self.object(chunk),
+            "created": self.ids.created,
+            "model": self.ids.model,
+            "choices": choices,
+        })
+    }
+
+    /// One choice: a message (or a stream's delta) with `text`.
+    fn choice(
+        &self,
+        chunk: bool,
+        text: &str,
+        tokens: &[TokenLogprob],
+        offset: usize,
+        finish: Option<&str>,
+    ) -> Value {
+        let logprobs = self.logprobs.then(|| match self.api {
+            Api::Chat => chat_logprobs(tokens),
+            Api::Completion => completion_logprobs(tokens, offset),
+        });
+        match (self.api, chunk) {
+            (Api::Chat, false) => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+            (Api::Chat, true) => {
+                let delta = if finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+            (Api::Completion, _) => json!({
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+            }),
+        }
+    }
+
+    /// A retrieval answer's sources: the passages it cites, and all retrieved.
+    fn add_sources(&self, body: &mut Value, answer: &str) {
+        if let Some(passages) = &self.passages {
+            body["citations"] = rag::citations(answer, passages);
+            body["passages"] = passages.iter().map(rag::passage_json).collect();
+        }
+    }
+}
+
 async fn respond(
     api: Api,
     model: String,
     mut running: Running,
     settings: &Settings,
     logprobs: bool,
+    passages: Option<Vec<Passage>>,
 ) -> Result<Response, ApiError> {
     let prefix = if api == Api::Chat { "chatcmpl" } else { "cmpl" };
-    let ids = Ids {
-        id: format!("{prefix}-{:032x}", rand::random::<u128>()),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        model,
+    let shape = Shape {
+        api,
+        ids: Ids {
+            id: format!("{prefix}-{:032x}", rand::random::<u128>()),
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            model,
+        },
+        logprobs,
+        include_usage: settings.include_usage,
+        passages,
     };
     if settings.stream {
-        return Ok(stream(api, ids, running, settings.include_usage, logprobs).into_response());
+        return Ok(stream(shape, running).into_response());
     }
     let mut text = String::new();
     let mut tokens: Vec<TokenLogprob> = Vec::new();
@@ -201,38 +310,16 @@ async fn respond(
                 tokens.extend(lp);
             }
             Some(Ok(Piece::Done(reason, usage))) => {
-                let choice = match api {
-                    Api::Chat => json!({
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs.then(|| chat_logprobs(&tokens)),
-                        "finish_reason": reason,
-                    }),
-                    Api::Completion => json!({
-                        "index": 0,
-                        "text": text,
-                        "logprobs": logprobs.then(|| completion_logprobs(&tokens, 0)),
-                        "finish_reason": reason,
-                    }),
-                };
-                let object = if api == Api::Chat {
-                    "chat.completion"
-                } else {
-                    "text_completion"
-                };
-                return Ok(Json(json!({
-                    "id": ids.id,
-                    "object": object,
-                    "created": ids.created,
-                    "model": ids.model,
-                    "choices": [choice],
-                    "usage": usage_json(&usage),
-                }))
-                .into_response());
+                let choice = shape.choice(false, &text, &tokens, 0, Some(reason));
+                let mut body = shape.body(false, json!([choice]));
+                body["usage"] = usage_json(&usage);
+                shape.add_sources(&mut body, &text);
+                return Ok(Json(body).into_response());
             }
             Some(Err(e)) => return Err(e),
             None => {
-                return Err(ApiError::bad_request(
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
                     "the generation ended without a result",
                 ))
             }
@@ -240,100 +327,73 @@ async fn respond(
     }
 }
 
+/// The server-sent events of a streamed response: a chat opens with the
+/// assistant's role, each piece of text is a chunk, the finish reason comes
+/// once (with the citations of a retrieval answer), the usage last when
+/// asked (with no choices), then `[DONE]`.
 fn stream(
-    api: Api,
-    ids: Ids,
+    shape: Shape,
     running: Running,
-    include_usage: bool,
-    logprobs: bool,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let object = if api == Api::Chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({
-            "id": ids.id,
-            "object": object,
-            "created": ids.created,
-            "model": ids.model,
-            "choices": choices,
-        });
-        if include_usage {
-            c["usage"] = usage.unwrap_or(Value::Null);
-        }
-        SseEvent::default().data(c.to_string())
-    };
-    // State: the running request, whether the role chunk went out, the
-    // text offset (completion logprobs), and whether the stream is over.
-    let init = (running, false, 0usize, false);
-    let events = futures_util::stream::unfold(
-        init,
-        move |(mut run, mut began, mut offset, over)| {
-            let chunk = chunk.clone();
-            async move {
-                if over {
-                    return None;
-                }
-                let mut out: Vec<SseEvent> = Vec::new();
-                if api == Api::Chat && !began {
-                    began = true;
-                    out.push(chunk(
-                    json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                    None,
-                ));
-                }
-                let mut over = false;
-                match run.next().await {
-                    Some(Ok(Piece::Text(t, lp))) => {
-                        let choice = match api {
-                            Api::Chat => json!({
-                                "index": 0,
-                                "delta": {"content": t},
-                                "logprobs": logprobs.then(|| chat_logprobs(&lp)),
-                                "finish_reason": null,
-                            }),
-                            Api::Completion => json!({
-                                "index": 0,
-                                "text": t,
-                                "logprobs": logprobs.then(|| completion_logprobs(&lp, offset)),
-                                "finish_reason": null,
-                            }),
-                        };
-                        offset += t.len();
-                        out.push(chunk(json!([choice]), None));
-                    }
-                    Some(Ok(Piece::Done(reason, usage))) => {
-                        let choice = match api {
-                            Api::Chat => {
-                                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
-                            }
-                            Api::Completion => {
-                                json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
-                            }
-                        };
-                        out.push(chunk(json!([choice]), None));
-                        if include_usage {
-                            out.push(chunk(json!([]), Some(usage_json(&usage))));
-                        }
-                        out.push(SseEvent::default().data("[DONE]"));
-                        over = true;
-                    }
-                    Some(Err(e)) => {
-                        // Mid-stream the status is sent already: the error goes
-                        // in the stream, as OpenAI does.
-                        out.push(SseEvent::default().data(e.body().to_string()));
-                        out.push(SseEvent::default().data("[DONE]"));
-                        over = true;
-                    }
-                    None => over = true,
-                }
-                let items = futures_util::stream::iter(out.into_iter().map(Ok));
-                Some((items, (run, began, offset, over)))
+    let shape = Arc::new(shape);
+    let event = |body: Value| SseEvent::default().data(body.to_string());
+    // State: the running request, the text so far, whether the stream began
+    // and whether it is over.
+    let init = (running, String::new(), false, false);
+    let events = futures_util::stream::unfold(init, move |(mut run, mut text, began, over)| {
+        let shape = shape.clone();
+        async move {
+            if over {
+                return None;
             }
-        },
-    );
+            let mut out: Vec<SseEvent> = Vec::new();
+            let with_usage = |mut body: Value, usage: Value| {
+                if shape.include_usage {
+                    body["usage"] = usage;
+                }
+                body
+            };
+            if shape.api == Api::Chat && !began {
+                let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+                out.push(event(with_usage(shape.body(true, role), Value::Null)));
+            }
+            let mut over = false;
+            match run.next().await {
+                Some(Ok(Piece::Text(t, lp))) => {
+                    let choice = shape.choice(true, &t, &lp, text.len(), None);
+                    text.push_str(&t);
+                    out.push(event(with_usage(
+                        shape.body(true, json!([choice])),
+                        Value::Null,
+                    )));
+                }
+                Some(Ok(Piece::Done(reason, usage))) => {
+                    let choice = shape.choice(true, "", &[], text.len(), Some(reason));
+                    let mut last = with_usage(shape.body(true, json!([choice])), Value::Null);
+                    shape.add_sources(&mut last, &text);
+                    out.push(event(last));
+                    if shape.include_usage {
+                        out.push(event(with_usage(
+                            shape.body(true, json!([])),
+                            usage_json(&usage),
+                        )));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
+                    over = true;
+                }
+                Some(Err(e)) => {
+                    // Mid-stream the status is sent already: the error goes
+                    // in the stream, as OpenAI does.
+                    out.push(event(e.body()));
+                    out.push(SseEvent::default().data("[DONE]"));
+                    over = true;
+                }
+                None => over = true,
+            }
+            let items = futures_util::stream::iter(out.into_iter().map(Ok));
+            Some((items, (run, text, true, over)))
+        }
+    });
     Sse::new(futures_util::StreamExt::flatten(events))
 }
 

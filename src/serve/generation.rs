@@ -138,6 +138,7 @@ pub fn start(
     prompt: Vec<u32>,
     settings: &Settings,
     logprobs: Option<usize>,
+    adapter: Option<String>,
 ) -> Result<Running, ApiError> {
     let max_len = state.engine.max_len;
     if prompt.is_empty() {
@@ -172,6 +173,7 @@ pub fn start(
             state.stop_ids.clone()
         },
         logprobs,
+        adapter,
     };
     state
         .engine

@@ -8,13 +8,16 @@
 //! request in the engine. A semaphore bounds the requests in the server
 //! (running and queued); past it, a request gets 429.
 
+pub mod adapters;
 pub mod chat;
 pub mod error;
 pub mod generation;
 pub mod metrics;
 pub mod openai;
+pub mod rag;
 
 use crate::infer::engine::EngineHandle;
+use crate::model::config::LlamaConfig;
 use crate::tokenizer::Tokenizer;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -26,7 +29,9 @@ use axum::{Json, Router};
 use error::ApiError;
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 
 /// The largest request body read (a long RAG prompt fits many times over).
@@ -44,13 +49,24 @@ pub struct AppState {
     pub permits: Arc<Semaphore>,
     /// When the server started (Unix seconds): the models' `created`.
     pub started: u64,
+    pub model_config: LlamaConfig,
+    /// The adapters loaded, by name.
+    pub adapters: Mutex<BTreeSet<String>>,
+    /// Where `POST /v1/adapters` loads from (None: it is refused).
+    pub adapter_dir: Option<PathBuf>,
+    /// The embedder and the index (`--index`, `--embedder`).
+    pub rag: Option<Arc<rag::Rag>>,
 }
 
 impl AppState {
-    /// 404 for a model this server does not serve.
-    pub fn check_model(&self, name: &str) -> Result<(), ApiError> {
+    /// The adapter a request's `model` names (None: the base model); 404
+    /// for a model this server does not serve.
+    pub fn check_model(&self, name: &str) -> Result<Option<String>, ApiError> {
         if name == self.model_name {
-            return Ok(());
+            return Ok(None);
+        }
+        if self.adapters.lock().unwrap().contains(name) {
+            return Ok(Some(name.to_string()));
         }
         Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -68,6 +84,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
         .route("/v1/models", get(models))
+        .route("/v1/adapters", post(adapters::post))
+        .route("/v1/embeddings", post(rag::embeddings))
+        .route(
+            "/v1/documents",
+            post(rag::add_document).delete(rag::delete_document),
+        )
+        .route(
+            "/v1/adapters/{name}",
+            axum::routing::delete(adapters::delete),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .merge(v1)
@@ -102,15 +128,23 @@ async fn auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> R
 }
 
 async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_name,
+    let model = |id: &str, parent: Option<&str>| {
+        json!({
+            "id": id,
             "object": "model",
             "created": state.started,
             "owned_by": "engine",
-        }],
-    }))
+            "parent": parent,
+        })
+    };
+    let mut data = vec![model(&state.model_name, None)];
+    for name in state.adapters.lock().unwrap().iter() {
+        data.push(model(name, Some(&state.model_name)));
+    }
+    if let Some(rag) = &state.rag {
+        data.push(model(&rag.name, None));
+    }
+    Json(json!({"object": "list", "data": data}))
 }
 
 /// The body as JSON of type T; a 400 saying what is wrong and where.
