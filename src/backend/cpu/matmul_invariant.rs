@@ -17,13 +17,14 @@
 //! FMA) give the same bits, so results also agree across machines. The three
 //! are the same Rust source compiled for each instruction set and picked at
 //! run time; they differ only in the tile of outputs computed at once
-//! (`Isa::tile`), which changes which products are in flight together, never
-//! an element's order of operations.
+//! (`block_avx512`, `block_avx2`), which changes which products are in
+//! flight together, never an element's order of operations. (NaN results
+//! may differ in their payload bits only.)
 //!
 //! Speed: an R×C tile of outputs keeps R·C accumulators in registers; each
 //! chunk loads R chunks of x and C of w for R·C fused multiply-adds. Tasks
 //! are blocks of rows × blocks of columns of out: a task's block of w (about
-//! `W_BLOCK_BYTES`) stays in L2 while its row tiles pass over it. A decode
+//! `W_BLOCK_BYTES`) stays in L1 while its row tiles pass over it. A decode
 //! step (n ≤ `ROW_BLOCK`) has one block of rows, so each weight row is
 //! streamed from memory once per call and used for all n rows.
 
@@ -65,10 +66,11 @@ impl Isa {
     }
 }
 
-/// Bytes of w per task's column block: small enough to stay in L2 (and to
-/// give two threads several tasks at decode), large enough that a task's
-/// scheduling and its pass over x are small next to its multiply-adds.
-const W_BLOCK_BYTES: usize = 96 * 1024;
+/// Bytes of w per task's column block: small enough to stay in L1 beside a
+/// tile of x (48 KiB on Zen 5; 24–32 KiB measured best there, 96 KiB about
+/// 10% slower at 256 rows), large enough that a task's scheduling and its
+/// pass over x are small next to its multiply-adds.
+const W_BLOCK_BYTES: usize = 32 * 1024;
 
 /// Rows of x per task: a decode step's few rows are one block, so the
 /// weights are read once; many rows split further for more tasks.
@@ -312,6 +314,8 @@ unsafe fn tile_rows<V: Lanes, const R: usize, const C: usize>(
             1 => tile::<V, 1, C>(out, ldo, x, w, k),
             2 if R > 2 => tile::<V, 2, C>(out, ldo, x, w, k),
             3 if R > 3 => tile::<V, 3, C>(out, ldo, x, w, k),
+            4 if R > 4 => tile::<V, 4, C>(out, ldo, x, w, k),
+            5 if R > 5 => tile::<V, 5, C>(out, ldo, x, w, k),
             _ => tile::<V, R, C>(out, ldo, x, w, k),
         }
     }
@@ -382,7 +386,8 @@ mod x86 {
     use super::{block_tiles, Block, Lanes};
     use std::arch::x86_64::*;
 
-    /// 32 zmm registers: 4×4 accumulators, 4 chunks of x, one of w.
+    /// 32 zmm registers: 4×4 accumulators, 4 chunks of x, one of w. (6×4
+    /// spilled accumulators and ran 40% slower; 5×4 ran no faster.)
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn block_avx512(b: Block) {
         // SAFETY: the caller's promises; the processor has AVX-512F.
