@@ -12,14 +12,14 @@
 //!   l + 4, l + 2, l + 1; the result is acc[0].
 //!
 //! fma rounds once, so this is a definition, not a hint: AVX-512 (one zmm per
-//! accumulator), AVX2 + FMA (the compiler splits it into two ymm) and the
-//! portable build (`f32::mul_add`, a libm call where the processor has no
-//! FMA) give the same bits, so results also agree across machines. The three
-//! are the same Rust source compiled for each instruction set and picked at
-//! run time; they differ only in the tile of outputs computed at once
-//! (`block_avx512`, `block_avx2`), which changes which products are in
-//! flight together, never an element's order of operations. (NaN results
-//! may differ in their payload bits only.)
+//! accumulator), AVX2 + FMA (two ymm: lanes 0–7 and 8–15) and the portable
+//! build (`f32::mul_add`, a libm call where the processor has no FMA) give
+//! the same bits, so results also agree across machines. The three share
+//! one generic tile loop over each set's 16-lane values (`Lanes`) and are
+//! picked at run time (`Isa::detect`); they differ only in the tile of
+//! outputs computed at once (`block_avx512`, `block_avx2`), which changes
+//! which products are in flight together, never an element's order of
+//! operations. (NaN results may differ in their payload bits only.)
 //!
 //! Speed: an R×C tile of outputs keeps R·C accumulators in registers; each
 //! chunk loads R chunks of x and C of w for R·C fused multiply-adds. Tasks
@@ -56,7 +56,7 @@ impl Isa {
     pub fn available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             Isa::Portable => true,
@@ -118,13 +118,15 @@ pub fn matmul_nt_invariant_with(
             unsafe {
                 block(
                     isa,
-                    dst.get().add(i0 * m + j0),
-                    m,
-                    x.as_ptr().add(i0 * k),
-                    rows,
-                    w.as_ptr().add(j0 * k),
-                    width,
-                    k,
+                    Block {
+                        out: dst.get().add(i0 * m + j0),
+                        ldo: m,
+                        x: x.as_ptr().add(i0 * k),
+                        rows,
+                        w: w.as_ptr().add(j0 * k),
+                        cols: width,
+                        k,
+                    },
                 )
             }
         });
@@ -144,13 +146,8 @@ impl SendPtr {
 
 /// One task's block: out[i, j] (row stride `ldo`) for `rows` rows of x and
 /// `cols` rows of w, both of length k, contiguous.
-///
-/// # Safety
-/// x and w valid for reads of rows·k and cols·k, out for writes at
-/// out[i·ldo + j] for i < rows, j < cols; the processor has `isa`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn block(
-    isa: Isa,
+#[derive(Clone, Copy)]
+struct Block {
     out: *mut f32,
     ldo: usize,
     x: *const f32,
@@ -158,16 +155,14 @@ unsafe fn block(
     w: *const f32,
     cols: usize,
     k: usize,
-) {
-    let b = Block {
-        out,
-        ldo,
-        x,
-        rows,
-        w,
-        cols,
-        k,
-    };
+}
+
+/// Computes block `b` with `isa`'s tiles.
+///
+/// # Safety
+/// b.x and b.w valid for reads of rows·k and cols·k floats, b.out for
+/// writes at out[i·ldo + j] for i < rows, j < cols; the processor has `isa`.
+unsafe fn block(isa: Isa, b: Block) {
     // SAFETY: the caller's promises, passed on.
     unsafe {
         match isa {
@@ -178,18 +173,6 @@ unsafe fn block(
             _ => block_tiles::<[f32; LANES], 2, 2>(b),
         }
     }
-}
-
-/// A task's share of the product (see [`block`]).
-#[derive(Clone, Copy)]
-struct Block {
-    out: *mut f32,
-    ldo: usize,
-    x: *const f32,
-    rows: usize,
-    w: *const f32,
-    cols: usize,
-    k: usize,
 }
 
 /// The 16 lane accumulators of one output element in one instruction set's
@@ -314,8 +297,6 @@ unsafe fn tile_rows<V: Lanes, const R: usize, const C: usize>(
             1 => tile::<V, 1, C>(out, ldo, x, w, k),
             2 if R > 2 => tile::<V, 2, C>(out, ldo, x, w, k),
             3 if R > 3 => tile::<V, 3, C>(out, ldo, x, w, k),
-            4 if R > 4 => tile::<V, 4, C>(out, ldo, x, w, k),
-            5 if R > 5 => tile::<V, 5, C>(out, ldo, x, w, k),
             _ => tile::<V, R, C>(out, ldo, x, w, k),
         }
     }
