@@ -12,13 +12,16 @@
 //! scores): full-precision random inputs, so a kernel that rounded them to
 //! bf16 would miss the f32 tolerance by orders of magnitude; offsets of 1–3
 //! elements take its 16-byte loads off their aligned path.
+//!
+//! `Backend::matmul_nt_invariant` through the device: a row alone and in a
+//! batch get the same kernel and the same bits.
 #![cfg(feature = "emu")]
 
 mod common;
 
 use common::max_rel_err;
 use engine::backend::cpu::Cpu;
-use engine::backend::cuda::driver::Emu;
+use engine::backend::cuda::driver::{DevicePtr, Emu, GpuDriver};
 use engine::backend::cuda::emu::{self, LaneOrder};
 use engine::backend::cuda::Cuda;
 use engine::backend::Backend;
@@ -453,4 +456,113 @@ fn f32_inputs_want_an_f32_output() {
     let w = g.upload(vec![0.5; 12], &[4, 3], F32).unwrap();
     let mut out = g.zeros(&[2, 4], BF16).unwrap();
     let _ = g.matmul_nt(&mut out, &x, &w);
+}
+
+/// The emulator, recording the name of every kernel launched: the emulated
+/// mma sums its 16 products in order, as version 1 does, so the two
+/// versions agree bit for bit here (not on a GPU) and only the names show
+/// a switch between them.
+struct Recording {
+    emu: Emu,
+    launched: std::sync::Mutex<Vec<String>>,
+}
+
+impl GpuDriver for Recording {
+    fn name(&self) -> String {
+        self.emu.name()
+    }
+    fn alloc(&self, bytes: usize) -> engine::Result<DevicePtr> {
+        self.emu.alloc(bytes)
+    }
+    unsafe fn free(&self, ptr: DevicePtr) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.emu.free(ptr) }
+    }
+    unsafe fn upload(&self, dst: DevicePtr, src: &[u8]) -> engine::Result<()> {
+        // SAFETY: as above.
+        unsafe { self.emu.upload(dst, src) }
+    }
+    unsafe fn download(&self, dst: &mut [u8], src: DevicePtr) -> engine::Result<()> {
+        // SAFETY: as above.
+        unsafe { self.emu.download(dst, src) }
+    }
+    unsafe fn copy(&self, dst: DevicePtr, src: DevicePtr, bytes: usize) -> engine::Result<()> {
+        // SAFETY: as above.
+        unsafe { self.emu.copy(dst, src, bytes) }
+    }
+    unsafe fn zero(&self, dst: DevicePtr, bytes: usize) -> engine::Result<()> {
+        // SAFETY: as above.
+        unsafe { self.emu.zero(dst, bytes) }
+    }
+    unsafe fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        shared_mem_bytes: u32,
+        args: &mut [*mut c_void],
+    ) -> engine::Result<()> {
+        self.launched.lock().unwrap().push(name.to_string());
+        // SAFETY: as above.
+        unsafe { self.emu.launch(name, grid, block, shared_mem_bytes, args) }
+    }
+    fn synchronize(&self) -> engine::Result<()> {
+        self.emu.synchronize()
+    }
+}
+
+/// `Backend::matmul_nt_invariant` on the recording emulator: out [n, m] for
+/// x and w uploaded in `dtype`, into an output of `out_dtype`, and the
+/// kernels it launched.
+fn invariant_rows(
+    g: &Cuda<Recording>,
+    (x, w): (&[f32], &[f32]),
+    (n, m, k): (usize, usize, usize),
+    dtype: DType,
+    out_dtype: DType,
+) -> (Vec<f32>, Vec<String>) {
+    let x = g.upload(x.to_vec(), &[n, k], dtype).unwrap();
+    let w = g.upload(w.to_vec(), &[m, k], dtype).unwrap();
+    let mut out = g.upload(vec![f32::NAN; n * m], &[n, m], out_dtype).unwrap();
+    g.driver().launched.lock().unwrap().clear();
+    g.matmul_nt_invariant(&mut out, &x, &w).unwrap();
+    let launched = std::mem::take(&mut *g.driver().launched.lock().unwrap());
+    (g.download(&out).unwrap(), launched)
+}
+
+#[test]
+fn invariant_rows_alone_equal_rows_in_a_batch() {
+    // A decode row alone (n = 1, where matmul_nt takes version 1) and the
+    // same row among 37 or 70 (version 2 there; 70 spans two 64-row tiles):
+    // the same kernels launched, and bit for bit the same row, for bf16
+    // inputs with either output and for f32 inputs. k = 72 takes version
+    // 2's cp.async path, k = 45 its plain loads.
+    let g = Cuda::new(Recording {
+        emu: Emu::new(),
+        launched: Default::default(),
+    });
+    let mut r = rng();
+    let t = Instant::now();
+    for (m, k) in [(130, 72), (70, 45)] {
+        for n in [37, 70] {
+            let (xv, wv) = (data(&mut r, n * k), data(&mut r, m * k));
+            for (dtype, out_dtype) in [(BF16, BF16), (BF16, F32), (F32, F32)] {
+                let what = format!("{dtype}→{out_dtype} m{m} k{k}");
+                let (batch, kernels) = invariant_rows(&g, (&xv, &wv), (n, m, k), dtype, out_dtype);
+                for i in [0, 16, n - 1] {
+                    let x_i = &xv[i * k..(i + 1) * k];
+                    let (alone, kernels_1) =
+                        invariant_rows(&g, (x_i, &wv), (1, m, k), dtype, out_dtype);
+                    assert_eq!(kernels_1, kernels, "{what}: kernels for 1 row and for {n}");
+                    let row = &batch[i * m..(i + 1) * m];
+                    let same = row
+                        .iter()
+                        .zip(&alone)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{what}: row {i} of {n} differs from the row alone");
+                }
+            }
+        }
+    }
+    eprintln!("invariant rows: {:.2?}", t.elapsed());
 }

@@ -146,6 +146,21 @@ pub trait Backend: Sized + Send + Sync {
     /// out = x · wᵀ (a Linear layer); out [n, m], x [n, k], w [m, k].
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()>;
 
+    /// `matmul_nt` with batch invariance: each output element is computed by
+    /// one arithmetic (order of operations included) that depends only on its
+    /// row of x, its row of w and k — not on the number or contents of the
+    /// other rows, nor on the thread count — so a sequence's results do not
+    /// depend on the batch it is served in (a decode row alone and the same
+    /// row among a prefill's get the same bits). The CPU's arithmetic is also
+    /// the same on every processor (src/backend/cpu/matmul_invariant.rs). It
+    /// may be slower than `matmul_nt`, which training keeps using.
+    fn matmul_nt_invariant(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()>;
+
     /// Backward of `matmul_nt` (`out = x · wᵀ`):
     ///   dx += dout · w      [n, k] = [n, m] · [m, k]
     ///   dw += doutᵀ · x     [m, k] = [n, m]ᵀ · [n, k]

@@ -7,6 +7,7 @@ mod backward;
 mod encoder;
 mod lora;
 mod matmul;
+pub mod matmul_invariant;
 mod ops;
 mod optim;
 
@@ -173,6 +174,17 @@ impl Backend for Cpu {
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
         let (n, m, k) = shapes::matmul_nt(out, x, w);
         matmul::matmul_nt(view_mut(out), view(x), view(w), n, m, k);
+        Ok(())
+    }
+
+    fn matmul_nt_invariant(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()> {
+        let (n, m, k) = shapes::matmul_nt(out, x, w);
+        matmul_invariant::matmul_nt_invariant(view_mut(out), view(x), view(w), n, m, k);
         Ok(())
     }
 

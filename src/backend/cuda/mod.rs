@@ -231,6 +231,69 @@ impl<D: GpuDriver> Cuda<D> {
         );
         self.launch(kernel, grid, (THREADS, 1, 1), args)
     }
+
+    /// `matmul_nt`, or with `invariant` its batch-invariant form: one kernel
+    /// for every n, so that no row's arithmetic changes with the batch.
+    ///
+    /// Either kernel is batch-invariant on its own: an output element is one
+    /// accumulator, of one thread (version 1: a multiply-add per k, k from 0
+    /// up) or of one mma fragment (version 2: one mma per 16 k, in order,
+    /// each summing that element's own 16 products in the hardware's fixed
+    /// way), with no split of k, whatever n is and wherever the row sits in
+    /// its tile; rows past n are loaded as zeros and feed only their own
+    /// outputs. What is not invariant is `matmul_nt`'s switch between the
+    /// two at n = 16. The fixed choice for bf16 is version 2 (tensor cores):
+    /// a served batch's rows are mostly prefill, and a decode-only step
+    /// leaves a tile as empty in version 1 (64 rows) as in version 2.
+    fn launch_matmul_nt(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        invariant: bool,
+    ) -> Result<()> {
+        let (n, m, k) = shapes::matmul_nt(out, x, w);
+        // f32 x and w (the flat-IP index's scores, where bf16 would change
+        // the ranking): version 1 in f32 throughout, for every n; the tensor
+        // core version takes bf16 only.
+        let f32_in = x.dtype == DType::F32;
+        let in_dtype = if f32_in { DType::F32 } else { DType::BF16 };
+        expect_dtype("matmul x", x, in_dtype);
+        expect_dtype("matmul w", w, in_dtype);
+        if f32_in {
+            expect_dtype("matmul output (of f32 x and w)", out, DType::F32);
+        }
+        // Version 2 (tensor cores, 64×128 tiles) for prefill-sized products.
+        // A decode step has a handful of rows, which would leave most of an
+        // mma tile empty: version 1 (64×64 tiles, more blocks) serves those
+        // until a GPU run of benches/kernels.rs says better.
+        let mma = !f32_in && (invariant || n >= 16);
+        let kernel = match (f32_in, out.dtype, mma) {
+            (true, _, _) => "matmul_nt_f32",
+            (false, DType::BF16, true) => "matmul_nt_mma_bf16",
+            (false, DType::F32, true) => "matmul_nt_mma_bf16_f32",
+            (false, DType::BF16, false) => "matmul_nt_bf16",
+            (false, DType::F32, false) => "matmul_nt_bf16_f32",
+            (false, other, _) => panic!("matmul output {other}"),
+        };
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(w.buf.ptr)
+            .int(n)
+            .int(m)
+            .int(k);
+        if mma {
+            let grid = (m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1);
+            self.launch(kernel, grid, (128, 1, 1), args)
+        } else {
+            let grid = (m.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
+            self.launch(kernel, grid, (THREADS, 1, 1), args)
+        }
+    }
 }
 
 impl<D: GpuDriver> Backend for Cuda<D> {
@@ -455,47 +518,16 @@ impl<D: GpuDriver> Backend for Cuda<D> {
     }
 
     fn matmul_nt(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &Tensor<Self>) -> Result<()> {
-        let (n, m, k) = shapes::matmul_nt(out, x, w);
-        // f32 x and w (the flat-IP index's scores, where bf16 would change
-        // the ranking): version 1 in f32 throughout, for every n; the tensor
-        // core version takes bf16 only.
-        let f32_in = x.dtype == DType::F32;
-        let in_dtype = if f32_in { DType::F32 } else { DType::BF16 };
-        expect_dtype("matmul x", x, in_dtype);
-        expect_dtype("matmul w", w, in_dtype);
-        if f32_in {
-            expect_dtype("matmul output (of f32 x and w)", out, DType::F32);
-        }
-        // Version 2 (tensor cores, 64×128 tiles) for prefill-sized products.
-        // A decode step has a handful of rows, which would leave most of an
-        // mma tile empty: version 1 (64×64 tiles, more blocks) serves those
-        // until a GPU run of benches/kernels.rs says better.
-        let mma = !f32_in && n >= 16;
-        let kernel = match (f32_in, out.dtype, mma) {
-            (true, _, _) => "matmul_nt_f32",
-            (false, DType::BF16, true) => "matmul_nt_mma_bf16",
-            (false, DType::F32, true) => "matmul_nt_mma_bf16_f32",
-            (false, DType::BF16, false) => "matmul_nt_bf16",
-            (false, DType::F32, false) => "matmul_nt_bf16_f32",
-            (false, other, _) => panic!("matmul output {other}"),
-        };
-        if n == 0 || m == 0 {
-            return Ok(());
-        }
-        let args = Args::default()
-            .ptr(out.buf.ptr)
-            .ptr(x.buf.ptr)
-            .ptr(w.buf.ptr)
-            .int(n)
-            .int(m)
-            .int(k);
-        if mma {
-            let grid = (m.div_ceil(128) as u32, n.div_ceil(64) as u32, 1);
-            self.launch(kernel, grid, (128, 1, 1), args)
-        } else {
-            let grid = (m.div_ceil(64) as u32, n.div_ceil(64) as u32, 1);
-            self.launch(kernel, grid, (THREADS, 1, 1), args)
-        }
+        self.launch_matmul_nt(out, x, w, false)
+    }
+
+    fn matmul_nt_invariant(
+        &self,
+        out: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+    ) -> Result<()> {
+        self.launch_matmul_nt(out, x, w, true)
     }
 
     fn matmul_nt_backward(
