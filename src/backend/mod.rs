@@ -474,18 +474,6 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
-    // TEMPORARY STUB (replaced by the lora branch)
-    fn lora_gathered(
-        &self,
-        y: &mut Tensor<Self>,
-        x: &Tensor<Self>,
-        adapters: &[LoraRef<'_, Self>],
-        row_adapter: &[u32],
-    ) -> Result<()> {
-        let _ = (y, x, adapters, row_adapter);
-        Err(Error::Unsupported("stub".into()))
-    }
-
     // ----- optimizer -----
 
     /// Σ x² over the tensor, accumulated in f64 on the host side (the
@@ -676,13 +664,4 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// The step number t, from 1: bias correction uses β1ᵗ and β2ᵗ.
     pub step: u64,
-}
-
-// TEMPORARY STUB (replaced by the lora branch)
-pub const NO_ADAPTER: u32 = u32::MAX;
-#[derive(Clone, Copy)]
-pub struct LoraRef<'a, B: Backend> {
-    pub a: &'a Tensor<B>,
-    pub b: &'a Tensor<B>,
-    pub scale: f32,
 }
