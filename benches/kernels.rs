@@ -10,7 +10,8 @@
 //! hidden 384, intermediate 1536, 12 heads of 32) LayerNorm, GELU, bias and
 //! bidirectional attention on 32 sentences padded to 128 tokens; serving's
 //! (RoPE at a position per row, the KV write into a paged pool, attention
-//! through a block table) in the prefill and decode phases; and
+//! through a block table, the LoRA branches of many adapters over one batch)
+//! in the prefill and decode phases; and
 //! retrieval's, the flat-IP index's f32 scores and their top 10, for 1 and
 //! 64 queries against 100,000 vectors.
 //!
@@ -55,7 +56,7 @@ use engine::backend::cuda::driver::{DevicePtr, GpuDriver};
 use engine::backend::cuda::{real, sources, top_k_segment, Cuda};
 use engine::backend::sample::{argmax, Sampler, SamplerConfig};
 use engine::backend::topk::merge_top_k;
-use engine::backend::{mean_scale, AdamW, AdamWTensors, Backend, PagedSeq, IGNORE};
+use engine::backend::{mean_scale, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq, IGNORE};
 use engine::tensor::DType::{self, BF16, F32};
 use engine::tensor::Tensor;
 use rand::rngs::StdRng;
@@ -83,6 +84,13 @@ const PAGE: usize = 16;
 const DROPOUT: f32 = 0.1;
 /// The LoRA rows' alpha: their scaling s is alpha / r.
 const LORA_ALPHA: f32 = 32.0;
+/// Serving's many-adapter LoRA rows: the rank of every adapter, how many
+/// adapters a prefill's rows (prompt chunks) and a decode step's rows take
+/// in turn, and the rows of a decode step (one per request).
+const SERVE_RANK: usize = 16;
+const SERVE_PREFILL_ADAPTERS: usize = 4;
+const SERVE_DECODE_ADAPTERS: usize = 16;
+const SERVE_DECODE_ROWS: usize = 64;
 
 // all-MiniLM-L6-v2, the embedding model: hidden 384, intermediate 1536, 12
 // heads of 32, LayerNorm eps 1e-12 (BERT's).
@@ -153,6 +161,14 @@ enum Family {
     /// u32 on the device; grid (n, heads), block 128. One sequence of n
     /// queries at pos0, the same work as `Attention`.
     AttentionPaged,
+    /// Serving's LoRA branches of many adapters over one batch
+    /// (`Backend::lora_gathered`), on a projection x [n, in] → y [n, out]:
+    /// y[i] += s_a·(x[i]·A_aᵀ)·B_aᵀ with row i's adapter a, the rows taking
+    /// `Lora::adapters` adapters of rank `Lora::r` in turn (each its own A,
+    /// B). (y, x, adapters, tasks, in, out), the table (A, B, r, the bits of
+    /// s per adapter) and the tasks (row | adapter << 32, in adapter order)
+    /// u64 on the device; grid (n), block 256. y accumulates.
+    LoraGathered,
     /// (out ids, logits, vocab, temperature, top_k, top_p, u); a block of
     /// 1024 per row.
     Sample,
@@ -319,6 +335,7 @@ const SPECS: &[Spec] = &[
     spec("scatter_rows_bf16", Family::ScatterRows { f32: false }, 4),
     spec("scatter_rows_f32", Family::ScatterRows { f32: true }, 4),
     spec("attention_paged_bf16", Family::AttentionPaged, 10),
+    spec("lora_gathered_bf16", Family::LoraGathered, 6),
     spec("swiglu_fwd_bf16", Family::Swiglu, 4),
     spec("add_scaled_bf16", add(false, false), 4),
     spec("add_scaled_f32_bf16", add(true, false), 4),
@@ -440,6 +457,8 @@ struct Lora {
     dropout: bool,
     /// dB [out, r] += s·dyᵀ·t rather than dA [r, in] += dtᵀ·drop(x).
     db: bool,
+    /// `lora_gathered_*`: the adapters the rows take in turn.
+    adapters: usize,
 }
 
 impl Case {
@@ -501,6 +520,12 @@ impl Case {
             Family::LoraBwdX { f32_dy } => {
                 let r = self.lora.r;
                 size(f32_dy) * n * m + 2 * r * (k + m) + 2 * 2 * n * k + 4 * n * r
+            }
+            // x read, y read and written, each adapter's A and B read once,
+            // the table and a task per row.
+            Family::LoraGathered => {
+                let Lora { r, adapters, .. } = self.lora;
+                2 * n * k + 2 * 2 * n * m + 2 * r * (k + m) * adapters + 32 * adapters + 8 * n
             }
             Family::LoraGrad { f32_v } => {
                 let r = self.lora.r;
@@ -564,7 +589,7 @@ impl Case {
             Family::MatmulAcc { .. } => Some(2.0 * (self.n * self.m * self.k) as f64),
             // Both of the branch's products (the forward's x·Aᵀ and t·Bᵀ,
             // the backward's dy·B and dt·A), or one gradient's.
-            Family::LoraFwd | Family::LoraBwdX { .. } => {
+            Family::LoraFwd | Family::LoraBwdX { .. } | Family::LoraGathered => {
                 Some(2.0 * (self.n * self.lora.r * (self.k + self.m)) as f64)
             }
             Family::LoraGrad { .. } => {
@@ -685,6 +710,35 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                         out.push(case(what, cublas_spec(false, f32_out), m, k));
                     }
                 }
+                // Serving's LoRA on each projection: a prefill's rows over a
+                // few adapters, a decode step's many rows (one per request)
+                // over many.
+                let (rows, adapters) = if n == 1 {
+                    (SERVE_DECODE_ROWS, SERVE_DECODE_ADAPTERS)
+                } else {
+                    (n, SERVE_PREFILL_ADAPTERS)
+                };
+                for &s in specs.iter().filter(|s| s.family == Family::LoraGathered) {
+                    for (layer, m, k, f32_out) in matmuls {
+                        if f32_out {
+                            continue; // the LM head takes no adapter
+                        }
+                        let what = format!(
+                            "{layer} LoRA, {rows} rows over {adapters} adapters of r {SERVE_RANK}: \
+                             y [{rows},{m}] += s·x [{rows},{k}]·Aᵀ·Bᵀ"
+                        );
+                        let lora = Lora {
+                            r: SERVE_RANK,
+                            adapters,
+                            ..Lora::default()
+                        };
+                        out.push(Case {
+                            n: rows,
+                            lora,
+                            ..case(what, s, m, k)
+                        });
+                    }
+                }
             }
             Stage::Train => {
                 for (layer, m, k, dout_f32) in backward {
@@ -739,7 +793,12 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                             _ => {}
                         }
                         for (what, db) in rows {
-                            let lora = Lora { r, dropout, db };
+                            let lora = Lora {
+                                r,
+                                dropout,
+                                db,
+                                ..Lora::default()
+                            };
                             out.push(Case {
                                 lora,
                                 ..case(what, s, m, k)
@@ -861,6 +920,7 @@ fn cases(specs: &[&'static Spec], with_cublas: bool) -> Vec<Case> {
                     continue
                 }
                 Family::LoraFwd | Family::LoraBwdX { .. } | Family::LoraGrad { .. } => continue,
+                Family::LoraGathered => continue,
                 Family::Layernorm
                 | Family::Gelu
                 | Family::AddBias
@@ -1676,6 +1736,52 @@ impl<D: GpuDriver> Bench<'_, D> {
             Family::LoraFwd | Family::LoraBwdX { .. } | Family::LoraGrad { .. } => {
                 self.prepare_lora(case, rng)?
             }
+            Family::LoraGathered => {
+                let (out, inp, Lora { r, adapters, .. }) = (m, k, case.lora);
+                let s = LORA_ALPHA / r as f32;
+                let ws: Vec<(Vec<f32>, Vec<f32>)> = (0..adapters)
+                    .map(|_| (data(rng, r * inp, 0.5), data(rng, out * r, 0.5)))
+                    .collect();
+                let row_adapter: Vec<u32> = (0..n).map(|i| (i % adapters) as u32).collect();
+                let (xv, yv) = (data(rng, n * inp, 1.0), data(rng, n * out, 1.0));
+                let cpu_ws = (ws.iter())
+                    .map(|(a, b)| Ok((cpu(a, &[r, inp])?, cpu(b, &[out, r])?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let refs: Vec<LoraRef<'_, Cpu>> = (cpu_ws.iter())
+                    .map(|(a, b)| LoraRef { a, b, scale: s })
+                    .collect();
+                let mut want = cpu(&yv, &[n, out])?;
+                Cpu.lora_gathered(&mut want, &cpu(&xv, &[n, inp])?, &refs, &row_adapter)?;
+                let mut inputs = Vec::new();
+                // The table and the tasks as `lora_gathered` builds them, as
+                // the u32 halves of u64 words.
+                let mut words: Vec<u64> = Vec::new();
+                for (a, b) in &ws {
+                    let (a, b) = (self.up(a, &[r, inp], BF16)?, self.up(b, &[out, r], BF16)?);
+                    words.extend([a.buf.ptr, b.buf.ptr, r as u64, s.to_bits() as u64]);
+                    inputs.extend([a, b]);
+                }
+                let mut tasks: Vec<u64> = (row_adapter.iter().enumerate())
+                    .map(|(i, &a)| i as u64 | (a as u64) << 32)
+                    .collect();
+                tasks.sort_unstable_by_key(|&t| (t >> 32, t & 0xffff_ffff));
+                let halves = |w: &[u64]| -> Vec<u32> {
+                    w.iter()
+                        .flat_map(|&w| [w as u32, (w >> 32) as u32])
+                        .collect()
+                };
+                let (table, tasks) = (self.ids(&halves(&words))?, self.ids(&halves(&tasks))?);
+                let x = self.up(&xv, &[n, inp], BF16)?;
+                let y = self.up(&yv, &[n, out], BF16)?;
+                let args = Args::default().ptr(y.buf.ptr).ptr(x.buf.ptr);
+                let args = args.ptr(table.buf.ptr).ptr(tasks.buf.ptr).int(inp).int(out);
+                inputs.extend([x, table, tasks]);
+                Prepared {
+                    inputs,
+                    outs: vec![output("y", y, want.buf, bf16)],
+                    call: kernel((n, 1), 256, args),
+                }
+            }
             Family::Convert { to_f32 } => {
                 // f32 master weights hold any f32 (rounded into bf16); a bf16
                 // working copy widens exactly.
@@ -1896,7 +2002,7 @@ impl<D: GpuDriver> Bench<'_, D> {
     /// device's values.
     fn prepare_lora(&self, case: &Case, rng: &mut StdRng) -> Result<Prepared<D>> {
         let (n, out, inp) = (case.n, case.m, case.k);
-        let Lora { r, dropout, db } = case.lora;
+        let Lora { r, dropout, db, .. } = case.lora;
         let s = LORA_ALPHA / r as f32;
         let drop = dropout.then(|| (DROPOUT, rng.random::<u64>()));
         // The dropout arguments as the launchers form them; p = 0: none.

@@ -15,6 +15,10 @@
 //
 // t and dt are f32; activations and weights bf16; dy bf16, or f32 where it
 // is the residual stream's gradient. Ranks up to LORA_MAX_RANK.
+//
+// lora_gathered_bf16 is serving's many-adapters-in-one-batch branch
+// (Backend::lora_gathered, BGMV-style): y[i] += s_a·(x[i]·A_aᵀ)·B_aᵀ with
+// each row's own adapter a, no t stored, no dropout. See its comment.
 
 #include "common.cuh"
 
@@ -192,4 +196,86 @@ extern "C" __global__ void __launch_bounds__(LORA_THREADS)
     lora_grad_f32(float* g, const float* u, const float* v, int n, int cols, int r, int g_sk,
                   int g_sc, float scale, float p, float keep_scale, unsigned long long seed) {
     lora_grad(g, u, v, n, cols, r, g_sk, g_sc, scale, p, keep_scale, seed);
+}
+
+// ---------------------------------------------------------------- serving
+
+// Many adapters over one batch (Backend::lora_gathered): for each task
+// (row i, adapter a),
+//   t      = x[i]·A_aᵀ                 [r]    f32, in shared memory only
+//   y[i]  += s_a · t·B_aᵀ              [out]
+// Rows that take no adapter get no task (the launcher leaves them out), so
+// they are never touched.
+//
+// adapters: LORA_SERVE_WORDS words per adapter: A [r, in] and B [out, r]
+// (bf16 pointers), r (1..LORA_MAX_RANK), and s as the bits of an f32.
+// tasks: one word per task, row | adapter << 32; the launcher orders them by
+// adapter, so consecutive blocks read the same A and B from L2.
+// Grid (tasks), block LORA_THREADS, no dynamic smem.
+//
+// One block per task, version 1. Shrink: x[i] is staged in shared memory
+// LORA_SERVE_CH columns at a time; warp w owns ranks w, w + 8, ..., and its
+// lanes stride over the columns of A's row (coalesced), each lane keeping a
+// partial sum per rank in a register; a butterfly (warp_sum) over the lanes
+// ends it. Expand: thread per output column c, Σ_j t[j]·B[c, j] for j = 0..r
+// in order. Nothing depends on the other tasks, so a row's result is the
+// same whatever the batch holds (batch invariance).
+#define LORA_SERVE_WORDS 4
+#define LORA_SERVE_WARPS (LORA_THREADS / WARP_SIZE)
+#define LORA_SERVE_CH 512  // columns of x staged at a time
+#define LORA_SERVE_PER_WARP (LORA_MAX_RANK / LORA_SERVE_WARPS)
+
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+    lora_gathered_bf16(__nv_bfloat16* y, const __nv_bfloat16* x,
+                       const unsigned long long* adapters, const unsigned long long* tasks,
+                       int in, int out) {
+    __shared__ float x_s[LORA_SERVE_CH];
+    __shared__ float t_s[LORA_MAX_RANK];
+    const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    const unsigned long long task = tasks[blockIdx.x];
+    const long long row = (long long)(task & 0xffffffffull);
+    const unsigned long long* e = adapters + (task >> 32) * LORA_SERVE_WORDS;
+    const __nv_bfloat16* a = reinterpret_cast<const __nv_bfloat16*>(e[0]);
+    const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(e[1]);
+    const int r = (int)e[2];
+    const float s = __uint_as_float((unsigned)e[3]);
+    const __nv_bfloat16* xr = x + row * in;
+
+    float acc[LORA_SERVE_PER_WARP];
+#pragma unroll
+    for (int q = 0; q < LORA_SERVE_PER_WARP; q++) acc[q] = 0.0f;
+    for (int c0 = 0; c0 < in; c0 += LORA_SERVE_CH) {
+        const int width = min(LORA_SERVE_CH, in - c0);
+        for (int c = tid; c < width; c += LORA_THREADS) x_s[c] = __bfloat162float(xr[c0 + c]);
+        __syncthreads();
+        // Unrolled, so that acc stays in registers.
+#pragma unroll
+        for (int q = 0; q < LORA_SERVE_PER_WARP; q++) {
+            const int j = warp + q * LORA_SERVE_WARPS;
+            if (j < r) {
+                const __nv_bfloat16* aj = a + (long long)j * in + c0;
+                for (int c = lane; c < width; c += WARP_SIZE) {
+                    acc[q] += x_s[c] * __bfloat162float(aj[c]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int q = 0; q < LORA_SERVE_PER_WARP; q++) {
+        const int j = warp + q * LORA_SERVE_WARPS;
+        if (j < r) {  // the same for the whole warp: every lane shuffles
+            const float t = warp_sum(acc[q]);
+            if (lane == 0) t_s[j] = t;
+        }
+    }
+    __syncthreads();
+
+    __nv_bfloat16* yr = y + row * out;
+    for (int c = tid; c < out; c += LORA_THREADS) {
+        const __nv_bfloat16* bc = b + (long long)c * r;
+        float sum = 0.0f;
+        for (int j = 0; j < r; j++) sum += t_s[j] * __bfloat162float(bc[j]);
+        yr[c] = __float2bfloat16_rn(__bfloat162float(yr[c]) + s * sum);
+    }
 }

@@ -238,6 +238,35 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
+    /// Many LoRA adapters over one batch (serving, after a base projection
+    /// y = x·Wᵀ whose rows belong to requests for different adapters): row i
+    /// gets the branch of adapter a = row_adapter[i],
+    ///   t_i  = x[i] · A_aᵀ              [r_a]   (f32, never stored)
+    ///   y[i] += s_a · t_i · B_aᵀ         [out]
+    /// and a row whose entry is [`NO_ADAPTER`] (the base model) is left
+    /// alone, as are the adapters no row names (never read). x [n, in],
+    /// y [n, out] accumulates; each adapter's A [r, in], B [out, r], its
+    /// rank r ≥ 1 its own. No dropout (inference). Every row is computed by
+    /// the same arithmetic whatever the other rows are (batch invariance:
+    /// bit for bit). `Error::Invalid`, nothing written, unless
+    /// row_adapter.len() = n, every entry < adapters.len() or NO_ADAPTER,
+    /// the shapes fit and x, y, A, B share one element type; a device
+    /// refuses what its kernel does not take with `Error::Unsupported` (the
+    /// CUDA device: bf16 only, ranks up to 128).
+    fn lora_gathered(
+        &self,
+        y: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        adapters: &[LoraRef<'_, Self>],
+        row_adapter: &[u32],
+    ) -> Result<()> {
+        let _ = (y, x, adapters, row_adapter);
+        Err(Error::Unsupported(format!(
+            "lora_gathered is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// Rotary position embedding in place, HF "rotate half" layout: in each head
     /// of width hd, element i pairs with i + hd/2 and turns by angle
     /// pos · theta^(−2i/hd); row r has position pos0 + r. x [n, heads·hd].
@@ -595,6 +624,28 @@ pub struct PagedSeq<'a> {
     /// slot blocks[p / block_size] · block_size + p % block_size.
     pub blocks: &'a [u32],
 }
+
+/// One adapter of a `Backend::lora_gathered` call: A [r, in], B [out, r]
+/// and its scaling s (alpha / r, or alpha / sqrt(r) with rsLoRA).
+pub struct LoraRef<'a, B: Backend> {
+    pub a: &'a Tensor<B>,
+    pub b: &'a Tensor<B>,
+    pub scale: f32,
+}
+
+// Clone and Copy by hand: a derive would ask B itself to be Copy, and
+// `Cuda<D>` is not (it holds an Arc).
+impl<B: Backend> Clone for LoraRef<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for LoraRef<'_, B> {}
+
+/// The `row_adapter` entry of a row that takes no adapter in
+/// `Backend::lora_gathered` (a request for the base model).
+pub const NO_ADAPTER: u32 = u32::MAX;
 
 /// One trainable tensor of `Backend::adamw_step`: the f32 parameter (the
 /// master copy on a device that trains in bf16), its moments and gradient,

@@ -3,7 +3,7 @@
 //! panic with the shapes involved — except the serving ops' at the end, whose
 //! batch bookkeeping is checked into an error.
 
-use crate::backend::{Backend, PagedSeq};
+use crate::backend::{Backend, LoraRef, PagedSeq, NO_ADAPTER};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -491,4 +491,64 @@ pub fn attention_paged<B: Backend>(
         ));
     }
     Ok((n, width / heads))
+}
+
+/// `lora_gathered`'s y [n, out] and x [n, in], with one `row_adapter` entry
+/// per row, each < adapters.len() or NO_ADAPTER, every adapter's A [r, in]
+/// and B [out, r] with r ≥ 1, and x, y, A, B of one element type; returns
+/// (n, in, out).
+pub fn lora_gathered<B: Backend>(
+    y: &Tensor<B>,
+    x: &Tensor<B>,
+    adapters: &[LoraRef<'_, B>],
+    row_adapter: &[u32],
+) -> Result<(usize, usize, usize)> {
+    let (n, inp) = x.rows_cols();
+    let (yn, out) = y.rows_cols();
+    if yn != n {
+        return invalid(format!(
+            "lora_gathered: y {:?} for x {:?} (rows differ)",
+            y.shape, x.shape
+        ));
+    }
+    if y.dtype != x.dtype {
+        return invalid(format!("lora_gathered: y is {}, x is {}", y.dtype, x.dtype));
+    }
+    if row_adapter.len() != n {
+        return invalid(format!(
+            "lora_gathered: {} row_adapter entries for {n} rows",
+            row_adapter.len()
+        ));
+    }
+    if let Some((i, &a)) = (row_adapter.iter().enumerate())
+        .find(|(_, &a)| a != NO_ADAPTER && a as usize >= adapters.len())
+    {
+        return invalid(format!(
+            "lora_gathered: row {i} names adapter {a} of {} (NO_ADAPTER is u32::MAX)",
+            adapters.len()
+        ));
+    }
+    for (i, l) in adapters.iter().enumerate() {
+        let (r, a_in) = l.a.rows_cols();
+        let (b_out, b_r) = l.b.rows_cols();
+        if r == 0 || a_in != inp || l.a.shape.len() != 2 {
+            return invalid(format!(
+                "lora_gathered: adapter {i}'s A {:?} is not [r ≥ 1, {inp}] for x {:?}",
+                l.a.shape, x.shape
+            ));
+        }
+        if (b_out, b_r) != (out, r) || l.b.shape.len() != 2 {
+            return invalid(format!(
+                "lora_gathered: adapter {i}'s B {:?} is not [{out}, {r}] for y {:?} and A {:?}",
+                l.b.shape, y.shape, l.a.shape
+            ));
+        }
+        if l.a.dtype != x.dtype || l.b.dtype != x.dtype {
+            return invalid(format!(
+                "lora_gathered: adapter {i}'s A is {}, B {}, for x of {}",
+                l.a.dtype, l.b.dtype, x.dtype
+            ));
+        }
+    }
+    Ok((n, inp, out))
 }

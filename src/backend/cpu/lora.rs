@@ -3,8 +3,10 @@
 //! depend on the thread count, so results are the same on any number of
 //! threads. Dropout's mask is `ops::dropout`'s, indexed by the element's
 //! flat position in x, as `Backend::dropout` over the whole tensor draws it.
+//! `gathered` (`Backend::lora_gathered`, serving) is plain loops, row by row.
 
 use super::backward::{gemm_acc, ROW_BLOCK};
+use super::matmul::dot;
 use super::ops;
 use crate::backend::shapes::LoraDims;
 use rayon::prelude::*;
@@ -172,4 +174,43 @@ pub fn backward(
     for part in partials {
         da.iter_mut().zip(&part).for_each(|(d, p)| *d += p);
     }
+}
+
+/// One adapter of [`gathered`]: A [r, in], B [out, r] (row-major), its rank
+/// r and scaling s.
+pub struct Adapter<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub r: usize,
+    pub s: f32,
+}
+
+/// y[i] += s·(x[i]·Aᵀ)·Bᵀ with adapter `row_adapter[i]`, rows whose entry is
+/// NO_ADAPTER (or any index past `adapters`: the caller has checked) left
+/// alone. Each row on its own, in a fixed order — t_j = dot(x[i], A[j]),
+/// then y[i, c] += s·Σ_j t_j·B[c, j] for j = 0, 1, … — so its result does not
+/// depend on the other rows.
+pub fn gathered(
+    y: &mut [f32],
+    x: &[f32],
+    adapters: &[Adapter<'_>],
+    row_adapter: &[u32],
+    (inp, out): (usize, usize),
+) {
+    y.par_chunks_mut(out)
+        .zip(x.par_chunks(inp))
+        .zip(row_adapter)
+        .for_each(|((y, x), &a)| {
+            let Some(Adapter { a, b, r, s }) = adapters.get(a as usize) else {
+                return;
+            };
+            let t: Vec<f32> = a.chunks_exact(inp).map(|a_j| dot(x, a_j)).collect();
+            for (yc, b_c) in y.iter_mut().zip(b.chunks_exact(*r)) {
+                let mut sum = 0.0f32;
+                for (t_j, b_cj) in t.iter().zip(b_c) {
+                    sum += t_j * b_cj;
+                }
+                *yc += s * sum;
+            }
+        });
 }

@@ -12,7 +12,7 @@ mod ops;
 mod optim;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, PagedSeq};
+use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
@@ -241,6 +241,30 @@ impl Backend for Cpu {
             dropout,
             dims,
         );
+        Ok(())
+    }
+
+    fn lora_gathered(
+        &self,
+        y: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        adapters: &[LoraRef<'_, Self>],
+        row_adapter: &[u32],
+    ) -> Result<()> {
+        let (n, inp, out) = shapes::lora_gathered(y, x, adapters, row_adapter)?;
+        if n == 0 || inp == 0 || out == 0 {
+            return Ok(());
+        }
+        let adapters: Vec<lora::Adapter<'_>> = adapters
+            .iter()
+            .map(|l| lora::Adapter {
+                a: view(l.a),
+                b: view(l.b),
+                r: l.a.rows_cols().0,
+                s: l.scale,
+            })
+            .collect();
+        lora::gathered(view_mut(y), view(x), &adapters, row_adapter, (inp, out));
         Ok(())
     }
 

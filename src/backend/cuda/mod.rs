@@ -12,7 +12,9 @@ pub mod sources;
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::shapes::LoraDims;
 use crate::backend::topk::merge_top_k;
-use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, PagedSeq, IGNORE};
+use crate::backend::{
+    mean_scale, shapes, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq, IGNORE, NO_ADAPTER,
+};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
@@ -641,6 +643,64 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         let drop = (p, keep_scale, seed);
         self.lora_grad("lora_grad_bf16", da, dt, x, (inp, 1), 1.0, drop)?;
         self.lora_grad(grad, db, t, dy, (1, r), s, (0.0, 1.0, 0))
+    }
+
+    fn lora_gathered(
+        &self,
+        y: &mut Tensor<Self>,
+        x: &Tensor<Self>,
+        adapters: &[LoraRef<'_, Self>],
+        row_adapter: &[u32],
+    ) -> Result<()> {
+        let (n, inp, out) = shapes::lora_gathered(y, x, adapters, row_adapter)?;
+        if x.dtype != DType::BF16 {
+            return Err(Error::Unsupported(format!(
+                "lora_gathered of {} tensors (the kernel takes bf16)",
+                x.dtype
+            )));
+        }
+        for l in adapters {
+            lora_rank_fits(l.a.rows_cols().0)?;
+        }
+        if n == 0 || inp == 0 || out == 0 {
+            return Ok(());
+        }
+        // One buffer: the adapter table (`lora_gathered_bf16` in
+        // kernels/lora.cu: A, B, r, the bits of s), then one task per row
+        // that takes an adapter, row | adapter << 32, in adapter order.
+        const WORDS: usize = 4;
+        let mut words: Vec<u64> = Vec::with_capacity(adapters.len() * WORDS + n);
+        for l in adapters {
+            let r = l.a.rows_cols().0 as u64;
+            words.extend([l.a.buf.ptr, l.b.buf.ptr, r, l.scale.to_bits() as u64]);
+        }
+        let table_len = words.len();
+        let mut tasks: Vec<u64> = (row_adapter.iter().enumerate())
+            .filter(|(_, &a)| a != NO_ADAPTER)
+            .map(|(i, &a)| i as u64 | (a as u64) << 32)
+            .collect();
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        tasks.sort_unstable_by_key(|&t| (t >> 32, t & 0xffff_ffff));
+        words.extend(&tasks);
+        let dev = self.upload_slice(&words)?;
+        let grid = u32::try_from(tasks.len()).expect("tasks fit a grid");
+        // SAFETY: every task's row is < n (one task per row, so no two blocks
+        // write one row of y) and its adapter < adapters.len(), whose A [r, in]
+        // and B [out, r] are bf16 with 1 ≤ r ≤ LORA_MAX_RANK (checked above):
+        // the kernel reads x [n, in], A and B, and writes y [n, out], inside
+        // those tensors. The tasks start after the table in the buffer.
+        let args = Args::default()
+            .ptr(y.buf.ptr)
+            .ptr(x.buf.ptr)
+            .ptr(dev.ptr)
+            .ptr(dev.ptr + (table_len * 8) as u64)
+            .int(inp)
+            .int(out);
+        self.launch("lora_gathered_bf16", (grid, 1, 1), (THREADS, 1, 1), args)?;
+        // The table must outlive the kernel.
+        self.driver.synchronize()
     }
 
     fn rope(&self, x: &mut Tensor<Self>, heads: usize, pos0: usize, theta: f32) -> Result<()> {
