@@ -96,13 +96,14 @@ impl Drop for Server {
     }
 }
 
-/// `engine generate --chat`'s greedy answer to `prompt`.
-fn generate(model: &Path, prompt: &str) -> String {
+/// `engine generate --chat`'s greedy answer to `prompt`, with `extra` flags.
+fn generate(model: &Path, extra: &[&str], prompt: &str) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_engine"))
         .args([
             "generate", "--device", "cpu", "--chat", "--prompt", prompt, "--model",
         ])
         .arg(model)
+        .args(extra)
         .output()
         .unwrap();
     assert!(
@@ -121,10 +122,100 @@ fn the_openai_client_gets_what_engine_generate_gets() {
     let (Some(model), Some(py)) = (model(), python()) else {
         return;
     };
-    let expected = generate(&model, QUESTION);
+    let expected = generate(&model, &[], QUESTION);
     assert_eq!(expected, "The capital of France is Paris.");
     let server = Server::start(&model, &[]);
     server.client(&py, "api", &[&expected, QUESTION]);
+}
+
+#[test]
+fn adapters_are_served_by_name_and_loaded_by_name_only() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let fixture = common::fixture("smollm2_lora/adapter");
+    let question = "What do bees make?";
+    let base = generate(&model, &["--max-tokens", "30"], question);
+    let with_adapter = generate(
+        &model,
+        &["--max-tokens", "30", "--adapter", fixture.to_str().unwrap()],
+        question,
+    );
+    assert_ne!(base, with_adapter, "the fixture adapter changes the answer");
+    // --adapter-dir holds a copy as "dyn", and "escape", a link to a copy
+    // outside it.
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, outside) = (tmp.path().join("adapters"), tmp.path().join("outside"));
+    for d in [dir.join("dyn"), outside.clone()] {
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(fixture.join(f), d.join(f)).unwrap();
+        }
+    }
+    std::os::unix::fs::symlink(&outside, dir.join("escape")).unwrap();
+    let named = format!("cap={}", fixture.display());
+    let server = Server::start(
+        &model,
+        &["--adapter", &named, "--adapter-dir", dir.to_str().unwrap()],
+    );
+    server.client(&py, "adapters", &[&base, &with_adapter, question]);
+}
+
+#[test]
+fn retrieval_embeddings_and_documents_while_serving() {
+    let (Some(model), Some(py)) = (model(), python()) else {
+        return;
+    };
+    let Some(embedder) = common::real_model(
+        "all-minilm-l6-v2",
+        &["config.json", "model.safetensors", "tokenizer.json"],
+    ) else {
+        return;
+    };
+    // What `engine embed` gives, for the server's vectors to equal.
+    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args([
+            "embed",
+            "--json",
+            "--text",
+            "hello world",
+            "--text",
+            "Bees make honey.",
+            "--model",
+        ])
+        .arg(&embedder)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = tmp.path().join("expected.json");
+    std::fs::write(&expected, &out.stdout).unwrap();
+    let index = tmp.path().join("index");
+    let server = Server::start(
+        &model,
+        &[
+            "--index",
+            index.to_str().unwrap(),
+            "--embedder",
+            embedder.to_str().unwrap(),
+        ],
+    );
+    server.client(
+        &py,
+        "rag",
+        &["all-minilm-l6-v2", expected.to_str().unwrap()],
+    );
+    // A source is a label: nothing was written outside the index.
+    let mut entries: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(entries, ["expected.json", "index"]);
 }
 
 #[test]

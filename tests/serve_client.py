@@ -189,6 +189,117 @@ def api():
     assert 0 < m["engine_prefix_cache_hit_rate"] < 1
 
 
+def adapters():
+    """Adapters by name: equal to engine generate --adapter, mixed with the
+    base model in one batch, loaded and unloaded while serving, and never a
+    path from a request."""
+    c = client()
+    base_text, adapter_text, question = ARGS[0], ARGS[1], ARGS[2]
+    ids = [m.id for m in c.models.list().data]
+    assert "cap" in ids, ids
+    r = c.chat.completions.create(model="cap", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=30)
+    assert r.choices[0].message.content == adapter_text, (r.choices[0].message.content, adapter_text)
+    assert r.model == "cap"
+
+    # Base and adapter rows in the same batches: each gets its solo text.
+    ac = openai.AsyncOpenAI(base_url=BASE, api_key="none", max_retries=0)
+
+    async def one(model):
+        r = await ac.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=30
+        )
+        return r.choices[0].message.content
+
+    async def mixed():
+        return await asyncio.gather(*(one(m) for m in ["cap", MODEL, "cap", MODEL, MODEL, "cap"]))
+
+    got = asyncio.run(mixed())
+    assert got == [adapter_text, base_text, adapter_text, base_text, base_text, adapter_text], got
+
+    # Loaded from --adapter-dir by name while serving, then unloaded.
+    def post(name):
+        return httpx.post(BASE + "/adapters", json={"name": name})
+
+    for bad in ["../adapter", "/etc", "a/b", "..", ".hidden", ""]:
+        r = post(bad)
+        assert r.status_code == 400, (bad, r.status_code, r.text)
+    r = post("escape")  # a symbolic link out of the adapter folder
+    assert r.status_code == 400 and "outside" in r.json()["error"]["message"], r.text
+    assert post("missing").status_code == 404
+    r = post("dyn")
+    assert r.status_code == 200, r.text
+    assert "dyn" in [m.id for m in c.models.list().data]
+    r = c.chat.completions.create(model="dyn", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=30)
+    assert r.choices[0].message.content == adapter_text
+    assert httpx.delete(BASE + "/adapters/dyn").status_code == 200
+    assert httpx.delete(BASE + "/adapters/dyn").status_code == 404
+    expect_error(
+        openai.NotFoundError, 404, lambda: c.chat.completions.create(model="dyn", messages=[{"role": "user", "content": "hi"}])
+    )
+    wait_idle()
+
+
+def rag():
+    """Embeddings, documents changed while serving, retrieval with citations."""
+    c = client()
+    embedder, expected_file = ARGS[0], ARGS[1]
+    expected = json.load(open(expected_file))
+    assert embedder in [m.id for m in c.models.list().data]
+    texts = [e["text"] for e in expected]
+    # The client asks for base64 unless told: both must give engine embed's vectors.
+    for fmt in [None, "float"]:
+        kw = {} if fmt is None else {"encoding_format": fmt}
+        r = c.embeddings.create(model=embedder, input=texts, **kw)
+        assert [d.index for d in r.data] == list(range(len(texts)))
+        for d, e in zip(r.data, expected):
+            assert d.embedding == e["embedding"], (fmt, d.embedding[:4], e["embedding"][:4])
+        assert r.usage.prompt_tokens > 0
+    expect_error(openai.NotFoundError, 404, lambda: c.embeddings.create(model="nope", input="x"))
+
+    doc = (
+        "# Travel policy\n\nHotels: staff may book hotels of up to 212 euros per night in any city.\n\n"
+        "Trains: second class for trips under four hours, first class above.\n"
+    )
+    other = "# Office plants\n\nThe office ficus is watered every Tuesday by the facilities team.\n"
+    for source, text in [("policies/travel.md", doc), ("../../outside.md", other)]:
+        r = httpx.post(BASE + "/documents", json={"source": source, "text": text})
+        assert r.status_code == 200 and r.json()["chunks"] >= 1, r.text
+    assert r.json()["source"] == "../../outside.md"
+    assert httpx.post(BASE + "/documents", json={"source": "", "text": "x"}).status_code == 400
+    assert httpx.post(BASE + "/documents", json={"source": "a\nb", "text": "x"}).status_code == 400
+
+    question = "How much may a hotel cost per night?"
+    r = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=60,
+        extra_body={"retrieval": {"k": 2}},
+    )
+    body = r.model_dump()
+    assert body["passages"][0]["source"] == "policies/travel.md", body["passages"]
+    assert body["passages"][0]["lines"][0] >= 1 and body["passages"][0]["score"] > 0
+    for cit in body["citations"]:
+        assert cit["source"] in ("policies/travel.md", "../../outside.md") and cit["n"] in (1, 2)
+    # Streamed: the same answer, the citations on the finishing chunk.
+    chunks = list(c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=60,
+        extra_body={"retrieval": {"k": 2}}, stream=True,
+    ))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == r.choices[0].message.content
+    last = [ch.model_dump() for ch in chunks if ch.choices and ch.choices[0].finish_reason][0]
+    assert last["citations"] == body["citations"] and last["passages"] == body["passages"]
+
+    # Deleted: the next request no longer sees it.
+    assert httpx.delete(BASE + "/documents", params={"source": "policies/travel.md"}).status_code == 200
+    assert httpx.delete(BASE + "/documents", params={"source": "policies/travel.md"}).status_code == 404
+    r = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=8,
+        extra_body={"retrieval": {"k": 2}},
+    )
+    assert [p["source"] for p in r.model_dump()["passages"]] == ["../../outside.md"]
+    expect_error(openai.BadRequestError, 400, lambda: c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "x"}], extra_body={"retrieval": {"k": 0}}))
+
+
 def concurrent():
     """32 streams at once, each with exactly the text it gets alone."""
     c = client()
@@ -267,6 +378,8 @@ def stream_until_killed():
 
 {
     "api": api,
+    "adapters": adapters,
+    "rag": rag,
     "concurrent": concurrent,
     "disconnect": disconnect,
     "auth": auth,

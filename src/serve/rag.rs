@@ -13,7 +13,7 @@ use crate::backend::cpu::Cpu;
 use crate::model::bert::Embedder;
 use crate::rag::answer::{self, Passage};
 use crate::rag::chunk::{chunk_text, ChunkOptions, Format};
-use crate::rag::index::{Index, Piece, Writer};
+use crate::rag::index::{Index, Piece, Writer, MANIFEST};
 use crate::serve::error::ApiError;
 use crate::serve::{parse_json, AppState};
 use crate::tokenizer::Message;
@@ -48,7 +48,7 @@ pub struct Rag {
 
 impl Rag {
     pub fn open(embedder: Embedder<Cpu>, name: String, index_dir: PathBuf) -> crate::Result<Rag> {
-        let index = if index_dir.join("manifest.json").exists() {
+        let index = if index_dir.join(MANIFEST).exists() {
             Some(Index::open_for(
                 &index_dir,
                 embedder.identity(),
@@ -91,7 +91,7 @@ impl Rag {
     fn refresh(&self) -> crate::Result<()> {
         let fresh = match self.index.read().unwrap().as_ref() {
             Some(index) => index.reload()?,
-            None if self.index_dir.join("manifest.json").exists() => Some(Index::open_for(
+            None if self.index_dir.join(MANIFEST).exists() => Some(Index::open_for(
                 &self.index_dir,
                 self.embedder.identity(),
                 self.embedder.dim(),
@@ -147,7 +147,7 @@ impl Rag {
     /// Removes the document `source`; false if the index does not hold it.
     fn remove(&self, source: &str) -> crate::Result<bool> {
         let _one = self.writing.lock().unwrap();
-        if !self.index_dir.join("manifest.json").exists() {
+        if !self.index_dir.join(MANIFEST).exists() {
             return Ok(false);
         }
         let mut w = Writer::open(&self.index_dir)?;
