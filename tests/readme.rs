@@ -9,6 +9,10 @@
 //! `target/release/engine` and `cargo run --release --` become the engine
 //! binary under test (the build this test belongs to).
 //!
+//! A command that ends in `&` (`engine serve … &`) starts in the
+//! background, its output in a log file, and is killed when the test ends;
+//! the commands after it wait for it as README's do (`curl --retry`).
+//!
 //! A command that cannot run here is listed in SKIPPED with the reason; a
 //! README command neither run nor listed cannot exist, and neither can a
 //! SKIPPED entry that matches no command. The slow ones (minutes of
@@ -155,6 +159,19 @@ fn tail(bytes: &[u8]) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
+/// The servers a README block starts in the background, killed at the end
+/// (a failing command too).
+struct Background(Vec<std::process::Child>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 #[test]
 fn every_readme_command_runs() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -190,9 +207,10 @@ fn every_readme_command_runs() {
     let work = tmp.path();
     std::fs::copy(root.join("README.md"), work.join("README.md")).unwrap();
     copy_dir(&root.join("examples"), &work.join("examples"));
-    for dir in ["models", "tests"] {
+    for dir in ["models", "tests", ".venv-client"] {
         std::os::unix::fs::symlink(root.join(dir), work.join(dir)).unwrap();
     }
+    let mut background = Background(Vec::new());
     let engine = PathBuf::from(env!("CARGO_BIN_EXE_engine"));
     let engine = engine.to_str().unwrap();
     let slow = std::env::var("ENGINE_README_SLOW").as_deref() == Ok("1");
@@ -218,6 +236,20 @@ fn every_readme_command_runs() {
         let script = command
             .replace("target/release/engine", engine)
             .replace("cargo run --release --", engine);
+        if let Some(script) = script.strip_suffix('&') {
+            let log = std::fs::File::create(work.join(format!("background-{ran}.log"))).unwrap();
+            let child = Command::new("bash")
+                .args(["-c", &format!("exec {script}")])
+                .current_dir(work)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            eprintln!("started: {command}");
+            background.0.push(child);
+            ran += 1;
+            continue;
+        }
         let t = Instant::now();
         let out = Command::new("bash")
             .args(["-c", &format!("set -euo pipefail\n{script}")])
