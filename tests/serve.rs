@@ -219,11 +219,12 @@ fn retrieval_embeddings_and_documents_while_serving() {
 }
 
 #[test]
-fn concurrent_streams_each_get_their_solo_text() {
+fn concurrent_streams_with_and_without_an_adapter_each_get_their_solo_text() {
     let (Some(model), Some(py)) = (model(), python()) else {
         return;
     };
-    let server = Server::start(&model, &["--max-batch-tokens", "256"]);
+    let named = format!("cap={}", common::fixture("smollm2_lora/adapter").display());
+    let server = Server::start(&model, &["--max-batch-tokens", "256", "--adapter", &named]);
     server.client(&py, "concurrent", &[]);
 }
 

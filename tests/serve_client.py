@@ -301,24 +301,31 @@ def rag():
 
 
 def concurrent():
-    """32 streams at once, each with exactly the text it gets alone."""
+    """32 streams at once, every fourth with the adapter "cap", each with
+    exactly the text it gets alone."""
     c = client()
     prompts = [f"Say something about the number {i}." if i % 2 else f"Name {i % 7 + 2} animals." for i in range(32)]
     lengths = [4 + (i * 5) % 29 for i in range(32)]
-    solo = [chat(c, p, temperature=0, max_tokens=n).choices[0].message.content for p, n in zip(prompts, lengths)]
+    models = ["cap" if i % 4 == 0 else MODEL for i in range(32)]
+    solo = [
+        c.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n
+        ).choices[0].message.content
+        for p, n, m in zip(prompts, lengths, models)
+    ]
     ac = openai.AsyncOpenAI(base_url=BASE, api_key="none", max_retries=0)
 
-    async def one(p, n):
+    async def one(p, n, m):
         text = ""
         async for ch in await ac.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n, stream=True
+            model=m, messages=[{"role": "user", "content": p}], temperature=0, max_tokens=n, stream=True
         ):
             if ch.choices:
                 text += ch.choices[0].delta.content or ""
         return text
 
     async def all_at_once():
-        return await asyncio.gather(*(one(p, n) for p, n in zip(prompts, lengths)))
+        return await asyncio.gather(*(one(p, n, m) for p, n, m in zip(prompts, lengths, models)))
 
     got = asyncio.run(all_at_once())
     for i, (g, s) in enumerate(zip(got, solo)):
