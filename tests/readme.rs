@@ -75,6 +75,18 @@ const SLOW: &[(&str, &str)] = &[
 /// What some commands must print on stdout (README says so next to them).
 const EXPECT: &[(&str, &str)] = &[
     (
+        "curl -s http://127.0.0.1:8080/v1/chat/completions",
+        "The capital of France is Paris.",
+    ),
+    (
+        ".venv-client/bin/python examples/serve/client.py",
+        "captain: Ahoy! Stockholm be the capital of Sweden",
+    ),
+    (
+        "curl -s http://127.0.0.1:8080/v1/adapters",
+        "\"id\":\"captain\"",
+    ),
+    (
         "models/fetch.sh && cargo run --release -- generate",
         "The capital of France is Paris.",
     ),

@@ -7,7 +7,7 @@
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::bert::Embedder;
-use crate::rag::chunk::{chunk_file, ChunkOptions, Format};
+use crate::rag::chunk::{chunk_file, Chunk, ChunkOptions, Format};
 use crate::rag::index::{Piece, Writer};
 use std::path::{Path, PathBuf};
 
@@ -99,10 +99,20 @@ pub fn add_file<B: Backend>(
         writer.remove(&source);
         return Ok(Outcome::Empty);
     }
+    let (pieces, vectors) = embed_chunks(embedder, chunks)?;
+    writer.add(&source, &hash, &pieces, &vectors)?;
+    Ok(Outcome::Added(pieces.len()))
+}
+
+/// Chunks as the index stores them, and their vectors (row-major).
+pub fn embed_chunks<B: Backend>(
+    embedder: &Embedder<B>,
+    chunks: Vec<Chunk>,
+) -> Result<(Vec<Piece>, Vec<f32>)> {
     let texts: Vec<String> = chunks.iter().map(|c| c.embedding_text()).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let vectors: Vec<f32> = embedder.embed(&refs)?.concat();
-    let pieces: Vec<Piece> = chunks
+    let pieces = chunks
         .into_iter()
         .map(|c| Piece {
             line_start: c.first_line,
@@ -110,6 +120,5 @@ pub fn add_file<B: Backend>(
             text: c.text,
         })
         .collect();
-    writer.add(&source, &hash, &pieces, &vectors)?;
-    Ok(Outcome::Added(pieces.len()))
+    Ok((pieces, vectors))
 }

@@ -13,7 +13,8 @@ use crate::backend::cpu::Cpu;
 use crate::model::bert::Embedder;
 use crate::rag::answer::{self, Passage};
 use crate::rag::chunk::{chunk_text, ChunkOptions, Format};
-use crate::rag::index::{Index, Piece, Writer, MANIFEST};
+use crate::rag::index::{Index, Writer, MANIFEST};
+use crate::rag::ingest;
 use crate::serve::error::ApiError;
 use crate::serve::{parse_json, AppState};
 use crate::tokenizer::Message;
@@ -120,18 +121,8 @@ impl Rag {
                 "the document {source:?} has no text"
             )));
         }
-        let texts: Vec<String> = chunks.iter().map(|c| c.embedding_text()).collect();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let vectors: Vec<f32> = self.embedder.embed(&refs)?.concat();
-        let pieces: Vec<Piece> = chunks
-            .into_iter()
-            .map(|c| Piece {
-                line_start: c.first_line,
-                line_end: c.last_line,
-                text: c.text,
-            })
-            .collect();
-        let hash = crate::rag::ingest::content_hash(text.as_bytes(), &opts);
+        let (pieces, vectors) = ingest::embed_chunks(&self.embedder, chunks)?;
+        let hash = ingest::content_hash(text.as_bytes(), &opts);
         let _one = self.writing.lock().unwrap();
         let mut w = Writer::open_or_create(
             &self.index_dir,
