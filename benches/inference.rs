@@ -1,8 +1,9 @@
 //! engine's side of the CPU inference benchmark (f32, batch 1), measured the
-//! way benches/pytorch_inference.py measures PyTorch: prefill = one forward
-//! over the prompt into a fresh KV cache (plus the last position's logits);
-//! decode = greedy single-token steps with the cache, prefill excluded; the
-//! median of --repeats runs after a warm-up. Prints one JSON line.
+//! way benches/pytorch_inference.py measures PyTorch: prefill = the prompt
+//! through a fresh KV cache to the first token; decode = greedy single-token
+//! steps with the cache, prefill excluded; the median of --repeats runs
+//! after a warm-up. engine runs the request as `engine generate` does: the
+//! serving engine's batched path with a batch of one. Prints one JSON line.
 //!
 //!   cargo bench --bench inference -- --model DIR --prompt-ids FILE [--decode-tokens M]
 //!     [--repeats R] [--threads T]
@@ -11,12 +12,10 @@
 mod common;
 
 use engine::backend::cpu::Cpu;
-use engine::backend::sample::argmax;
-use engine::backend::Backend;
+use engine::backend::sample::SamplerConfig;
+use engine::infer::generate::{generate, GenerateOptions};
 use engine::model::llama::Llama;
-use engine::tensor::DType::F32;
 use std::path::PathBuf;
-use std::time::Instant;
 
 struct Args {
     model: PathBuf,
@@ -56,35 +55,21 @@ fn run(args: Args) {
     )
     .expect("prompt ids: a JSON list of token ids");
     let model = Llama::load(Cpu, &args.model).expect("load model");
-    let c = &model.config;
     let n = ids.len();
-    let mut acts = model.new_activations(n).unwrap();
-    let mut hidden = Cpu.zeros(&[n, c.hidden_size], F32).unwrap();
-    let mut last = Cpu.zeros(&[1, c.hidden_size], F32).unwrap();
-    let mut logits = Cpu.zeros(&[1, c.vocab_size], F32).unwrap();
-
-    let mut run = |timings: Option<(&mut Vec<f64>, &mut Vec<f64>)>| {
-        let t0 = Instant::now();
-        let mut cache = model.new_cache(n + args.decode_tokens).unwrap();
-        model
-            .forward(&mut hidden, &ids, &mut cache, &mut acts)
-            .unwrap();
-        Cpu.copy_rows(&mut last, 0, &hidden, n - 1, 1).unwrap();
-        model.logits(&mut logits, &last).unwrap();
-        let prefill = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut next = argmax(&logits.buf);
-        for _ in 0..args.decode_tokens {
-            model
-                .forward(&mut hidden, &[next], &mut cache, &mut acts)
-                .unwrap();
-            model.logits(&mut logits, &hidden).unwrap();
-            next = argmax(&logits.buf);
-        }
-        let decode = t1.elapsed().as_secs_f64();
+    // One request through the engine, as `engine generate` runs it: greedy,
+    // no stop token, the first token after the prefill and `decode_tokens`
+    // more.
+    let opts = GenerateOptions {
+        max_tokens: args.decode_tokens + 1,
+        sampler: SamplerConfig::default(),
+        stop_ids: Vec::new(),
+    };
+    let run = |timings: Option<(&mut Vec<f64>, &mut Vec<f64>)>| {
+        let g = generate(&model, None, &ids, &opts, |_| Ok(())).unwrap();
+        assert_eq!(g.ids.len(), args.decode_tokens + 1);
         if let Some((p, d)) = timings {
-            p.push(prefill);
-            d.push(decode);
+            p.push(g.prefill.as_secs_f64());
+            d.push(g.decode.as_secs_f64());
         }
     };
     run(None); // warm-up
