@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod scheduler;
 pub mod score;
 pub mod stream;
+pub mod thread;
 
 /// Tokens per forward call while prefilling: bounds activation memory for
 /// long prompts without costing speed (the matrix products are already large).

@@ -33,7 +33,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// `default_temperature` is OpenAI's 1 unless said otherwise.
+    /// Checks the fields; an absent temperature is OpenAI's default, 1.
     pub fn from_request(s: &Sampling) -> Result<Self, ApiError> {
         if let Some(n) = s.n {
             if n != 1 {

@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod openai;
 pub mod rag;
 
-use crate::infer::engine::EngineHandle;
+use crate::infer::thread::EngineHandle;
 use crate::model::config::LlamaConfig;
 use crate::tokenizer::Tokenizer;
 use axum::body::Body;
