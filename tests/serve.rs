@@ -24,7 +24,7 @@ fn python() -> Option<PathBuf> {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-client/bin/python");
     let ok = py.exists()
         && Command::new(&py)
-            .args(["-c", "import openai"])
+            .args(["-c", "import openai, httpx"])
             .status()
             .is_ok_and(|s| s.success());
     if ok {
