@@ -169,7 +169,9 @@ def api():
     r = httpx.post(BASE + "/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     r = httpx.post(BASE + "/chat/completions", content=b"x" * (5 << 20))
-    assert r.status_code == 413, r.status_code
+    assert r.status_code == 413 and "over" in r.json()["error"]["message"], (r.status_code, r.text[:200])
+    r = httpx.post(BASE + "/completions", content=b'{"model": 5}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "model" in r.json()["error"]["message"], r.text
     assert httpx.get(ROOT + "/nope").status_code == 404
     assert httpx.get(ROOT + "/health").json() == {"status": "ok"}
 

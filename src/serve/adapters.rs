@@ -8,8 +8,7 @@
 
 use crate::model::lora::LoraAdapter;
 use crate::serve::error::ApiError;
-use crate::serve::{parse_json, AppState};
-use axum::body::Bytes;
+use crate::serve::{AppState, JsonBody};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -19,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(Deserialize)]
-struct LoadRequest {
+pub struct LoadRequest {
     name: String,
 }
 
@@ -34,9 +33,8 @@ pub fn load(state: &AppState, name: &str, dir: &Path) -> crate::Result<()> {
 
 pub async fn post(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    JsonBody(req): JsonBody<LoadRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let req: LoadRequest = parse_json(&body)?;
     let name = req.name;
     check_name(&name, &state.model_name)?;
     let Some(root) = state.adapter_dir.clone() else {

@@ -9,9 +9,8 @@ use crate::rag::answer::Passage;
 use crate::serve::error::ApiError;
 use crate::serve::generation::{self, Piece, Running, Settings, TokenLogprob};
 use crate::serve::openai::{ChatRequest, CompletionRequest, Content, Prompt};
-use crate::serve::{parse_json, rag, AppState};
+use crate::serve::{rag, AppState, JsonBody};
 use crate::tokenizer::Message;
-use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -37,9 +36,8 @@ enum Api {
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    JsonBody(req): JsonBody<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse_json(&body)?;
     let adapter = state.check_model(&req.model)?;
     let mut settings = Settings::from_request(&req.sampling)?;
     if let Some(n) = req.max_completion_tokens {
@@ -104,9 +102,8 @@ pub async fn chat_completions(
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse_json(&body)?;
     let adapter = state.check_model(&req.model)?;
     let mut settings = Settings::from_request(&req.sampling)?;
     settings.max_tokens = Some(

@@ -19,8 +19,7 @@ pub mod rag;
 use crate::infer::thread::EngineHandle;
 use crate::model::config::LlamaConfig;
 use crate::tokenizer::Tokenizer;
-use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -102,7 +101,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "no such endpoint").with_code("unknown_url")
         })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -147,20 +145,35 @@ async fn models(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// The body as JSON of type T; a 400 saying what is wrong and where.
-pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))
-}
+/// A request body read as JSON of type T: one over `MAX_BODY_BYTES` is a
+/// 413, malformed JSON or a wrong type a 400 saying what and where, both as
+/// OpenAI error objects (axum's own extractors answer in plain text).
+pub struct JsonBody<T>(pub T);
 
-/// Reads a whole body, refusing one over `MAX_BODY_BYTES` with a 413.
-pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the request body is over {MAX_BODY_BYTES} bytes"),
-            )
-        })
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is over {MAX_BODY_BYTES} bytes"),
+                )
+            })?;
+        // The path names the field that is wrong ("messages[0].content").
+        let mut json = serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(&mut json)
+            .map(JsonBody)
+            .map_err(|e| match e.path().to_string().as_str() {
+                "." | "?" => {
+                    ApiError::bad_request(format!("the request body is not valid: {}", e.inner()))
+                }
+                path => ApiError::bad_request(format!(
+                    "the request body is not valid: {path}: {}",
+                    e.inner()
+                )),
+            })
+    }
 }

@@ -16,9 +16,8 @@ use crate::rag::chunk::{chunk_text, ChunkOptions, Format};
 use crate::rag::index::{Index, Writer, MANIFEST};
 use crate::rag::ingest;
 use crate::serve::error::ApiError;
-use crate::serve::{parse_json, AppState};
+use crate::serve::{AppState, JsonBody};
 use crate::tokenizer::Message;
-use axum::body::Bytes;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -220,7 +219,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 #[derive(Deserialize)]
-struct EmbeddingsRequest {
+pub struct EmbeddingsRequest {
     model: String,
     input: Input,
     encoding_format: Option<String>,
@@ -228,17 +227,16 @@ struct EmbeddingsRequest {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Input {
+pub enum Input {
     One(String),
     Many(Vec<String>),
 }
 
 pub async fn embeddings(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    JsonBody(req): JsonBody<EmbeddingsRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let rag = rag(&state)?;
-    let req: EmbeddingsRequest = parse_json(&body)?;
     if req.model != rag.name {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -304,17 +302,16 @@ pub async fn embeddings(
 }
 
 #[derive(Deserialize)]
-struct DocumentRequest {
+pub struct DocumentRequest {
     source: String,
     text: String,
 }
 
 pub async fn add_document(
     State(state): State<Arc<AppState>>,
-    body: Bytes,
+    JsonBody(req): JsonBody<DocumentRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let rag = rag(&state)?;
-    let req: DocumentRequest = parse_json(&body)?;
     check_source(&req.source)?;
     let source = req.source.clone();
     let chunks = blocking(move || rag.add(&req.source, &req.text)).await?;
