@@ -206,19 +206,40 @@ impl<'a, B: Backend> Engine<'a, B> {
     /// never run (an empty or too long prompt, a token outside the
     /// vocabulary) is an error here, before anything is queued.
     pub fn add(&mut self, req: Request, sink: Sink<'a>) -> Result<u64> {
-        check_request(&req, self.model.config.vocab_size, self.max_len)?;
-        let (adapter, extra) = match &req.adapter {
-            None => (NO_ADAPTER, 0),
-            Some(name) => {
-                let slot = self
-                    .adapter_slot(name)
-                    .ok_or_else(|| Error::Invalid(format!("the adapter {name:?} is not loaded")))?;
-                (
-                    slot as u32,
-                    self.adapters[slot].as_ref().expect("found").hash,
-                )
+        let (adapter, extra) = self.resolve(&req)?;
+        Ok(self.enqueue(req, sink, adapter, extra))
+    }
+
+    /// Queues a request, or tells its sink why it cannot run (`Failed`).
+    pub fn submit(&mut self, req: Request, mut sink: Sink<'a>) {
+        match self.resolve(&req) {
+            Ok((adapter, extra)) => {
+                self.enqueue(req, sink, adapter, extra);
             }
+            Err(e) => {
+                sink(Event::Failed(e.to_string()));
+            }
+        }
+    }
+
+    /// Checks a request and finds its adapter: the slot and the content
+    /// hash its cache keys carry (NO_ADAPTER and 0 for the base model).
+    fn resolve(&self, req: &Request) -> Result<(u32, u64)> {
+        check_request(req, self.model.config.vocab_size, self.max_len)?;
+        let Some(name) = &req.adapter else {
+            return Ok((NO_ADAPTER, 0));
         };
+        let slot = self
+            .adapter_slot(name)
+            .ok_or_else(|| Error::Invalid(format!("the adapter {name:?} is not loaded")))?;
+        Ok((
+            slot as u32,
+            self.adapters[slot].as_ref().expect("found").hash,
+        ))
+    }
+
+    /// Queues a request `resolve` accepted; returns its id.
+    fn enqueue(&mut self, req: Request, sink: Sink<'a>, adapter: u32, extra: u64) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         self.metrics
@@ -240,7 +261,7 @@ impl<'a, B: Backend> Engine<'a, B> {
                 ..Usage::default()
             };
             (live.sink)(Event::Finished(FinishReason::Length, usage));
-            return Ok(id);
+            return id;
         }
         if let Some(slot) = self
             .adapters
@@ -253,25 +274,7 @@ impl<'a, B: Backend> Engine<'a, B> {
             .add(Sequence::new(id, req.prompt, adapter, extra));
         self.live.insert(id, live);
         self.update_gauges();
-        Ok(id)
-    }
-
-    /// Queues a request, or tells its sink why it cannot run (`Failed`).
-    pub fn submit(&mut self, request: Request, mut sink: Sink<'a>) {
-        let checked = match &request.adapter {
-            Some(name) if self.adapter_slot(name).is_none() => Err(Error::Invalid(format!(
-                "the adapter {name:?} is not loaded"
-            ))),
-            _ => check_request(&request, self.model.config.vocab_size, self.max_len),
-        };
-        match checked {
-            Err(e) => {
-                sink(Event::Failed(e.to_string()));
-            }
-            Ok(()) => {
-                self.add(request, sink).expect("checked above");
-            }
-        }
+        id
     }
 
     /// Drops a request (the client went away) and frees its blocks.
