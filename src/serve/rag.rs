@@ -24,7 +24,7 @@ use axum::Json;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// The most texts one embeddings request may hold.
@@ -48,22 +48,15 @@ pub struct Rag {
 
 impl Rag {
     pub fn open(embedder: Embedder<Cpu>, name: String, index_dir: PathBuf) -> crate::Result<Rag> {
-        let index = if index_dir.join(MANIFEST).exists() {
-            Some(Index::open_for(
-                &index_dir,
-                embedder.identity(),
-                embedder.dim(),
-            )?)
-        } else {
-            None
-        };
-        Ok(Rag {
+        let rag = Rag {
             embedder,
             name,
             index_dir,
-            index: RwLock::new(index),
+            index: RwLock::new(None),
             writing: Mutex::new(()),
-        })
+        };
+        rag.refresh()?;
+        Ok(rag)
     }
 
     /// Chunks in the index (0 before the first document).
@@ -87,7 +80,8 @@ impl Rag {
         Ok(answer::passages(index.search(&query, k)?))
     }
 
-    /// Reopens the index if a writer committed since it was read.
+    /// Opens the index, or reopens it if a writer committed since it was
+    /// read (none before the first document).
     fn refresh(&self) -> crate::Result<()> {
         let fresh = match self.index.read().unwrap().as_ref() {
             Some(index) => index.reload()?,
@@ -106,13 +100,8 @@ impl Rag {
 
     /// Adds (or replaces) the document `source`; returns its chunk count.
     fn add(&self, source: &str, text: &str) -> crate::Result<usize> {
-        let format = if source.ends_with(".md") || source.ends_with(".markdown") {
-            Format::Markdown
-        } else if source.ends_with(".html") || source.ends_with(".htm") {
-            Format::Html
-        } else {
-            Format::Text
-        };
+        // The label's extension picks the format, as a file's would.
+        let format = Format::from_path(Path::new(source)).unwrap_or(Format::Text);
         let opts = ChunkOptions::default();
         let chunks = chunk_text(source, text, format, &opts, &self.embedder)?;
         if chunks.is_empty() {
