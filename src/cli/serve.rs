@@ -103,7 +103,7 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
     let model_config = model.config.clone();
     let name = match &args.served_model_name {
         Some(n) => n.clone(),
-        None => folder_name(&args.model),
+        None => engine::model::folder::name(&args.model),
     };
     let cfg = EngineConfig {
         max_batch_tokens: args.max_batch_tokens,
@@ -115,7 +115,7 @@ fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Resu
         (Some(index), Some(embedder)) => {
             folder("embedder", embedder)?;
             let e = Embedder::load(embedder, Cpu)?;
-            Some(Arc::new(Rag::open(e, folder_name(embedder), index.clone())?))
+            Some(Arc::new(Rag::open(e, engine::model::folder::name(embedder), index.clone())?))
         }
         _ => None,
     };
@@ -187,14 +187,6 @@ fn named_dir(s: &str) -> Result<(String, PathBuf), String> {
         }
         _ => Err(format!("expected NAME=DIR, got {s:?}")),
     }
-}
-
-/// The folder's last component ("smollm2-135m-instruct").
-fn folder_name(dir: &std::path::Path) -> String {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
 }
 
 /// Resolves at SIGTERM or Ctrl-C: the server stops accepting, lets the

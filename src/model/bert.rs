@@ -392,10 +392,7 @@ impl<B: Backend> Embedder<B> {
         let tok_path = model_dir.join("tokenizer.json");
         fp.add_bytes(&std::fs::read(&tok_path).map_err(|e| Error::io(&tok_path, e))?);
         let weights = load_weights(&backend, &config, &files, model_dir, &mut fp)?;
-        let name = std::fs::canonicalize(dir)
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "model".into());
+        let name = crate::model::folder::name(dir);
         let identity = format!("{name}/{}/{:016x}", config.hidden_size, fp.finish());
         Ok(Embedder {
             config,

@@ -173,3 +173,13 @@ pub fn write_safetensors(
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)
 }
+
+/// A model folder's name, as servers and indexes call the model: the last
+/// component of its canonical path ("smollm2-135m-instruct" for
+/// `models/smollm2-135m-instruct/`), or "model" when it has none.
+pub fn name(dir: &Path) -> String {
+    std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into())
+}
