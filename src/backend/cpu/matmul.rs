@@ -57,13 +57,15 @@ const COL_BLOCK: usize = 128;
 /// costs little next to multiplying it.
 const ROW_BLOCK: usize = 512;
 
-/// A pointer the tasks of one matmul share, each writing its own tile.
+/// A pointer the tasks of one product share, each writing its own tile
+/// (here and in `matmul_invariant`).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
+// SAFETY: the tasks write disjoint elements through it (see each use).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -28,6 +28,7 @@
 //! step (n ≤ `ROW_BLOCK`) has one block of rows, so each weight row is
 //! streamed from memory once per call and used for all n rows.
 
+use super::matmul::SendPtr;
 use rayon::prelude::*;
 
 /// Lanes of the accumulators (one AVX-512 register of f32).
@@ -130,18 +131,6 @@ pub fn matmul_nt_invariant_with(
                 )
             }
         });
-}
-
-/// A pointer the tasks of one product share, each writing its own block.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint elements through it (see the SAFETY above).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// One task's block: out[i, j] (row stride `ldo`) for `rows` rows of x and
