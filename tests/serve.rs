@@ -41,6 +41,8 @@ fn python() -> Option<PathBuf> {
 struct Server {
     child: Child,
     base: String,
+    /// The name requests give as `model`.
+    name: String,
 }
 
 impl Server {
@@ -68,6 +70,10 @@ impl Server {
         Server {
             child,
             base: format!("http://{addr}/v1"),
+            name: match extra.iter().position(|&a| a == "--served-model-name") {
+                Some(i) => extra[i + 1].to_string(),
+                None => MODEL_NAME.to_string(),
+            },
         }
     }
 
@@ -75,7 +81,7 @@ impl Server {
     fn client(&self, py: &Path, mode: &str, args: &[&str]) {
         let out = Command::new(py)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/serve_client.py"))
-            .args([mode, &self.base, MODEL_NAME])
+            .args([mode, &self.base, &self.name])
             .args(args)
             .output()
             .unwrap();
@@ -242,7 +248,18 @@ fn an_api_key_is_required_when_set() {
     let (Some(model), Some(py)) = (model(), python()) else {
         return;
     };
-    let server = Server::start(&model, &["--api-key", "sesame"]);
+    // Also --host and --served-model-name: the client must use the new name.
+    let server = Server::start(
+        &model,
+        &[
+            "--api-key",
+            "sesame",
+            "--host",
+            "127.0.0.1",
+            "--served-model-name",
+            "house-model",
+        ],
+    );
     server.client(&py, "auth", &["sesame"]);
 }
 

@@ -357,6 +357,10 @@ def auth():
     r = httpx.get(BASE + "/models")
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     assert MODEL in [m.id for m in client(api_key=key).models.list().data]
+    r = client(api_key=key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert r.model == MODEL and r.usage.completion_tokens >= 1
     assert httpx.get(ROOT + "/health").status_code == 200
 
 
