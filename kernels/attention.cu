@@ -32,71 +32,11 @@
 
 #include "common.cuh"
 
-// The largest finite float, negated: the start of a running maximum (NVRTC has
-// no INFINITY macro, and exp(-FLT_MAX_F - m) is exactly 0 as -inf would give).
-#define FLT_MAX_F 3.402823466e+38f
-
-#define ATT_WARPS 4
-#define ATT_MAX_HD 256
-#define ATT_PER_LANE (ATT_MAX_HD / 32)
-
-// One query row of one head over keys 0..len-1, by the block's ATT_WARPS warps
-// (block 32*ATT_WARPS): out_row = softmax(q_row·k_j / sqrt(hd)) · v_j. k and v
-// point at key 0 of kv head g, rows kv_width apart. Requires hd <= ATT_MAX_HD.
-__device__ void attend_row(__nv_bfloat16* out_row, const __nv_bfloat16* q_row,
-                           const __nv_bfloat16* k, const __nv_bfloat16* v, int kv_width, int hd,
-                           int len) {
-    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
-    __shared__ float part_acc[ATT_WARPS][ATT_MAX_HD];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const float scale = rsqrtf((float)hd);
-
-    float qr[ATT_PER_LANE], acc[ATT_PER_LANE];
-    for (int t = 0; t < ATT_PER_LANE; t++) {
-        int c = lane + 32 * t;
-        qr[t] = c < hd ? __bfloat162float(q_row[c]) : 0.0f;
-        acc[t] = 0.0f;
-    }
-    float m = -FLT_MAX_F, l = 0.0f;
-    for (int j = warp; j < len; j += ATT_WARPS) {
-        const __nv_bfloat16* kj = k + (size_t)j * kv_width;
-        float s = 0.0f;
-        for (int t = 0; t < ATT_PER_LANE; t++) {
-            int c = lane + 32 * t;
-            if (c < hd) s += qr[t] * __bfloat162float(kj[c]);
-        }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        s *= scale;
-        float m_new = fmaxf(m, s);
-        float corr = expf(m - m_new), p = expf(s - m_new);
-        l = l * corr + p;
-        const __nv_bfloat16* vj = v + (size_t)j * kv_width;
-        for (int t = 0; t < ATT_PER_LANE; t++) {
-            int c = lane + 32 * t;
-            acc[t] = acc[t] * corr + (c < hd ? p * __bfloat162float(vj[c]) : 0.0f);
-        }
-        m = m_new;
-    }
-    if (lane == 0) {
-        part_m[warp] = m;
-        part_l[warp] = l;
-    }
-    for (int t = 0; t < ATT_PER_LANE; t++) {
-        int c = lane + 32 * t;
-        if (c < hd) part_acc[warp][c] = acc[t];
-    }
-    __syncthreads();
-    // Merge: warps that saw no key have m = -inf and weigh exp(-inf) = 0.
-    float big = -FLT_MAX_F;
-    for (int w = 0; w < ATT_WARPS; w++) big = fmaxf(big, part_m[w]);
-    float total = 0.0f;
-    for (int w = 0; w < ATT_WARPS; w++) total += part_l[w] * expf(part_m[w] - big);
-    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        float o = 0.0f;
-        for (int w = 0; w < ATT_WARPS; w++) o += part_acc[w][c] * expf(part_m[w] - big);
-        out_row[c] = __float2bfloat16(o / total);
-    }
-}
+// Key j's row in a cache whose rows are `stride` elements apart.
+struct ContiguousKeys {
+    int stride;
+    __device__ size_t operator()(int j) const { return (size_t)j * stride; }
+};
 
 // Grid (n, heads), block 32*ATT_WARPS. Requires hd <= ATT_MAX_HD.
 extern "C" __global__ void attention_fwd_bf16(__nv_bfloat16* out, const __nv_bfloat16* q,
@@ -106,7 +46,8 @@ extern "C" __global__ void attention_fwd_bf16(__nv_bfloat16* out, const __nv_bfl
     const int g = h / (heads / kv_heads);
     const int width = heads * hd, kv_width = kv_heads * hd;
     const size_t row = (size_t)i * width + h * hd;
-    attend_row(out + row, q + row, k + g * hd, v + g * hd, kv_width, hd, pos0 + i + 1);
+    attend_row(out + row, q + row, k + g * hd, v + g * hd, ContiguousKeys{kv_width}, hd,
+               pos0 + i + 1);
 }
 
 // Bidirectional attention over a batch of padded sequences (BERT's
@@ -127,7 +68,7 @@ extern "C" __global__ void attention_bidir_bf16(__nv_bfloat16* out, const __nv_b
         return;
     }
     const size_t first = (size_t)b * seq * width + h * hd;
-    attend_row(out + row, q + row, k + first, v + first, width, hd, len);
+    attend_row(out + row, q + row, k + first, v + first, ContiguousKeys{width}, hd, len);
 }
 
 // ------------------------------------------------------------------ version 2

@@ -207,3 +207,77 @@ __device__ __forceinline__ bool dropout_keeps(unsigned long long seed, unsigned 
     float u = (float)(unsigned)(z >> 40) / 16777216.0f;
     return u >= p;
 }
+
+// ---------------------------------------------------------------- attention rows
+
+// The largest finite float, negated: the start of a running maximum (NVRTC has
+// no INFINITY macro, and exp(-FLT_MAX_F - m) is exactly 0 as -inf would give).
+#define FLT_MAX_F 3.402823466e+38f
+
+#define ATT_WARPS 4
+#define ATT_MAX_HD 256
+#define ATT_PER_LANE (ATT_MAX_HD / 32)
+
+// One query row of one head over keys 0..len-1, by the block's ATT_WARPS warps
+// (block 32*ATT_WARPS): out_row = softmax(q_row·k_j / sqrt(hd)) · v_j. Key j's
+// row starts at k + key(j) and its value's at v + key(j): `Keys` maps a
+// position to its row (contiguous in attention.cu, through a block table in
+// paged.cu). Each warp runs an online softmax over keys warp, warp + ATT_WARPS,
+// ...; the warps' partials are merged through shared memory. Requires
+// hd <= ATT_MAX_HD.
+template <typename Keys>
+__device__ void attend_row(__nv_bfloat16* out_row, const __nv_bfloat16* q_row,
+                           const __nv_bfloat16* k, const __nv_bfloat16* v, Keys key, int hd,
+                           int len) {
+    __shared__ float part_m[ATT_WARPS], part_l[ATT_WARPS];
+    __shared__ float part_acc[ATT_WARPS][ATT_MAX_HD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float scale = rsqrtf((float)hd);
+
+    float qr[ATT_PER_LANE], acc[ATT_PER_LANE];
+    for (int t = 0; t < ATT_PER_LANE; t++) {
+        int c = lane + 32 * t;
+        qr[t] = c < hd ? __bfloat162float(q_row[c]) : 0.0f;
+        acc[t] = 0.0f;
+    }
+    float m = -FLT_MAX_F, l = 0.0f;
+    for (int j = warp; j < len; j += ATT_WARPS) {
+        const size_t at = key(j);
+        const __nv_bfloat16* kj = k + at;
+        float s = 0.0f;
+        for (int t = 0; t < ATT_PER_LANE; t++) {
+            int c = lane + 32 * t;
+            if (c < hd) s += qr[t] * __bfloat162float(kj[c]);
+        }
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        s *= scale;
+        float m_new = fmaxf(m, s);
+        float corr = expf(m - m_new), p = expf(s - m_new);
+        l = l * corr + p;
+        const __nv_bfloat16* vj = v + at;
+        for (int t = 0; t < ATT_PER_LANE; t++) {
+            int c = lane + 32 * t;
+            acc[t] = acc[t] * corr + (c < hd ? p * __bfloat162float(vj[c]) : 0.0f);
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        part_m[warp] = m;
+        part_l[warp] = l;
+    }
+    for (int t = 0; t < ATT_PER_LANE; t++) {
+        int c = lane + 32 * t;
+        if (c < hd) part_acc[warp][c] = acc[t];
+    }
+    __syncthreads();
+    // Merge: warps that saw no key have m = -FLT_MAX_F and weigh exp(...) = 0.
+    float big = -FLT_MAX_F;
+    for (int w = 0; w < ATT_WARPS; w++) big = fmaxf(big, part_m[w]);
+    float total = 0.0f;
+    for (int w = 0; w < ATT_WARPS; w++) total += part_l[w] * expf(part_m[w] - big);
+    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < ATT_WARPS; w++) o += part_acc[w][c] * expf(part_m[w] - big);
+        out_row[c] = __float2bfloat16(o / total);
+    }
+}

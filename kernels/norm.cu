@@ -6,10 +6,6 @@
 
 #include "common.cuh"
 
-// The largest finite float, negated: the start of a running maximum (NVRTC has
-// no INFINITY macro, and exp(-FLT_MAX_F - m) is exactly 0 as -inf would give).
-#define FLT_MAX_F 3.402823466e+38f
-
 // Sum of v over the block; every thread gets the result. `scratch` holds one
 // float per warp. Ends with a barrier, so scratch can be reused right away.
 __device__ float block_sum(float v, float* scratch) {

@@ -15,13 +15,12 @@
 //                          into the pool). Grid (n), block 256. Slots are
 //                          distinct (checked by the launcher).
 //   attention_paged_bf16   causal grouped-query attention through the block
-//                          tables. Grid (tasks, heads), block 32*PAGED_WARPS,
-//                          no dynamic smem; hd <= PAGED_MAX_HD.
+//                          tables. Grid (tasks, heads), block 32*ATT_WARPS,
+//                          no dynamic smem; hd <= ATT_MAX_HD.
 //
-// attention_paged_bf16 is version 1 of attention_fwd_bf16 (attention.cu) with
-// the keys read through a block table: one block per (query row, head), each
-// warp an online softmax (running max m, normaliser l, weighted sum of values
-// in registers, hd/32 dims per lane) over keys warp, warp + PAGED_WARPS, ...;
+// attention_paged_bf16 is attention_fwd_bf16 (attention.cu) with the keys read
+// through a block table: the same `attend_row` (common.cuh), one block per
+// (query row, head), each warp an online softmax over every ATT_WARPS-th key,
 // the warps' partial results merged through shared memory at the end. Decode
 // (one row per sequence) is the hot case, bound by reading the pool. Each
 // (row, head) is computed alone, so a row's result does not depend on the
@@ -29,13 +28,14 @@
 
 #include "common.cuh"
 
-// The largest finite float, negated: the start of a running maximum (exp of
-// -FLT_MAX_F - m is exactly 0, as -inf would give).
-#define FLT_MAX_F 3.402823466e+38f
-
-#define PAGED_WARPS 4
-#define PAGED_MAX_HD 256
-#define PAGED_PER_LANE (PAGED_MAX_HD / 32)
+// Position j's row of the pool through a sequence's block table.
+struct PagedKeys {
+    const unsigned* table;
+    int block_size, kv_width;
+    __device__ size_t operator()(int j) const {
+        return ((size_t)table[j / block_size] * block_size + j % block_size) * kv_width;
+    }
+};
 
 // x [n, heads*hd] in place: in each head, element i pairs with i + hd/2 and
 // turns by positions[row] * theta^(-2i/hd).
@@ -87,61 +87,9 @@ extern "C" __global__ void attention_paged_bf16(__nv_bfloat16* out, const __nv_b
                                                 const __nv_bfloat16* k, const __nv_bfloat16* v,
                                                 const unsigned* tasks, const unsigned* blocks,
                                                 int heads, int kv_heads, int hd, int block_size) {
-    __shared__ float part_m[PAGED_WARPS], part_l[PAGED_WARPS];
-    __shared__ float part_acc[PAGED_WARPS][PAGED_MAX_HD];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int h = blockIdx.y, g = h / (heads / kv_heads);
     const int row = (int)tasks[3 * blockIdx.x], len = (int)tasks[3 * blockIdx.x + 1] + 1;
-    const unsigned* table = blocks + tasks[3 * blockIdx.x + 2];
-    const int kv_width = kv_heads * hd;
-    const float scale = rsqrtf((float)hd);
-    const __nv_bfloat16* q_row = q + (size_t)row * heads * hd + h * hd;
-
-    float qr[PAGED_PER_LANE], acc[PAGED_PER_LANE];
-    for (int t = 0; t < PAGED_PER_LANE; t++) {
-        int c = lane + 32 * t;
-        qr[t] = c < hd ? __bfloat162float(q_row[c]) : 0.0f;
-        acc[t] = 0.0f;
-    }
-    float m = -FLT_MAX_F, l = 0.0f;
-    for (int j = warp; j < len; j += PAGED_WARPS) {
-        const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-        const __nv_bfloat16* kj = k + slot * kv_width + g * hd;
-        const __nv_bfloat16* vj = v + slot * kv_width + g * hd;
-        float s = 0.0f;
-        for (int t = 0; t < PAGED_PER_LANE; t++) {
-            int c = lane + 32 * t;
-            if (c < hd) s += qr[t] * __bfloat162float(kj[c]);
-        }
-        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
-        s *= scale;
-        float m_new = fmaxf(m, s);
-        float corr = expf(m - m_new), p = expf(s - m_new);
-        l = l * corr + p;
-        for (int t = 0; t < PAGED_PER_LANE; t++) {
-            int c = lane + 32 * t;
-            acc[t] = acc[t] * corr + (c < hd ? p * __bfloat162float(vj[c]) : 0.0f);
-        }
-        m = m_new;
-    }
-    if (lane == 0) {
-        part_m[warp] = m;
-        part_l[warp] = l;
-    }
-    for (int t = 0; t < PAGED_PER_LANE; t++) {
-        int c = lane + 32 * t;
-        if (c < hd) part_acc[warp][c] = acc[t];
-    }
-    __syncthreads();
-    // Merge: warps that saw no key have m = -FLT_MAX_F and weigh exp(...) = 0.
-    float big = -FLT_MAX_F;
-    for (int w = 0; w < PAGED_WARPS; w++) big = fmaxf(big, part_m[w]);
-    float total = 0.0f;
-    for (int w = 0; w < PAGED_WARPS; w++) total += part_l[w] * expf(part_m[w] - big);
-    __nv_bfloat16* out_row = out + (size_t)row * heads * hd + h * hd;
-    for (int c = threadIdx.x; c < hd; c += blockDim.x) {
-        float o = 0.0f;
-        for (int w = 0; w < PAGED_WARPS; w++) o += part_acc[w][c] * expf(part_m[w] - big);
-        out_row[c] = __float2bfloat16(o / total);
-    }
+    const PagedKeys keys{blocks + tasks[3 * blockIdx.x + 2], block_size, kv_heads * hd};
+    const size_t at = (size_t)row * heads * hd + h * hd;
+    attend_row(out + at, q + at, k + g * hd, v + g * hd, keys, hd, len);
 }
