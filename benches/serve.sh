@@ -65,7 +65,7 @@ if [ "$device" = cuda ]; then scripts/cuda-tools.sh; fi
 if [ "$build" = 1 ] && ! cargo build --release --quiet; then
   echo "warning: cargo build --release failed; benchmarking what target/release holds" >&2
 fi
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, httpx" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformers, httpx, sentencepiece" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install --quiet -r benches/requirements.txt
 fi

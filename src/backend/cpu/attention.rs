@@ -265,6 +265,7 @@ pub fn paged(
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let kv_width = kv_heads * hd;
+    let avx2 = avx2_available();
     out.par_chunks_mut(hd).enumerate().for_each_init(
         Vec::new,
         |scores: &mut Vec<f32>, (task, o)| {
@@ -283,11 +284,48 @@ pub fn paged(
             scores.extend((0..=pos).map(|p| dot(qh, &k[at(p)..][..hd]) * scale));
             softmax_in_place(scores);
             o.fill(0.0);
-            for (p, w) in scores.iter().enumerate() {
-                for (o, v) in o.iter_mut().zip(&v[at(p)..][..hd]) {
-                    *o += w * v;
-                }
+            let rows = scores
+                .iter()
+                .enumerate()
+                .map(|(p, &w)| (w, &v[at(p)..][..hd]));
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the processor has AVX2 (checked above).
+                return unsafe { weighted_sum_avx2(o, rows) };
             }
+            weighted_sum(o, rows)
         },
     );
+}
+
+/// o += w · v for each (w, v) in order: each element its own product and
+/// sum, rounded apart (Rust never fuses them), so every vector width gives
+/// the same bits.
+#[inline(always)]
+fn weighted_sum<'a>(o: &mut [f32], rows: impl Iterator<Item = (f32, &'a [f32])>) {
+    for (w, v) in rows {
+        for (o, v) in o.iter_mut().zip(v) {
+            *o += w * v;
+        }
+    }
+}
+
+/// [`weighted_sum`] compiled for AVX2's 8 lanes: the V rows of a decode
+/// step come from memory, and the baseline's 4-lane loop was a tenth of
+/// a decode step's time.
+///
+/// # Safety
+/// The processor must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn weighted_sum_avx2<'a>(o: &mut [f32], rows: impl Iterator<Item = (f32, &'a [f32])>) {
+    weighted_sum(o, rows)
+}
+
+/// Whether [`weighted_sum_avx2`] may run here.
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
