@@ -3,7 +3,7 @@
 //! `tokenizer.json`, `tokenizer_config.json`) that both engine and HF
 //! transformers load.
 //!
-//! Every tensor is dequantized to f32 (see [`crate::model::dequant`]) and
+//! Every tensor is dequantized to f32 (see [`crate::quant::dequant`]) and
 //! written in the requested dtype. llama.cpp's converter permutes the rows of
 //! `attn_q` / `attn_k` for its RoPE layout; [`unpermute_rows`] undoes that.
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod infer;
 pub mod kernels_check;
 pub mod model;
+pub mod quant;
 pub mod rag;
 pub mod serve;
 pub mod tensor;

@@ -6,8 +6,8 @@
 //! the real model (to `ENGINE_SMOLLM2_OUT`, default /tmp/smollm2-hf).
 
 use engine::convert::{convert, unpermute_rows, MARKER};
-use engine::model::dequant::{dequantize, GgmlType};
 use engine::model::gguf::{Gguf, Value};
+use engine::quant::dequant::{dequantize, GgmlType};
 use engine::tensor::DType;
 use engine::Error;
 use safetensors::SafeTensors;

@@ -29,11 +29,14 @@ pub use topk::top_k_order;
 
 use crate::backend::sample::SamplerConfig;
 use crate::error::{Error, Result};
+use crate::quant::{GgmlType, QBytes};
 use crate::tensor::{DType, Tensor};
 
 pub trait Backend: Sized + Send + Sync {
     /// Device memory.
     type Buf: Send + Sync;
+    /// Device memory of a quantized weight (`QTensor`).
+    type QBuf: Send + Sync;
 
     fn name(&self) -> &'static str;
 
@@ -160,6 +163,51 @@ pub trait Backend: Sized + Send + Sync {
         x: &Tensor<Self>,
         w: &Tensor<Self>,
     ) -> Result<()>;
+
+    /// Uploads a weight matrix [rows, cols] kept in the ggml block format
+    /// `ty` (`cols` a multiple of its block size; `data` exactly its bytes).
+    /// The CPU computes on `data` where it lies (a GGUF file's memory map).
+    fn upload_quant(
+        &self,
+        data: QBytes,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QTensor<Self>> {
+        let _ = (data, ty, rows, cols);
+        Err(Error::Unsupported(format!(
+            "quantized weights are not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// out = x · deq(w)ᵀ for a quantized weight w [m, k]; out [n, m] and
+    /// x [n, k] in the device's element type. Batch-invariant as
+    /// `matmul_nt_invariant` is: an output element's arithmetic depends only
+    /// on its row of x, its row of w and k. The CPU quantizes each block of
+    /// 32 values of x to 8 bits (ggml's Q8_0 / Q8_K) and takes integer dot
+    /// products, as llama.cpp does; the f32 reference is `deq(w)`'s product.
+    fn matmul_q(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &QTensor<Self>) -> Result<()> {
+        let _ = (out, x, w);
+        Err(Error::Unsupported(format!(
+            "matmul_q is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
+    /// Rows `ids` of a quantized table [vocab, d], dequantized: out [n, d].
+    fn embedding_q(
+        &self,
+        out: &mut Tensor<Self>,
+        ids: &[u32],
+        table: &QTensor<Self>,
+    ) -> Result<()> {
+        let _ = (out, ids, table);
+        Err(Error::Unsupported(format!(
+            "embedding_q is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
 
     /// Backward of `matmul_nt` (`out = x · wᵀ`):
     ///   dx += dout · w      [n, k] = [n, m] · [m, k]
@@ -609,6 +657,16 @@ pub fn dropout_keeps(seed: u64, i: u64, p: f32) -> bool {
     z ^= z >> 31;
     let u = (z >> 40) as f32 / (1u32 << 24) as f32;
     u >= p
+}
+
+/// A weight matrix kept in a ggml block format: `rows` rows of `cols`
+/// values, each row `cols / ty.block_size()` blocks of `ty` laid out as in a
+/// GGUF file (`crate::quant`).
+pub struct QTensor<B: Backend> {
+    pub buf: B::QBuf,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 /// One sequence's rows in an `attention_paged` call.

@@ -3,7 +3,7 @@
 //! panic with the shapes involved — except the serving ops' at the end, whose
 //! batch bookkeeping is checked into an error.
 
-use crate::backend::{Backend, LoraRef, PagedSeq, NO_ADAPTER};
+use crate::backend::{Backend, LoraRef, PagedSeq, QTensor, NO_ADAPTER};
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
@@ -18,6 +18,22 @@ pub fn matmul_nt<B: Backend>(
     assert_eq!(k, wk, "inner dims {:?} · {:?}ᵀ", x.shape, w.shape);
     assert_eq!(out.rows_cols(), (n, m), "output {:?}", out.shape);
     (n, m, k)
+}
+
+/// `matmul_q`'s sizes (n, m, k): out [n, m] = x [n, k] · deq(w [m, k])ᵀ.
+pub fn matmul_q<B: Backend>(
+    out: &Tensor<B>,
+    x: &Tensor<B>,
+    w: &QTensor<B>,
+) -> (usize, usize, usize) {
+    let (n, k) = x.rows_cols();
+    assert_eq!(
+        k, w.cols,
+        "inner dims {:?} · [{}, {}]ᵀ",
+        x.shape, w.rows, w.cols
+    );
+    assert_eq!(out.rows_cols(), (n, w.rows), "output {:?}", out.shape);
+    (n, w.rows, k)
 }
 
 /// Attention of q [n, heads·hd] over k, v [capacity, kv_heads·hd] with the

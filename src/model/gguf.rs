@@ -21,7 +21,7 @@
 //! bounded by the file's size.
 
 use crate::error::{Error, Result};
-use crate::model::dequant::{self, GgmlType};
+use crate::quant::dequant::{self, GgmlType};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;

@@ -4,7 +4,6 @@ pub mod adapter;
 pub mod batch;
 pub mod bert;
 pub mod config;
-pub mod dequant;
 pub mod folder;
 pub mod gguf;
 pub mod llama;

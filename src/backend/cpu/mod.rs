@@ -10,10 +10,14 @@ mod matmul;
 pub mod matmul_invariant;
 mod ops;
 mod optim;
+mod quant;
 
 use crate::backend::sample::{self, SamplerConfig};
-use crate::backend::{mean_scale, shapes, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq};
+use crate::backend::{
+    mean_scale, shapes, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq, QTensor,
+};
 use crate::error::{Error, Result};
+use crate::quant::{GgmlType, QBytes};
 use crate::tensor::{DType, Tensor};
 use rayon::prelude::*;
 
@@ -42,6 +46,7 @@ fn view_mut(t: &mut Tensor<Cpu>) -> &mut [f32] {
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
+    type QBuf = QBytes;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -185,6 +190,40 @@ impl Backend for Cpu {
     ) -> Result<()> {
         let (n, m, k) = shapes::matmul_nt(out, x, w);
         matmul_invariant::matmul_nt_invariant(view_mut(out), view(x), view(w), n, m, k);
+        Ok(())
+    }
+
+    fn upload_quant(
+        &self,
+        data: QBytes,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QTensor<Self>> {
+        quant::check(ty, data.len(), rows, cols)?;
+        Ok(QTensor {
+            buf: data,
+            ty,
+            rows,
+            cols,
+        })
+    }
+
+    fn matmul_q(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &QTensor<Self>) -> Result<()> {
+        let (n, m, k) = shapes::matmul_q(out, x, w);
+        quant::matmul_q(w.ty, view_mut(out), view(x), &w.buf, n, m, k);
+        Ok(())
+    }
+
+    fn embedding_q(
+        &self,
+        out: &mut Tensor<Self>,
+        ids: &[u32],
+        table: &QTensor<Self>,
+    ) -> Result<()> {
+        assert_eq!(out.shape, [ids.len(), table.cols]);
+        let (ty, vocab, d) = (table.ty, table.rows, table.cols);
+        quant::embedding_q(ty, view_mut(out), ids, &table.buf, vocab, d);
         Ok(())
     }
 

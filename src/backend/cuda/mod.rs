@@ -300,6 +300,7 @@ impl<D: GpuDriver> Cuda<D> {
 
 impl<D: GpuDriver> Backend for Cuda<D> {
     type Buf = DeviceBuffer<D>;
+    type QBuf = DeviceBuffer<D>;
 
     fn name(&self) -> &'static str {
         "cuda"
