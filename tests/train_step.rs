@@ -19,6 +19,7 @@ use engine::model::train_step::{
     adamw_update, clip_grad_norm, forward_backward, grad_norm, param_list, param_list_mut,
     AdamWState, Grads, TrainActivations, Trainable,
 };
+use engine::model::weight::Weight;
 use engine::tensor::DType::F32;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -59,7 +60,7 @@ fn random_model(rng: &mut StdRng, tied: bool) -> Llama<Cpu> {
     let mut mat = |rows: usize, cols: usize| {
         let b = 1.5 / (cols as f32).sqrt();
         let data = (0..rows * cols).map(|_| rng.random_range(-b..b)).collect();
-        Cpu.upload(data, &[rows, cols], F32).unwrap()
+        Weight::Dense(Cpu.upload(data, &[rows, cols], F32).unwrap())
     };
     let embed = mat(v, d);
     let lm_head = (!tied).then(|| mat(v, d));
@@ -406,8 +407,8 @@ fn tied_embedding_gradient_includes_the_head() {
             .upload(Cpu.download(src).unwrap(), &src.shape, F32)
             .unwrap();
     }
-    let embed = Cpu.download(&tied.weights.embed).unwrap();
-    untied.weights.lm_head = Some(Cpu.upload(embed, &[37, 16], F32).unwrap());
+    let embed = Cpu.download(tied.weights.embed.dense()).unwrap();
+    untied.weights.lm_head = Some(Weight::Dense(Cpu.upload(embed, &[37, 16], F32).unwrap()));
     untied.config.tie_word_embeddings = false;
 
     let (batch, seq) = (2, 7);
@@ -416,19 +417,22 @@ fn tied_embedding_gradient_includes_the_head() {
     let (lu, gu) = loss_and_grads(&untied, &ids, &targets, batch, seq);
     assert_eq!(lt, lu);
     assert!(gt.full().unwrap().lm_head.is_none());
-    let head = gu.full().unwrap().lm_head.as_ref().unwrap();
+    let head = gu.full().unwrap().lm_head.as_ref().unwrap().dense();
     assert_eq!(head.shape, vec![37, 16]);
     let sum: Vec<f32> = Cpu
-        .download(&gu.full().unwrap().embed)
+        .download(gu.full().unwrap().embed.dense())
         .unwrap()
         .iter()
         .zip(Cpu.download(head).unwrap())
         .map(|(e, h)| e + h)
         .collect();
-    let rel = max_rel_diff(&Cpu.download(&gt.full().unwrap().embed).unwrap(), &sum);
+    let rel = max_rel_diff(
+        &Cpu.download(gt.full().unwrap().embed.dense()).unwrap(),
+        &sum,
+    );
     assert!(rel < 1e-5, "d(embed): relative difference {rel}");
     // the head's part is not negligible: without it the check would fail
-    let embed_only = Cpu.download(&gu.full().unwrap().embed).unwrap();
+    let embed_only = Cpu.download(gu.full().unwrap().embed.dense()).unwrap();
     assert!(max_rel_diff(&embed_only, &sum) > 1e-2);
     for (p, (a, b)) in param_list(gt.full().unwrap())
         .into_iter()
@@ -446,7 +450,7 @@ fn tied_embedding_gradient_includes_the_head() {
         let g = Grads::new(&m, Trainable::Full).unwrap();
         assert_eq!(g.full().unwrap().lm_head.is_some(), has_head);
         if let Some(h) = &g.full().unwrap().lm_head {
-            assert_eq!(h.shape, m.weights.embed.shape);
+            assert_eq!(h.shape(), m.weights.embed.shape());
         }
     }
 }

@@ -17,27 +17,67 @@ use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::batch::{Batch, PagedKv};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::{LoraAdapter, Target};
+use crate::model::weight::Weight;
 use crate::model::weights::SafetensorsFiles;
 use crate::tensor::{DType, Tensor};
 use std::path::Path;
 
 pub struct LayerWeights<B: Backend> {
     pub attn_norm: Tensor<B>, // [d]
-    pub wq: Tensor<B>,        // [heads·hd, d]
-    pub wk: Tensor<B>,        // [kv_heads·hd, d]
-    pub wv: Tensor<B>,        // [kv_heads·hd, d]
-    pub wo: Tensor<B>,        // [d, heads·hd]
+    pub wq: Weight<B>,        // [heads·hd, d]
+    pub wk: Weight<B>,        // [kv_heads·hd, d]
+    pub wv: Weight<B>,        // [kv_heads·hd, d]
+    pub wo: Weight<B>,        // [d, heads·hd]
     pub ffn_norm: Tensor<B>,  // [d]
-    pub w_gate: Tensor<B>,    // [f, d]
-    pub w_up: Tensor<B>,      // [f, d]
-    pub w_down: Tensor<B>,    // [d, f]
+    pub w_gate: Weight<B>,    // [f, d]
+    pub w_up: Weight<B>,      // [f, d]
+    pub w_down: Weight<B>,    // [d, f]
 }
 
+/// The norms are always dense (f32 on the CPU): they are small, and
+/// precision matters there.
 pub struct LlamaWeights<B: Backend> {
-    pub embed: Tensor<B>, // [vocab, d]
+    pub embed: Weight<B>, // [vocab, d]
     pub layers: Vec<LayerWeights<B>>,
     pub norm: Tensor<B>,            // [d]
-    pub lm_head: Option<Tensor<B>>, // [vocab, d]; None when tied to `embed`
+    pub lm_head: Option<Weight<B>>, // [vocab, d]; None when tied to `embed`
+}
+
+impl<B: Backend> LlamaWeights<B> {
+    /// The matrices in a fixed order, with their HF names.
+    pub fn matrices(&self) -> Vec<(String, &Weight<B>)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.extend([
+                (format!("{p}.self_attn.q_proj.weight"), &l.wq),
+                (format!("{p}.self_attn.k_proj.weight"), &l.wk),
+                (format!("{p}.self_attn.v_proj.weight"), &l.wv),
+                (format!("{p}.self_attn.o_proj.weight"), &l.wo),
+                (format!("{p}.mlp.gate_proj.weight"), &l.w_gate),
+                (format!("{p}.mlp.up_proj.weight"), &l.w_up),
+                (format!("{p}.mlp.down_proj.weight"), &l.w_down),
+            ]);
+        }
+        out.extend(
+            self.lm_head
+                .iter()
+                .map(|w| ("lm_head.weight".to_string(), w)),
+        );
+        out
+    }
+
+    /// An error naming the first quantized matrix, for what needs every
+    /// weight dense (full fine-tuning).
+    pub fn require_dense(&self, what: &str) -> Result<()> {
+        match self.matrices().into_iter().find(|(_, w)| !w.is_dense()) {
+            Some((name, w)) => Err(Error::Unsupported(format!(
+                "{what} needs unquantized weights, and {name} is {}",
+                w.format()
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Keys and values of every layer for the positions seen so far.
@@ -192,7 +232,7 @@ impl<B: Backend> Llama<B> {
             )));
         }
         a.set_rows(n);
-        be.embedding(&mut a.x, ids, &w.embed)?;
+        w.embed.gather(be, &mut a.x, ids)?;
         for (l, lw) in w.layers.iter().enumerate() {
             // attention block
             be.rmsnorm(&mut a.h, &a.x, &lw.attn_norm, c.rms_norm_eps)?;
@@ -260,7 +300,7 @@ impl<B: Backend> Llama<B> {
             rows: batch.row_adapters(),
         };
         a.set_rows(n);
-        be.embedding(&mut a.x, &batch.ids, &w.embed)?;
+        w.embed.gather(be, &mut a.x, &batch.ids)?;
         for (l, lw) in w.layers.iter().enumerate() {
             // attention block
             be.rmsnorm(&mut a.h, &a.x, &lw.attn_norm, c.rms_norm_eps)?;
@@ -301,7 +341,7 @@ impl<B: Backend> Llama<B> {
         }
         logits.shape[0] = r;
         let head = w.lm_head.as_ref().unwrap_or(&w.embed);
-        be.matmul_nt_invariant(logits, &a.proj, head)
+        head.matmul_invariant(be, logits, &a.proj)
     }
 
     /// x += (silu(h·Wgateᵀ) ∘ h·Wupᵀ) · Wdownᵀ with h = rmsnorm(x) · w_ffn_norm.
@@ -334,14 +374,14 @@ impl<B: Backend> Llama<B> {
         &self,
         y: &mut Tensor<B>,
         x: &Tensor<B>,
-        w: &Tensor<B>,
+        w: &Weight<B>,
         layer: usize,
         target: Target,
         scratch: &mut Option<LoraScratch<B>>,
     ) -> Result<()> {
         // Inference takes the batch-invariant product everywhere, so that a
         // prompt gives the same bits through `forward` and `forward_batch`.
-        self.backend.matmul_nt_invariant(y, x, w)?;
+        w.matmul_invariant(&self.backend, y, x)?;
         match (&self.adapter, scratch) {
             (Some(lora), Some(s)) => {
                 lora.forward(&self.backend, y, x, layer, target, None, None, s)
@@ -356,7 +396,7 @@ impl<B: Backend> Llama<B> {
     /// logits [n, vocab] = hidden [n, d] · Wᵀ of the output projection.
     pub fn logits(&self, out: &mut Tensor<B>, hidden: &Tensor<B>) -> Result<()> {
         let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        self.backend.matmul_nt(out, hidden, head)
+        head.matmul(&self.backend, out, hidden)
     }
 }
 
@@ -371,26 +411,27 @@ fn load_weights<B: Backend>(
     let load = |name: &str, shape: &[usize]| -> Result<Tensor<B>> {
         be.upload(files.load_f32(name, shape)?, shape, be.dtype())
     };
+    let matrix = |name: &str, shape: &[usize]| load(name, shape).map(Weight::Dense);
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");
         layers.push(LayerWeights {
             attn_norm: load(&format!("{p}.input_layernorm.weight"), &[d])?,
-            wq: load(&format!("{p}.self_attn.q_proj.weight"), &[qw, d])?,
-            wk: load(&format!("{p}.self_attn.k_proj.weight"), &[kvw, d])?,
-            wv: load(&format!("{p}.self_attn.v_proj.weight"), &[kvw, d])?,
-            wo: load(&format!("{p}.self_attn.o_proj.weight"), &[d, qw])?,
+            wq: matrix(&format!("{p}.self_attn.q_proj.weight"), &[qw, d])?,
+            wk: matrix(&format!("{p}.self_attn.k_proj.weight"), &[kvw, d])?,
+            wv: matrix(&format!("{p}.self_attn.v_proj.weight"), &[kvw, d])?,
+            wo: matrix(&format!("{p}.self_attn.o_proj.weight"), &[d, qw])?,
             ffn_norm: load(&format!("{p}.post_attention_layernorm.weight"), &[d])?,
-            w_gate: load(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
-            w_up: load(&format!("{p}.mlp.up_proj.weight"), &[f, d])?,
-            w_down: load(&format!("{p}.mlp.down_proj.weight"), &[d, f])?,
+            w_gate: matrix(&format!("{p}.mlp.gate_proj.weight"), &[f, d])?,
+            w_up: matrix(&format!("{p}.mlp.up_proj.weight"), &[f, d])?,
+            w_down: matrix(&format!("{p}.mlp.down_proj.weight"), &[d, f])?,
         });
     }
     // A tied model may still ship lm_head.weight (a copy); use it only if untied.
     let lm_head = if c.tie_word_embeddings {
         None
     } else if files.contains("lm_head.weight") {
-        Some(load("lm_head.weight", &[v, d])?)
+        Some(matrix("lm_head.weight", &[v, d])?)
     } else {
         return Err(Error::format(
             dir,
@@ -398,7 +439,7 @@ fn load_weights<B: Backend>(
         ));
     };
     Ok(LlamaWeights {
-        embed: load("model.embed_tokens.weight", &[v, d])?,
+        embed: matrix("model.embed_tokens.weight", &[v, d])?,
         layers,
         norm: load("model.norm.weight", &[d])?,
         lm_head,
@@ -420,11 +461,11 @@ impl<B: Backend> RowAdapters<'_, B> {
         be: &B,
         y: &mut Tensor<B>,
         x: &Tensor<B>,
-        w: &Tensor<B>,
+        w: &Weight<B>,
         layer: usize,
         target: Target,
     ) -> Result<()> {
-        be.matmul_nt_invariant(y, x, w)?;
+        w.matmul_invariant(be, y, x)?;
         if self.rows.iter().all(|&s| s == NO_ADAPTER) {
             return Ok(());
         }

@@ -9,4 +9,5 @@ pub mod gguf;
 pub mod llama;
 pub mod lora;
 pub mod train_step;
+pub mod weight;
 pub mod weights;

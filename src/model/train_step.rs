@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::llama::{LayerWeights, Llama, LlamaWeights};
 use crate::model::lora::Target;
+use crate::model::weight::Weight;
 use crate::tensor::{DType, Tensor};
 
 /// Which weights train. Gradients are computed (and the optimizer steps)
@@ -44,22 +45,22 @@ pub enum Trainable {
 /// norm and lm_head (when untied). Gradients and AdamW state use the same
 /// order, so zipping the lists pairs each weight with its own state.
 pub fn param_list<B: Backend>(w: &LlamaWeights<B>) -> Vec<&Tensor<B>> {
-    let mut out = vec![&w.embed];
+    let mut out = vec![w.embed.dense()];
     for l in &w.layers {
         out.extend([
             &l.attn_norm,
-            &l.wq,
-            &l.wk,
-            &l.wv,
-            &l.wo,
+            l.wq.dense(),
+            l.wk.dense(),
+            l.wv.dense(),
+            l.wo.dense(),
             &l.ffn_norm,
-            &l.w_gate,
-            &l.w_up,
-            &l.w_down,
+            l.w_gate.dense(),
+            l.w_up.dense(),
+            l.w_down.dense(),
         ]);
     }
     out.push(&w.norm);
-    out.extend(w.lm_head.as_ref());
+    out.extend(w.lm_head.as_ref().map(Weight::dense));
     assert_eq!(out.len(), param_count(w), "parameter list out of step");
     out
 }
@@ -67,22 +68,22 @@ pub fn param_list<B: Backend>(w: &LlamaWeights<B>) -> Vec<&Tensor<B>> {
 /// [`param_list`], mutable.
 pub fn param_list_mut<B: Backend>(w: &mut LlamaWeights<B>) -> Vec<&mut Tensor<B>> {
     let count = param_count(w);
-    let mut out = vec![&mut w.embed];
+    let mut out = vec![w.embed.dense_mut()];
     for l in &mut w.layers {
         out.extend([
             &mut l.attn_norm,
-            &mut l.wq,
-            &mut l.wk,
-            &mut l.wv,
-            &mut l.wo,
+            l.wq.dense_mut(),
+            l.wk.dense_mut(),
+            l.wv.dense_mut(),
+            l.wo.dense_mut(),
             &mut l.ffn_norm,
-            &mut l.w_gate,
-            &mut l.w_up,
-            &mut l.w_down,
+            l.w_gate.dense_mut(),
+            l.w_up.dense_mut(),
+            l.w_down.dense_mut(),
         ]);
     }
     out.push(&mut w.norm);
-    out.extend(w.lm_head.as_mut());
+    out.extend(w.lm_head.as_mut().map(Weight::dense_mut));
     assert_eq!(out.len(), count, "parameter list out of step");
     out
 }
@@ -121,25 +122,26 @@ fn param_count<B: Backend>(w: &LlamaWeights<B>) -> usize {
 /// f32 zeros shaped like every weight of `w`.
 fn zeros_like<B: Backend>(be: &B, w: &LlamaWeights<B>) -> Result<LlamaWeights<B>> {
     let z = |t: &Tensor<B>| be.zeros(&t.shape, DType::F32);
+    let zw = |w: &Weight<B>| Ok(Weight::Dense(be.zeros(&w.shape(), DType::F32)?));
     let mut layers = Vec::with_capacity(w.layers.len());
     for l in &w.layers {
         layers.push(LayerWeights {
             attn_norm: z(&l.attn_norm)?,
-            wq: z(&l.wq)?,
-            wk: z(&l.wk)?,
-            wv: z(&l.wv)?,
-            wo: z(&l.wo)?,
+            wq: zw(&l.wq)?,
+            wk: zw(&l.wk)?,
+            wv: zw(&l.wv)?,
+            wo: zw(&l.wo)?,
             ffn_norm: z(&l.ffn_norm)?,
-            w_gate: z(&l.w_gate)?,
-            w_up: z(&l.w_up)?,
-            w_down: z(&l.w_down)?,
+            w_gate: zw(&l.w_gate)?,
+            w_up: zw(&l.w_up)?,
+            w_down: zw(&l.w_down)?,
         });
     }
     Ok(LlamaWeights {
-        embed: z(&w.embed)?,
+        embed: zw(&w.embed)?,
         layers,
         norm: z(&w.norm)?,
-        lm_head: w.lm_head.as_ref().map(z).transpose()?,
+        lm_head: w.lm_head.as_ref().map(zw).transpose()?,
     })
 }
 
@@ -158,7 +160,10 @@ impl<B: Backend> Grads<B> {
     pub fn new(model: &Llama<B>, trainable: Trainable) -> Result<Self> {
         let be = &model.backend;
         match trainable {
-            Trainable::Full => Ok(Grads::Full(zeros_like(be, &model.weights)?)),
+            Trainable::Full => {
+                model.weights.require_dense("full fine-tuning")?;
+                Ok(Grads::Full(zeros_like(be, &model.weights)?))
+            }
             Trainable::Lora => match &model.adapter {
                 Some(lora) => Ok(Grads::Lora(lora.zeros_like(be)?)),
                 None => Err(Error::Invalid(
@@ -498,12 +503,12 @@ fn linear<B: Backend>(
     br: &mut Option<Branches<B>>,
     y: &mut Tensor<B>,
     x: &Tensor<B>,
-    w: &Tensor<B>,
+    w: &Weight<B>,
     ts: &mut [Tensor<B>],
     layer: usize,
     target: Target,
 ) -> Result<()> {
-    be.matmul_nt(y, x, w)?;
+    w.matmul(be, y, x)?;
     let Some(br) = br else { return Ok(()) };
     let Some((j, dropout)) = br.branch(layer, target) else {
         return Ok(());
@@ -530,12 +535,12 @@ fn linear_backward<B: Backend>(
     dw: Option<&mut Tensor<B>>,
     dy: &Tensor<B>,
     x: &Tensor<B>,
-    w: &Tensor<B>,
+    w: &Weight<B>,
     ts: &[Tensor<B>],
     layer: usize,
     target: Target,
 ) -> Result<()> {
-    be.matmul_nt_backward(dx, dw, dy, x, w)?;
+    w.matmul_backward(be, dx, dw, dy, x)?;
     let Some(br) = br else { return Ok(()) };
     let Some((j, dropout)) = br.branch(layer, target) else {
         return Ok(());
@@ -626,7 +631,7 @@ fn head_loss_backward<B: Backend>(
     dh: &mut Tensor<B>,
     mut dhead: Option<&mut Tensor<B>>,
     hf: &Tensor<B>,
-    head: &Tensor<B>,
+    head: &Weight<B>,
     targets: &[u32],
     loss_scale: f32,
 ) -> Result<f32> {
@@ -638,11 +643,11 @@ fn head_loss_backward<B: Backend>(
             t.shape[0] = rows;
         }
         be.copy_rows(&mut h.hf, 0, hf, r0, rows)?;
-        be.matmul_nt(&mut h.logits, &h.hf, head)?;
+        head.matmul(be, &mut h.logits, &h.hf)?;
         let chunk = &targets[r0..r0 + rows];
         loss += be.cross_entropy(Some(&mut h.dlogits), &h.logits, chunk, Some(loss_scale))? as f64;
         be.zero(&mut h.dh)?;
-        be.matmul_nt_backward(&mut h.dh, dhead.as_deref_mut(), &h.dlogits, &h.hf, head)?;
+        head.matmul_backward(be, &mut h.dh, dhead.as_deref_mut(), &h.dlogits, &h.hf)?;
         be.copy_rows(dh, r0, &h.dh, 0, rows)?;
     }
     Ok(loss as f32)
@@ -736,7 +741,7 @@ pub fn forward_backward<B: Backend>(
     };
 
     // ----- forward -----
-    be.embedding(&mut a.x_in[0], ids, &w.embed)?;
+    w.embed.gather(be, &mut a.x_in[0], ids)?;
     for l in 0..c.num_layers {
         let (done, rest) = a.x_in.split_at_mut(l + 1);
         let next = rest.first_mut().unwrap_or(&mut a.x_out);
@@ -749,7 +754,7 @@ pub fn forward_backward<B: Backend>(
     // the head's gradient — a tied head's adds into the embedding's.
     let dhead = gfull
         .as_deref_mut()
-        .map(|g| g.lm_head.as_mut().unwrap_or(&mut g.embed));
+        .map(|g| g.lm_head.as_mut().unwrap_or(&mut g.embed).dense_mut());
     let (h, dh, hf) = (&mut a.head, &mut a.dh, &a.hf);
     let loss = head_loss_backward(be, h, dh, dhead, hf, head, targets, loss_scale)?;
 
@@ -787,7 +792,7 @@ pub fn forward_backward<B: Backend>(
         let mut gl = gfull.as_deref_mut().map(|g| &mut g.layers[l]);
         // x_out = x_mid + act · Wdᵀ: dx flows on unchanged, and into the block
         be.zero(&mut a.dact)?;
-        let dw = gl.as_deref_mut().map(|g| &mut g.w_down);
+        let dw = gl.as_deref_mut().map(|g| g.w_down.dense_mut());
         let (dy, x) = (&a.dx, &la.act);
         linear_backward(
             be,
@@ -805,7 +810,7 @@ pub fn forward_backward<B: Backend>(
         be.swiglu_backward(&mut a.dgate, &mut a.dup, &a.dact, &la.gate, &la.up)?;
         // gate, up = h2 · Wgᵀ, h2 · Wuᵀ
         be.zero(&mut a.dh)?;
-        let dw = gl.as_deref_mut().map(|g| &mut g.w_gate);
+        let dw = gl.as_deref_mut().map(|g| g.w_gate.dense_mut());
         let (dy, x) = (&a.dgate, &la.h2);
         linear_backward(
             be,
@@ -819,7 +824,7 @@ pub fn forward_backward<B: Backend>(
             l,
             Target::GateProj,
         )?;
-        let dw = gl.as_deref_mut().map(|g| &mut g.w_up);
+        let dw = gl.as_deref_mut().map(|g| g.w_up.dense_mut());
         let dy = &a.dup;
         linear_backward(
             be,
@@ -841,7 +846,7 @@ pub fn forward_backward<B: Backend>(
         be.rmsnorm_backward(&mut a.dx, dnorm, &a.dh, &la.x_mid, &lw.ffn_norm, eps)?;
         // x_mid = x_in + att · Woᵀ
         be.zero(&mut a.datt)?;
-        let dw = gl.as_deref_mut().map(|g| &mut g.wo);
+        let dw = gl.as_deref_mut().map(|g| g.wo.dense_mut());
         let (dy, x) = (&a.dx, &la.att);
         linear_backward(
             be,
@@ -889,7 +894,7 @@ pub fn forward_backward<B: Backend>(
         // q, k, v = h1 · Wqᵀ, h1 · Wkᵀ, h1 · Wvᵀ
         be.zero(&mut a.dh)?;
         let x = &la.h1;
-        let dw = gl.as_deref_mut().map(|g| &mut g.wq);
+        let dw = gl.as_deref_mut().map(|g| g.wq.dense_mut());
         linear_backward(
             be,
             &mut br,
@@ -902,7 +907,7 @@ pub fn forward_backward<B: Backend>(
             l,
             Target::QProj,
         )?;
-        let dw = gl.as_deref_mut().map(|g| &mut g.wk);
+        let dw = gl.as_deref_mut().map(|g| g.wk.dense_mut());
         linear_backward(
             be,
             &mut br,
@@ -915,7 +920,7 @@ pub fn forward_backward<B: Backend>(
             l,
             Target::KProj,
         )?;
-        let dw = gl.as_deref_mut().map(|g| &mut g.wv);
+        let dw = gl.as_deref_mut().map(|g| g.wv.dense_mut());
         linear_backward(
             be,
             &mut br,
@@ -937,7 +942,7 @@ pub fn forward_backward<B: Backend>(
     }
     // x = embed[ids]
     if let Some(g) = gfull {
-        be.embedding_backward(&mut g.embed, &a.dx, ids)?;
+        be.embedding_backward(g.embed.dense_mut(), &a.dx, ids)?;
     }
     Ok(loss)
 }
