@@ -3,9 +3,12 @@
 //! renders it with Jinja2).
 
 use crate::error::{Error, Result};
+use crate::model::gguf::Gguf;
+use crate::model::gguf_llama::HfView;
 use minijinja::{context, Environment};
 use serde::Serialize;
 use std::path::Path;
+use std::str::FromStr;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Message {
@@ -31,32 +34,63 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
 
 impl Tokenizer {
     /// Loads `tokenizer.json` and, if present, `tokenizer_config.json` (chat
-    /// template, bos/eos) and `chat_template.jinja` from a model folder.
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// template, bos/eos) and `chat_template.jinja` from a model folder — or
+    /// the same, built from the metadata of a GGUF file (`HfView`).
+    pub fn load(path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let g = Gguf::open(path)?;
+            let files = HfView::read(&g)?.tokenizer;
+            let inner = tokenizers::Tokenizer::from_str(&files.tokenizer.to_string())
+                .map_err(|e| Error::format(path, format!("cannot build its tokenizer: {e}")))?;
+            return Self::new(inner, Some(&files.config), path);
+        }
+        let dir = path;
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::format(dir, "no tokenizer.json in this folder"));
         }
-        let mut inner = tokenizers::Tokenizer::from_file(&path)
+        let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| Error::format(&path, format!("cannot load tokenizer: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Option<serde_json::Value> = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?,
+            )
+        } else {
+            None
+        };
+        let mut tok = Self::new(inner, cfg.as_ref(), &path)?;
+        let jinja = dir.join("chat_template.jinja");
+        if tok.chat_template.is_none() && jinja.exists() {
+            tok.chat_template =
+                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
+        }
+        Ok(tok)
+    }
+
+    /// The tokenizer `inner` with the settings of tokenizer_config.json
+    /// `cfg` (chat template, bos/eos); `path` names it in errors.
+    fn new(
+        mut inner: tokenizers::Tokenizer,
+        cfg: Option<&serde_json::Value>,
+        path: &Path,
+    ) -> Result<Self> {
         // Callers pad and truncate themselves: a file's own settings
         // (all-MiniLM-L6-v2 pads and cuts every text to 128) would change
         // every token count.
         inner.with_padding(None);
         inner
             .with_truncation(None)
-            .map_err(|e| Error::format(&path, format!("cannot turn truncation off: {e}")))?;
+            .map_err(|e| Error::format(path, format!("cannot turn truncation off: {e}")))?;
         let mut tok = Tokenizer {
             inner,
             chat_template: None,
             bos_token: None,
             eos_token: None,
         };
-        let cfg_path = dir.join("tokenizer_config.json");
-        if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-            let cfg: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::format(&cfg_path, format!("not valid JSON: {e}")))?;
+        if let Some(cfg) = cfg {
             tok.bos_token = token_string(cfg.get("bos_token"));
             tok.eos_token = token_string(cfg.get("eos_token"));
             tok.chat_template = match cfg.get("chat_template") {
@@ -68,11 +102,6 @@ impl Tokenizer {
                     .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
                 _ => None,
             };
-        }
-        let jinja = dir.join("chat_template.jinja");
-        if tok.chat_template.is_none() && jinja.exists() {
-            tok.chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?);
         }
         Ok(tok)
     }

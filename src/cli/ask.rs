@@ -1,6 +1,6 @@
 //! `engine ask`: answer a question from an index's passages, citing them.
 
-use super::common::{count, folder, load_model_and_adapter, on_device, open_device, DeviceArg};
+use super::common::{count, folder, model_path, load_model_and_adapter, on_device, open_device, DeviceArg};
 use anyhow::{bail, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::sample::SamplerConfig;
@@ -47,7 +47,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    folder("model", &a.model)?;
+    model_path(&a.model)?;
     folder("embedder", &a.embedder)?;
     if let Some(adapter) = &a.adapter {
         folder("adapter", adapter)?;

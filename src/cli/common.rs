@@ -122,9 +122,28 @@ pub fn folder(what: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Loads a model folder and, when given, applies a LoRA adapter to it.
+/// The check of `--model` where a GGUF file may stand for the folder: a
+/// folder, or a file ending in `.gguf`.
+pub fn model_path(path: &Path) -> Result<()> {
+    if path.is_file() {
+        if path
+            .extension()
+            .is_none_or(|e| !e.eq_ignore_ascii_case("gguf"))
+        {
+            bail!(
+                "model {} is a file but not a .gguf file (--model takes an HF model folder or a GGUF file)",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
+    folder("model", path)
+}
+
+/// Loads a model (folder or GGUF) and, when given, applies a LoRA adapter
+/// to it.
 pub fn load_model<B: Backend>(be: B, dir: &Path, adapter: Option<&Path>) -> Result<Llama<B>> {
-    folder("model", dir)?;
+    model_path(dir)?;
     if let Some(adapter) = adapter {
         folder("adapter", adapter)?;
     }
@@ -136,14 +155,14 @@ pub fn load_model<B: Backend>(be: B, dir: &Path, adapter: Option<&Path>) -> Resu
     Ok(llm)
 }
 
-/// Loads a model folder and, when given, a LoRA adapter for it, kept apart:
-/// generation takes adapters per request (`infer::generate`).
+/// Loads a model (folder or GGUF) and, when given, a LoRA adapter for it,
+/// kept apart: generation takes adapters per request (`infer::generate`).
 pub fn load_model_and_adapter<B: Backend>(
     be: B,
     dir: &Path,
     adapter: Option<&Path>,
 ) -> Result<(Llama<B>, Option<LoraAdapter>)> {
-    folder("model", dir)?;
+    model_path(dir)?;
     if let Some(adapter) = adapter {
         folder("adapter", adapter)?;
     }

@@ -1,6 +1,6 @@
 //! `engine generate`: text after a prompt, streamed to stdout.
 
-use super::common::{count, count_u64, folder, load_model_and_adapter, on_device, open_device, rate, DeviceArg};
+use super::common::{count, count_u64, folder, model_path, load_model_and_adapter, on_device, open_device, rate, DeviceArg};
 use anyhow::{bail, Result};
 use engine::backend::sample::SamplerConfig;
 use engine::backend::Backend;
@@ -56,7 +56,7 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    folder("model", &a.model)?;
+    model_path(&a.model)?;
     if let Some(adapter) = &a.adapter {
         folder("adapter", adapter)?;
     }

@@ -1,24 +1,39 @@
-//! `engine info`: describe a model folder.
+//! `engine info`: describe a model folder or GGUF file.
 
-use super::common::folder;
+use super::common::model_path;
 use anyhow::Result;
 use engine::model::config::LlamaConfig;
+use engine::model::gguf::Gguf;
+use engine::model::gguf_llama::HfView;
 use engine::model::weights::SafetensorsFiles;
 use engine::tokenizer::{Message, Tokenizer};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
+    /// Model folder (config.json, *.safetensors, tokenizer.json), or a
+    /// llama GGUF file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let dir = &a.model;
-    folder("model", dir)?;
-    let c = LlamaConfig::from_file(&dir.join("config.json"))?;
-    let files = SafetensorsFiles::open_dir(dir)?;
+    model_path(dir)?;
+    let (c, stored) = if dir.is_file() {
+        let g = Gguf::open(dir)?;
+        let config = HfView::read(&g)?.config.to_string();
+        let mut types = BTreeMap::<&str, usize>::new();
+        for t in g.tensors() {
+            *types.entry(t.ggml_type.name()).or_default() += 1;
+        }
+        let types: Vec<String> = types.iter().map(|(t, n)| format!("{t} ({n})")).collect();
+        (LlamaConfig::parse(&config, dir)?, types)
+    } else {
+        let c = LlamaConfig::from_file(&dir.join("config.json"))?;
+        (c, SafetensorsFiles::open_dir(dir)?.dtypes())
+    };
     let tokenizer = Tokenizer::load(dir)?;
     println!("architecture      llama (LlamaForCausalLM)");
     println!(
@@ -26,7 +41,7 @@ pub fn run(a: Args) -> Result<()> {
         c.num_parameters(),
         c.num_parameters() as f64 / 1e6
     );
-    println!("stored dtypes     {}", files.dtypes().join(", "));
+    println!("stored dtypes     {}", stored.join(", "));
     println!("layers            {}", c.num_layers);
     println!(
         "hidden / ffn      {} / {}",

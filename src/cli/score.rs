@@ -1,7 +1,7 @@
 //! `engine score`: the log-probability of each token of a text given the
 //! ones before it.
 
-use super::common::{count, folder, load_model, on_device, open_device, DeviceArg};
+use super::common::{count, folder, model_path, load_model, on_device, open_device, DeviceArg};
 use anyhow::{Context, Result};
 use engine::backend::Backend;
 use engine::infer::score::score_windowed;
@@ -39,7 +39,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    folder("model", &a.model)?;
+    model_path(&a.model)?;
     if let Some(adapter) = &a.adapter {
         folder("adapter", adapter)?;
     }

@@ -1,6 +1,6 @@
 //! `engine serve`: OpenAI's API over continuous-batched inference.
 
-use crate::cli::common::{folder, open_device, Device, DeviceArg};
+use crate::cli::common::{folder, model_path, open_device, Device, DeviceArg};
 use anyhow::{bail, Context, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::cuda::Cuda;
@@ -69,7 +69,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    folder("model", &args.model)?;
+    model_path(&args.model)?;
     if args.max_batch_tokens == 0 || args.max_seqs == 0 {
         bail!("--max-batch-tokens and --max-seqs must be at least 1");
     }

@@ -22,10 +22,12 @@
 
 use crate::error::{Error, Result};
 use crate::quant::dequant::{self, GgmlType};
+use crate::quant::QBytes;
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// ggml's GGML_MAX_DIMS.
@@ -146,7 +148,7 @@ impl TensorInfo {
 /// An open GGUF file.
 pub struct Gguf {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     tensors: Vec<TensorInfo>,
@@ -185,7 +187,7 @@ impl Gguf {
         }
         Ok(Gguf {
             path: path.to_path_buf(),
-            mmap,
+            mmap: Arc::new(mmap),
             version: header.version,
             metadata: header.metadata,
             tensors: header.tensors,
@@ -213,6 +215,14 @@ impl Gguf {
         let t = self.require_tensor(name)?;
         let start = self.data_start + t.offset;
         Ok(&self.mmap[start..start + t.nbytes])
+    }
+
+    /// The bytes of tensor `name` where they lie in the memory map, to be
+    /// computed on without a copy.
+    pub fn tensor_qbytes(&self, name: &str) -> Result<QBytes> {
+        let t = self.require_tensor(name)?;
+        let start = self.data_start + t.offset;
+        Ok(QBytes::Mapped(self.mmap.clone(), start..start + t.nbytes))
     }
 
     /// Tensor `name` dequantized to f32: its row-major shape (outermost

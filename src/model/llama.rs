@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::batch::{Batch, PagedKv};
 use crate::model::config::LlamaConfig;
+use crate::model::gguf::Gguf;
+use crate::model::gguf_llama::{self, HfView};
 use crate::model::lora::{LoraAdapter, Target};
 use crate::model::weight::Weight;
 use crate::model::weights::SafetensorsFiles;
@@ -135,8 +137,23 @@ pub struct Llama<B: Backend> {
 }
 
 impl<B: Backend> Llama<B> {
-    /// Loads `config.json` and the safetensors weights of an HF model folder.
-    pub fn load(backend: B, dir: &Path) -> Result<Self> {
+    /// Loads an HF model folder (`config.json` and safetensors weights), or
+    /// a llama GGUF file, whose matrices keep their formats
+    /// (`gguf_llama::load_weights`).
+    pub fn load(backend: B, path: &Path) -> Result<Self> {
+        if path.is_file() {
+            let g = Gguf::open(path)?;
+            let hf = HfView::read(&g)?;
+            let config = LlamaConfig::parse(&hf.config.to_string(), path)?;
+            let weights = gguf_llama::load_weights(&backend, &g, &hf)?;
+            return Ok(Llama {
+                config,
+                weights,
+                adapter: None,
+                backend,
+            });
+        }
+        let dir = path;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let files = SafetensorsFiles::open_dir(dir)?;
         let weights = load_weights(&backend, &config, &files, dir)?;

@@ -6,6 +6,7 @@ pub mod bert;
 pub mod config;
 pub mod folder;
 pub mod gguf;
+pub mod gguf_llama;
 pub mod llama;
 pub mod lora;
 pub mod train_step;

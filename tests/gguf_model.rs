@@ -1,0 +1,169 @@
+//! A GGUF file as the model (`--model FILE.gguf`): SmolLM2-135M-Instruct's
+//! own Q4_1 GGUF from its PyPI package (models/fetch.sh), run with its
+//! tensors in their own formats, against the f32 folder `engine convert`
+//! made from the same file. Skipped when the model is absent, unless
+//! ENGINE_REQUIRE_MODELS=1 (CI).
+
+mod common;
+
+use engine::backend::cpu::Cpu;
+use engine::model::llama::Llama;
+use engine::model::weight::Weight;
+use engine::quant::{GgmlType, QBytes};
+use engine::tokenizer::{Message, Tokenizer};
+use std::path::PathBuf;
+use std::process::Command;
+
+const GGUF: &str = ".downloads/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The GGUF and the f32 folder made from it.
+fn models() -> Option<(PathBuf, PathBuf)> {
+    let dir = common::real_model(
+        "smollm2-135m-instruct",
+        &["model.safetensors", &format!("../{GGUF}")],
+    )?;
+    Some((dir.join("..").join(GGUF), dir))
+}
+
+fn engine(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = engine(args);
+    assert!(
+        out.status.success(),
+        "engine {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn matrices_stay_in_the_files_formats() {
+    let Some((gguf, _)) = models() else { return };
+    let model = Llama::load(Cpu, &gguf).unwrap();
+    let w = &model.weights;
+    let Weight::Quant(q) = &w.layers[0].w_gate else {
+        panic!("w_gate was widened: {}", w.layers[0].w_gate.format())
+    };
+    assert_eq!((q.ty, q.rows, q.cols), (GgmlType::Q4_1, 1536, 576));
+    // Used where it lies in the memory map; q and k, whose rows llama.cpp
+    // permuted, are the only copies.
+    assert!(matches!(q.buf, QBytes::Mapped(..)));
+    let Weight::Quant(q) = &w.layers[0].wq else {
+        panic!("wq was widened")
+    };
+    assert!(matches!(q.buf, QBytes::Owned(_)));
+    assert!(
+        w.lm_head.is_none(),
+        "SmolLM2 ties its head to the embedding"
+    );
+    assert_eq!(w.embed.format(), "Q8_0");
+    let err = model
+        .weights
+        .require_dense("full fine-tuning")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.embed_tokens.weight is Q8_0"), "{err}");
+}
+
+#[test]
+fn tokenizer_and_chat_template_from_the_metadata() {
+    let Some((gguf, dir)) = models() else { return };
+    let (a, b) = (
+        Tokenizer::load(&gguf).unwrap(),
+        Tokenizer::load(&dir).unwrap(),
+    );
+    for text in [
+        "Hello, world!",
+        "  two  spaces\nand 12345 digits",
+        "émigré naïve",
+    ] {
+        assert_eq!(a.encode(text, true).unwrap(), b.encode(text, true).unwrap());
+    }
+    let m = [Message {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    assert_eq!(
+        a.apply_chat_template(&m, true).unwrap(),
+        b.apply_chat_template(&m, true).unwrap()
+    );
+}
+
+/// Same tokens, and a total NLL within 1% of the f32 weights' (the GGUF's
+/// own weights, dequantized): the quantized path differs only by
+/// quantizing activations to 8 bits.
+#[test]
+fn scores_and_answers_like_the_f32_folder() {
+    let Some((gguf, dir)) = models() else { return };
+    let text = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park.";
+    let score = |model: &PathBuf| -> serde_json::Value {
+        let out = stdout_of(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--json",
+            "--text",
+            text,
+        ]);
+        serde_json::from_str(&out).unwrap()
+    };
+    let (q, f) = (score(&gguf), score(&dir));
+    assert_eq!(q["token_ids"], f["token_ids"]);
+    let (nq, nf) = (q["nll"].as_f64().unwrap(), f["nll"].as_f64().unwrap());
+    assert!(
+        (nq - nf).abs() <= 1e-2 * nf,
+        "nll {nq} (GGUF) vs {nf} (f32)"
+    );
+    let answer = stdout_of(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "16",
+    ]);
+    assert_eq!(answer.trim(), "The capital of France is Paris.");
+    let info = stdout_of(&["info", "--model", gguf.to_str().unwrap()]);
+    assert!(info.contains("Q4_1 (210)"), "{info}");
+}
+
+#[test]
+fn bad_files_get_one_line() {
+    let Some((gguf, _)) = models() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let txt = tmp.path().join("model.txt");
+    std::fs::write(&txt, "not a model").unwrap();
+    let out = engine(&[
+        "generate",
+        "--model",
+        txt.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not a .gguf file"), "{err}");
+    // A GGUF cut short: its header still parses, its tensors do not fit.
+    let bytes = std::fs::read(&gguf).unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out = engine(&[
+        "generate",
+        "--model",
+        cut.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cut.gguf"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
