@@ -141,6 +141,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The id of the tokenizer config's `eos_token`, if it names one.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.token_id(self.eos_token.as_deref()?)
+    }
+
     /// Ids that end a generation: the config's eos ids, the tokenizer's eos
     /// token, and the end-of-turn markers of common chat formats.
     pub fn stop_ids(&self, config_eos: &[u32]) -> Vec<u32> {

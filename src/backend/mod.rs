@@ -195,6 +195,22 @@ pub trait Backend: Sized + Send + Sync {
         )))
     }
 
+    /// Backward of `matmul_q` through its frozen weight: dx += dy · deq(w),
+    /// dx [n, k], dy [n, m] (accumulates, as `matmul_nt_backward`'s dx).
+    /// LoRA trains on a quantized base through it.
+    fn matmul_q_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dy: &Tensor<Self>,
+        w: &QTensor<Self>,
+    ) -> Result<()> {
+        let _ = (dx, dy, w);
+        Err(Error::Unsupported(format!(
+            "matmul_q_backward is not implemented on the {} device yet",
+            self.name()
+        )))
+    }
+
     /// Rows `ids` of a quantized table [vocab, d], dequantized: out [n, d].
     fn embedding_q(
         &self,

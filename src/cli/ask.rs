@@ -16,8 +16,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// The model that answers (config.json, *.safetensors, tokenizer.json with a chat template).
-    #[arg(long, value_name = "DIR")]
+    /// The model that answers (config.json, *.safetensors, tokenizer.json with a chat template),
+    /// or a llama GGUF file.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
     /// A LoRA adapter folder (PEFT format), applied unmerged.
     #[arg(long, value_name = "DIR")]

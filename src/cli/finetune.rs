@@ -1,7 +1,7 @@
 //! `engine finetune`: LoRA (--lora-rank) or every weight (--full) on a JSONL
 //! dataset.
 
-use super::common::{count, count_u64, cpu_unless_asked, folder, on_device, DeviceArg};
+use super::common::{count, count_u64, cpu_unless_asked, model_path, on_device, DeviceArg};
 use anyhow::{bail, Context, Result};
 use engine::backend::Backend;
 use engine::model::lora::{parse_targets, LoraConfig};
@@ -15,8 +15,9 @@ use std::sync::Arc;
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("method").required(true).args(["lora_rank", "full"])))]
 pub struct Args {
-    /// Model folder (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
+    /// Model folder (config.json, *.safetensors, tokenizer.json), or a
+    /// llama GGUF file, run with its matrices in their own formats.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
     /// Training data, JSONL: one {"text"}, {"prompt","completion"} or {"messages"} per line.
     #[arg(long, value_name = "FILE")]
@@ -104,7 +105,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    folder("model", &a.model)?;
+    model_path(&a.model)?;
     on_device!(cpu_unless_asked(a.device, "training")?, |be| finetune_on(
         be, &a
     ))

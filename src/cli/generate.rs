@@ -12,8 +12,9 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (config.json, *.safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR")]
+    /// Model folder (config.json, *.safetensors, tokenizer.json), or a
+    /// llama GGUF file, run with its matrices in their own formats.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
     /// The text to continue (or, with --chat, the user's message).
     #[arg(long)]

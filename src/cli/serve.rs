@@ -19,8 +19,9 @@ use std::sync::Arc;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model folder (config.json, *.safetensors, tokenizer.json).
-    #[arg(long)]
+    /// Model folder (config.json, *.safetensors, tokenizer.json), or a
+    /// llama GGUF file, run with its matrices in their own formats.
+    #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
     /// The name clients give as `model` (default: the folder's name).
     #[arg(long)]

@@ -75,7 +75,8 @@ impl<B: Backend> Weight<B> {
     }
 
     /// Backward of [`Weight::matmul`]: dx += dy · W, and dW += dyᵀ · x when
-    /// `dw` is given (`Backend::matmul_nt_backward`).
+    /// `dw` is given (`Backend::matmul_nt_backward`); a quantized weight is
+    /// frozen (`Backend::matmul_q_backward`).
     pub fn matmul_backward(
         &self,
         be: &B,
@@ -86,10 +87,13 @@ impl<B: Backend> Weight<B> {
     ) -> Result<()> {
         match self {
             Weight::Dense(w) => be.matmul_nt_backward(dx, dw, dy, x, w),
-            Weight::Quant(w) => Err(Error::Unsupported(format!(
-                "training through a {} weight is not implemented yet",
-                w.ty
-            ))),
+            Weight::Quant(w) => match dw {
+                None => be.matmul_q_backward(dx, dy, w),
+                Some(_) => Err(Error::Unsupported(format!(
+                    "a {} weight cannot be trained: quantized weights stay frozen",
+                    w.ty
+                ))),
+            },
         }
     }
 

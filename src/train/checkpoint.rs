@@ -272,18 +272,24 @@ pub fn load_masters<B: Backend>(
     Ok(())
 }
 
-/// A short fingerprint of a model folder's weights: xxh3 over its parsed
-/// config and, for every safetensors file, its length and last MiB (tensor
-/// data). A resume from a run on other weights is refused with it.
+/// A short fingerprint of a model's weights: xxh3 over, for every
+/// safetensors file of a model folder (or the GGUF file itself), its length
+/// and last MiB (tensor data), after a folder's parsed config. A resume
+/// from a run on other weights is refused with it.
 pub fn fingerprint(model_dir: &Path) -> Result<String> {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let config = crate::model::config::LlamaConfig::from_file(&model_dir.join("config.json"))?;
-    h.update(format!("{config:?}").as_bytes());
-    let mut files: Vec<PathBuf> = fs::read_dir(model_dir)
-        .map_err(|e| Error::io(model_dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
+    let mut files: Vec<PathBuf> = if model_dir.is_file() {
+        vec![model_dir.to_path_buf()]
+    } else {
+        let config_path = model_dir.join("config.json");
+        let config = crate::model::config::LlamaConfig::from_file(&config_path)?;
+        h.update(format!("{config:?}").as_bytes());
+        fs::read_dir(model_dir)
+            .map_err(|e| Error::io(model_dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect()
+    };
     files.sort();
     for path in files {
         let mut f = fs::File::open(&path).map_err(|e| Error::io(&path, e))?;

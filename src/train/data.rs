@@ -156,8 +156,14 @@ impl Dataset {
 }
 
 /// The EOS id for a model folder: `eos_token` of tokenizer_config.json,
-/// else the first `eos_token_id` of config.json.
+/// else the first `eos_token_id` of config.json; for a GGUF file, its
+/// `tokenizer.ggml.eos_token_id` (the tokenizer's eos token).
 pub fn eos_id(model_dir: &Path, tokenizer: &Tokenizer) -> Result<u32> {
+    if model_dir.is_file() {
+        return tokenizer
+            .eos_token_id()
+            .ok_or_else(|| Error::format(model_dir, "no EOS token (tokenizer.ggml.eos_token_id)"));
+    }
     let read = |name: &str| -> Result<Option<Value>> {
         let path = model_dir.join(name);
         if !path.exists() {

@@ -11,6 +11,7 @@ pub mod matmul_invariant;
 mod ops;
 mod optim;
 mod quant;
+mod quant_backward;
 
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::{
@@ -212,6 +213,17 @@ impl Backend for Cpu {
     fn matmul_q(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &QTensor<Self>) -> Result<()> {
         let (n, m, k) = shapes::matmul_q(out, x, w);
         quant::matmul_q(w.ty, view_mut(out), view(x), &w.buf, n, m, k);
+        Ok(())
+    }
+
+    fn matmul_q_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dy: &Tensor<Self>,
+        w: &QTensor<Self>,
+    ) -> Result<()> {
+        let (n, m, k) = shapes::matmul_q(dy, dx, w);
+        quant_backward::matmul_q_backward(w.ty, view_mut(dx), view(dy), &w.buf, n, m, k);
         Ok(())
     }
 
