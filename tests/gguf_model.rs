@@ -228,3 +228,15 @@ fn lora_trains_on_the_quantized_base() {
         "4",
     ]);
 }
+
+/// The name the server gives a GGUF model (`GET /v1/models`): the file's,
+/// without `.gguf`.
+#[test]
+fn served_name_of_a_gguf_drops_the_extension() {
+    let Some((gguf, dir)) = models() else { return };
+    assert_eq!(
+        engine::model::folder::name(&gguf),
+        "SmolLM2-135M-Instruct.Q4_1"
+    );
+    assert_eq!(engine::model::folder::name(&dir), "smollm2-135m-instruct");
+}

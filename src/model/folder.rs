@@ -174,12 +174,16 @@ pub fn write_safetensors(
     file.sync_all().map_err(io)
 }
 
-/// A model folder's name, as servers and indexes call the model: the last
-/// component of its canonical path ("smollm2-135m-instruct" for
-/// `models/smollm2-135m-instruct/`), or "model" when it has none.
+/// A model's name, as servers and indexes call it: the last component of
+/// its canonical path ("smollm2-135m-instruct" for
+/// `models/smollm2-135m-instruct/`), a GGUF file's without `.gguf`
+/// ("SmolLM2-135M-Instruct.Q4_1"), or "model" when it has none.
 pub fn name(dir: &Path) -> String {
-    std::fs::canonicalize(dir)
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "model".into())
+    let path = std::fs::canonicalize(dir).ok();
+    let name = if path.as_deref().is_some_and(Path::is_file) {
+        path.as_deref().and_then(Path::file_stem)
+    } else {
+        path.as_deref().and_then(Path::file_name)
+    };
+    name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
 }
