@@ -11,6 +11,7 @@
 //   warp_sum, warp_max                 butterfly reductions, every lane gets the result
 //   to_float / from_float<T>           float <-> float, __nv_bfloat16, __half
 //   mma_m16n8k16_bf16(d, a, b, c)      d = a·b + c on one warp (tensor cores)
+//   mma_m16n8k32_s8(d, a, b)           d = a·b, int8 in, exact int32 out
 //   ldmatrix_x4(r, p)                  four 8x8 b16 matrices from shared memory
 //   cp_async_16, cp_async_commit, cp_async_wait<N>, cp_async_wait_all
 //   dropout_keeps(seed, i, p)          the dropout mask, the CPU device's bit for bit
@@ -22,6 +23,10 @@
 //                        a[2] = A[g][2t+8..2t+9]   a[3] = A[g+8][2t+8..2t+9]
 //   B (16x8, "col")      b[0] = B[2t..2t+1][g]     b[1] = B[2t+8..2t+9][g]
 //   C, D (16x8, f32)     c[0..1] = C[g][2t..2t+1]  c[2..3] = C[g+8][2t..2t+1]
+// m16n8k32 with int8 has the same layout in 32-bit words, each holding four
+// int8 along k (the lowest k in the low byte): a[0] = A[g][4t..4t+3],
+// a[1] = A[g+8][4t..4t+3], a[2] = A[g][4t+16..4t+19], a[3] = A[g+8][4t+16..],
+// b[0] = B[4t..4t+3][g], b[1] = B[4t+16..4t+19][g]; D as C above, int32.
 #pragma once
 
 #if defined(CUDA_EMU)
@@ -128,6 +133,42 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
           "f"(c[1]), "f"(c[2]), "f"(c[3]));
+#endif
+}
+
+// d = a·b for one 16x8x32 tile of int8, exact in int32 (a k of 32 holds at
+// most 32·128² in magnitude). All 32 lanes of the warp call it together.
+__device__ __forceinline__ void mma_m16n8k32_s8(int d[4], const unsigned a[4],
+                                                const unsigned b[2]) {
+#if defined(CUDA_EMU)
+    signed char* A = reinterpret_cast<signed char*>(emu_warp_scratch());  // [16][32]
+    signed char* B = A + 16 * 32;                                         // [8][32], k inner
+    const int lane = emu_lane_id();
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; i++) {
+        A[g * 32 + 4 * t + i] = (signed char)(a[0] >> (8 * i));
+        A[(g + 8) * 32 + 4 * t + i] = (signed char)(a[1] >> (8 * i));
+        A[g * 32 + 4 * t + 16 + i] = (signed char)(a[2] >> (8 * i));
+        A[(g + 8) * 32 + 4 * t + 16 + i] = (signed char)(a[3] >> (8 * i));
+        B[g * 32 + 4 * t + i] = (signed char)(b[0] >> (8 * i));
+        B[g * 32 + 4 * t + 16 + i] = (signed char)(b[1] >> (8 * i));
+    }
+    __syncwarp();
+    int out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = g + 8 * (i / 2), col = 2 * t + (i % 2);
+        int s = 0;
+        for (int k = 0; k < 32; k++) s += (int)A[row * 32 + k] * (int)B[col * 32 + k];
+        out[i] = s;
+    }
+    __syncwarp();
+    for (int i = 0; i < 4; i++) d[i] = out[i];
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%10, %10, %10, %10};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(0));
 #endif
 }
 

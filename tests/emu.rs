@@ -274,6 +274,37 @@ fn mma_fallback_computes_a_16x8x16_product() {
 }
 
 #[test]
+fn int8_mma_and_dp4a_fallbacks_compute_exact_products() {
+    // a [16][32] and bt [8][32] int8, as the 32-bit words the kernel reads.
+    let mut rng = rand::rng();
+    let a: Vec<i32> = (0..16 * 8).map(|_| rng.random()).collect();
+    let bt: Vec<i32> = (0..8 * 8).map(|_| rng.random()).collect();
+    let bytes = |w: &[i32]| -> Vec<i32> {
+        w.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .map(|b| b as i8 as i32)
+            .collect()
+    };
+    let (ab, bb) = (bytes(&a), bytes(&bt));
+    let dot = |x: &[i32], y: &[i32]| -> i32 { x.iter().zip(y).map(|(p, q)| p * q).sum() };
+    let want: Vec<i32> = (0..128)
+        .map(|e| dot(&ab[e / 8 * 32..][..32], &bb[e % 8 * 32..][..32]))
+        .collect();
+    let want_dots: Vec<i32> = (0..32)
+        .map(|l| dot(&ab[4 * l..][..4], &bb[4 * l..][..4]) + l as i32)
+        .collect();
+    for order in ORDERS {
+        let (mut d, mut dots) = (vec![i32::MIN; 128], vec![i32::MIN; 32]);
+        let (mut pd, mut pdots, mut pa, mut pb) =
+            (d.as_mut_ptr(), dots.as_mut_ptr(), a.as_ptr(), bt.as_ptr());
+        launch!("emu_mma_s8", (1, 1, 1), (32, 1, 1), 0, order; &mut pd, &mut pdots, &mut pa, &mut pb)
+            .unwrap();
+        assert_eq!(d, want, "mma ({order:?})");
+        assert_eq!(dots, want_dots, "dp4a ({order:?})");
+    }
+}
+
+#[test]
 fn ldmatrix_fallback_follows_the_fragment_layout() {
     let m: Vec<u16> = (0..256u16).map(|i| i * 3 + 1).collect();
     for order in ORDERS {

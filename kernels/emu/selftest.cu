@@ -131,6 +131,23 @@ extern "C" __global__ void emu_mma_bf16(float* d, const __nv_bfloat16* a, const 
     d[(g + 8) * 8 + 2 * t + 1] = rd[3];
 }
 
+// One warp: d[16x8] = a[16x32] · b[32x8] in int8 through mma_m16n8k32_s8 (a
+// row-major, b given as bt[8][32]), fragments as the PTX layout prescribes;
+// and dots[lane] = the dp4a of a's and bt's first words plus lane.
+extern "C" __global__ void emu_mma_s8(int* d, int* dots, const int* a, const int* bt) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const unsigned ra[4] = {(unsigned)a[g * 8 + t], (unsigned)a[(g + 8) * 8 + t],
+                            (unsigned)a[g * 8 + t + 4], (unsigned)a[(g + 8) * 8 + t + 4]};
+    const unsigned rb[2] = {(unsigned)bt[g * 8 + t], (unsigned)bt[g * 8 + t + 4]};
+    int rd[4];
+    mma_m16n8k32_s8(rd, ra, rb);
+    d[g * 8 + 2 * t] = rd[0];
+    d[g * 8 + 2 * t + 1] = rd[1];
+    d[(g + 8) * 8 + 2 * t] = rd[2];
+    d[(g + 8) * 8 + 2 * t + 1] = rd[3];
+    dots[lane] = __dp4a(a[lane], bt[lane], lane);
+}
+
 // One warp: four 8x8 matrices of 16-bit values (m[4][8][8]) through shared
 // memory and ldmatrix_x4; out[lane][4] the registers each lane receives.
 extern "C" __global__ void emu_ldmatrix(unsigned* out, const unsigned short* m) {

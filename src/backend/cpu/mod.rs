@@ -10,7 +10,8 @@ mod matmul;
 pub mod matmul_invariant;
 mod ops;
 mod optim;
-mod quant;
+// `quant::check` is also the CUDA device's rule at upload.
+pub(crate) mod quant;
 mod quant_backward;
 
 use crate::backend::sample::{self, SamplerConfig};

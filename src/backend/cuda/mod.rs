@@ -13,9 +13,11 @@ use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::shapes::LoraDims;
 use crate::backend::topk::merge_top_k;
 use crate::backend::{
-    mean_scale, shapes, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq, IGNORE, NO_ADAPTER,
+    cpu, mean_scale, shapes, AdamW, AdamWTensors, Backend, LoraRef, PagedSeq, QTensor, IGNORE,
+    NO_ADAPTER,
 };
 use crate::error::{Error, Result};
+use crate::quant::{GgmlType, QBytes};
 use crate::tensor::{DType, Tensor};
 use driver::{DevicePtr, GpuDriver};
 use std::ffi::c_void;
@@ -105,6 +107,24 @@ fn lora_rank_fits(r: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// The weight types with product kernels of their own in kernels/quant.cu
+/// (`matmul_q_TY_*`, TY as returned); the others are dequantized to bf16
+/// for each product.
+fn quant_kernel_type(ty: GgmlType) -> Option<&'static str> {
+    match ty {
+        GgmlType::Q8_0 => Some("q8_0"),
+        GgmlType::Q4_0 => Some("q4_0"),
+        GgmlType::Q4_1 => Some("q4_1"),
+        GgmlType::Q4_K => Some("q4_k"),
+        _ => None,
+    }
+}
+
+/// `matmul_q` with at most this many rows of x takes version 1 (dp4a, 8 rows
+/// of x per block), more rows version 2 (int8 tensor cores, 32 per block);
+/// both give the same bits.
+const MATMUL_Q_MV_ROWS: usize = 8;
 
 fn expect_dtype<D: GpuDriver>(what: &str, t: &Tensor<Cuda<D>>, dtype: DType) {
     assert_eq!(
@@ -232,6 +252,39 @@ impl<D: GpuDriver> Cuda<D> {
             n.div_ceil(128) as u32,
         );
         self.launch(kernel, grid, (THREADS, 1, 1), args)
+    }
+
+    /// out [rows, cols] = the rows `ids` of the quantized w (rows 0..rows in
+    /// order without ids), dequantized (`dequant_rows_*` in kernels/quant.cu).
+    fn dequant_rows(
+        &self,
+        out: &mut Tensor<Self>,
+        ids: Option<&DeviceBuffer<D>>,
+        rows: usize,
+        w: &QTensor<Self>,
+    ) -> Result<()> {
+        assert_eq!(out.shape, [rows, w.cols]);
+        let kernel = match out.dtype {
+            DType::BF16 => "dequant_rows_bf16",
+            DType::F32 => "dequant_rows_f32",
+            other => panic!("dequantized rows in {other}"),
+        };
+        if rows == 0 || w.cols == 0 {
+            return Ok(());
+        }
+        let row_bytes = w.ty.bytes_for(w.cols).expect("checked at upload");
+        let grid = u32::try_from(rows).expect("rows fit a grid");
+        // SAFETY: w holds w.rows rows of row_bytes (checked at upload) and
+        // every id is < w.rows (the callers' checks), so the kernel reads
+        // inside w and writes out's rows·cols elements.
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(w.buf.ptr)
+            .ptr(ids.map_or(0, |b| b.ptr))
+            .int(w.cols)
+            .int(row_bytes)
+            .int(w.ty.id() as usize);
+        self.launch(kernel, (grid, 1, 1), (THREADS, 1, 1), args)
     }
 
     /// `matmul_nt`, or with `invariant` its batch-invariant form: one kernel
@@ -531,6 +584,107 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         w: &Tensor<Self>,
     ) -> Result<()> {
         self.launch_matmul_nt(out, x, w, true)
+    }
+
+    fn upload_quant(
+        &self,
+        data: QBytes,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+    ) -> Result<QTensor<Self>> {
+        cpu::quant::check(ty, data.len(), rows, cols)?;
+        let buf = self.alloc(data.len())?;
+        // SAFETY: the allocation holds exactly these bytes.
+        unsafe { self.driver.upload(buf.ptr, &data)? };
+        Ok(QTensor {
+            buf,
+            ty,
+            rows,
+            cols,
+        })
+    }
+
+    fn matmul_q(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &QTensor<Self>) -> Result<()> {
+        let (n, m, k) = shapes::matmul_q(out, x, w);
+        expect_dtype("matmul_q x", x, DType::BF16);
+        let out_type = match out.dtype {
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+            other => panic!("matmul_q output {other}"),
+        };
+        if n == 0 || m == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            return self.zero(out);
+        }
+        let Some(ty) = quant_kernel_type(w.ty) else {
+            // The plain path: the whole weight in bf16 for this one product.
+            let mut wb = self.zeros(&[m, k], DType::BF16)?;
+            self.dequant_rows(&mut wb, None, m, w)?;
+            self.matmul_nt_invariant(out, x, &wb)?;
+            // wb must outlive the kernel.
+            return self.driver.synchronize();
+        };
+        // x in int8 per 32 values: xq [n, k], then (d, Σq) [n, k/32], 8-byte
+        // aligned as n·k is a multiple of 32.
+        let units = n * k / 32;
+        let scratch = self.alloc(n * k + units * 8)?;
+        let (xq, xds) = (scratch.ptr, scratch.ptr + (n * k) as u64);
+        // SAFETY: x is [n, k] bf16; the scratch holds n·k bytes of xq and
+        // `units` pairs of f32 after them.
+        let args = Args::default().ptr(xq).ptr(xds).ptr(x.buf.ptr).int(units);
+        let blocks = u32::try_from(units.div_ceil(8)).expect("x fits a grid");
+        self.launch("quantize_q8_bf16", (blocks, 1, 1), (THREADS, 1, 1), args)?;
+        // SAFETY: w holds m rows of row_bytes with k a multiple of its block
+        // (checked at upload), xq and xds hold n rows, out is [n, m]; the
+        // kernels clamp the rows they read to those and write inside out.
+        let row_bytes = w.ty.bytes_for(k).expect("checked at upload");
+        let args = Args::default()
+            .ptr(out.buf.ptr)
+            .ptr(w.buf.ptr)
+            .ptr(xq)
+            .ptr(xds)
+            .int(n)
+            .int(m)
+            .int(k)
+            .int(row_bytes);
+        // Tiles of w rows × x rows: QMV_ROWS × QMV_COLS (16 × 8) and
+        // QMM_W × QMM_X (32 × 32) in kernels/quant.cu.
+        if n <= MATMUL_Q_MV_ROWS {
+            let kernel = format!("matmul_q_{ty}_{out_type}");
+            let grid = (m.div_ceil(16) as u32, n.div_ceil(8) as u32, 1);
+            self.launch(&kernel, grid, (128, 1, 1), args)?;
+        } else {
+            let kernel = format!("matmul_q_mma_{ty}_{out_type}");
+            let grid = (m.div_ceil(32) as u32, n.div_ceil(32) as u32, 1);
+            self.launch(&kernel, grid, (256, 1, 1), args)?;
+        }
+        // The scratch must outlive the kernels.
+        self.driver.synchronize()
+    }
+
+    fn embedding_q(
+        &self,
+        out: &mut Tensor<Self>,
+        ids: &[u32],
+        table: &QTensor<Self>,
+    ) -> Result<()> {
+        assert_eq!(out.shape, [ids.len(), table.cols]);
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(Error::Invalid(format!(
+                "token id {bad} outside vocabulary {}",
+                table.rows
+            )));
+        }
+        if ids.is_empty() || table.cols == 0 {
+            return Ok(());
+        }
+        let dev_ids = self.upload_slice(ids)?;
+        self.dequant_rows(out, Some(&dev_ids), ids.len(), table)?;
+        // The ids must outlive the kernel.
+        self.driver.synchronize()
     }
 
     fn matmul_nt_backward(
