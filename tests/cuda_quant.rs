@@ -438,3 +438,50 @@ fn bad_input_is_an_error() {
     let after = g.download(&out).unwrap();
     assert!(after.iter().all(|&v| v == SENTINEL), "output written");
 }
+
+/// LoRA's backward through a frozen quantized weight: dx += dy · deq(W) on
+/// the emulated GPU against the CPU op, for a type with an integer kernel
+/// and one without, dx in f32 and bf16.
+#[test]
+fn backward_matches_cpu() {
+    let (g, mut rng) = (gpu(), seeded_rng("QUANT_SEED"));
+    for (ty, n, k) in [(GgmlType::Q4_1, 5, 96), (GgmlType::Q6_K, 3, 256)] {
+        let bytes = random_weights(&mut rng, ty, M * k);
+        let dy = data(&mut rng, n * M, 1.0);
+        let dx0 = data(&mut rng, n * k, 1.0);
+        let wc = Cpu
+            .upload_quant(QBytes::Owned(bytes.clone()), ty, M, k)
+            .unwrap();
+        let mut want = Cpu.upload(dx0.clone(), &[n, k], F32).unwrap();
+        let dyc = Cpu.upload(dy.clone(), &[n, M], F32).unwrap();
+        Cpu.matmul_q_backward(&mut want, &dyc, &wc).unwrap();
+        let want = Cpu.download(&want).unwrap();
+        let wg = g.upload_quant(QBytes::Owned(bytes), ty, M, k).unwrap();
+        let w = dequantize_vec(ty, &wc.buf, M * k).unwrap();
+        for dx_t in [F32, BF16] {
+            let mut dx = g.upload(dx0.clone(), &[n, k], dx_t).unwrap();
+            let dyg = g.upload(dy.clone(), &[n, M], BF16).unwrap();
+            g.matmul_q_backward(&mut dx, &dyg, &wg).unwrap();
+            let got = g.download(&dx).unwrap();
+            for i in 0..n {
+                for c in 0..k {
+                    // The weight rounds to bf16 once (half an ulp of each
+                    // product), the sum is f32, the output may round once more.
+                    let mag: f64 = (0..M)
+                        .map(|j| (dy[i * M + j] as f64 * w[j * k + c] as f64).abs())
+                        .sum::<f64>()
+                        + dx0[i * k + c].abs() as f64;
+                    let out_round = if dx_t == BF16 { BF16_U } else { 0.0 };
+                    let tol = mag * (BF16_U / 2.0 + 64.0 * U + out_round);
+                    let e = i * k + c;
+                    assert!(
+                        (got[e] as f64 - want[e] as f64).abs() <= tol,
+                        "{ty} dx {dx_t} [{i}, {c}]: {} vs {}",
+                        got[e],
+                        want[e]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -665,6 +665,26 @@ impl<D: GpuDriver> Backend for Cuda<D> {
         self.driver.synchronize()
     }
 
+    fn matmul_q_backward(
+        &self,
+        dx: &mut Tensor<Self>,
+        dy: &Tensor<Self>,
+        w: &QTensor<Self>,
+    ) -> Result<()> {
+        let (n, m, k) = shapes::matmul_q(dy, dx, w);
+        if n == 0 || m == 0 || k == 0 {
+            return Ok(());
+        }
+        // LoRA's backward through a frozen base: the weight in bf16 for this
+        // one product (the forward has the integer kernels).
+        let mut wb = self.zeros(&[m, k], DType::BF16)?;
+        self.dequant_rows(&mut wb, None, m, w)?;
+        // dx [n, k] += dy [n, m] · w [m, k]
+        self.matmul_acc(dx, dy, (n, k, m), (m, 1), &wb.buf, (k, 1))?;
+        // wb must outlive the kernel.
+        self.driver.synchronize()
+    }
+
     fn embedding_q(
         &self,
         out: &mut Tensor<Self>,
