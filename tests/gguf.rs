@@ -5,8 +5,9 @@
 //! Set `ENGINE_SMOLLM2_GGUF` to the SmolLM2-135M-Instruct GGUF to also convert
 //! the real model (to `ENGINE_SMOLLM2_OUT`, default /tmp/smollm2-hf).
 
-use engine::convert::{convert, unpermute_rows, MARKER};
+use engine::convert::{convert, MARKER};
 use engine::model::gguf::{Gguf, Value};
+use engine::model::llama_gguf::unpermute_rows;
 use engine::quant::dequant::{dequantize, GgmlType};
 use engine::tensor::DType;
 use engine::Error;

@@ -41,8 +41,11 @@ impl GgmlType {
     }
 }
 
-/// The block quantizer of `ty`: `x` is one block of values, `b` its bytes.
-fn block_fn(ty: GgmlType) -> Result<fn(&[f32], &mut [u8])> {
+/// A block quantizer: one block of values → its bytes.
+type BlockFn = fn(&[f32], &mut [u8]);
+
+/// The block quantizer of `ty`.
+fn block_fn(ty: GgmlType) -> Result<BlockFn> {
     Ok(match ty {
         GgmlType::F32 => |x, b| b.copy_from_slice(&x[0].to_le_bytes()),
         GgmlType::F16 => |x, b| b.copy_from_slice(&f16::from_f32(x[0]).to_le_bytes()),
