@@ -7,6 +7,7 @@ pub mod config;
 pub mod folder;
 pub mod gguf;
 pub mod gguf_tokenizer;
+pub mod gguf_write;
 pub mod llama;
 pub mod llama_gguf;
 pub mod lora;
