@@ -222,16 +222,22 @@ impl fmt::Display for QuantizeSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n: usize = self.types.values().sum();
         let types: Vec<String> = self.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
-        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let size = |b: u64| match b {
+            b if b < 1 << 20 => format!("{:.1} KiB", b as f64 / 1024.0),
+            b => format!("{:.1} MiB", b as f64 / (1 << 20) as f64),
+        };
+        let fallbacks = match self.fallbacks {
+            0 => String::new(),
+            n => format!("; {n} fell back, their rows not whole blocks of their type"),
+        };
         write!(
             f,
-            "{}: {n} tensors as {} ({}; {} fell back from a K type, their rows not whole 256-value blocks), {:.1} MiB → {:.1} MiB",
+            "{}: {n} tensors as {} ({}{fallbacks}), {} → {}",
             self.output.display(),
             self.ftype,
             types.join(", "),
-            self.fallbacks,
-            mib(self.bytes_in),
-            mib(self.bytes_out)
+            size(self.bytes_in),
+            size(self.bytes_out)
         )
     }
 }
@@ -248,7 +254,7 @@ enum Source {
 /// it is `input` itself.
 pub fn quantize(input: &Path, out: &Path, ftype: FileType) -> Result<QuantizeSummary> {
     check_output(input, out)?;
-    let (source, hp, names, mut metadata) = if input.is_dir() {
+    let (source, hp, mut names, metadata) = if input.is_dir() {
         let cfg = LlamaConfig::from_file(&input.join("config.json"))?;
         let hp = Hparams::from_config(&cfg);
         let names = tensor_names(&hp, cfg.vocab_size, cfg.tie_word_embeddings);
@@ -300,9 +306,7 @@ pub fn quantize(input: &Path, out: &Path, ftype: FileType) -> Result<QuantizeSum
         metadata.extend(file_type_keys(ftype));
         (Source::Gguf(g), hp, names, metadata)
     };
-    metadata.shrink_to_fit();
 
-    let mut names: Vec<TensorName> = names;
     names.sort_by(|a, b| llama_cpp_order(&a.gguf).cmp(&llama_cpp_order(&b.gguf)));
     let inputs: Vec<TensorIn> = names
         .iter()

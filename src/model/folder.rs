@@ -95,7 +95,8 @@ pub fn write_dir_atomically(
 
 /// Writes the file `out` by `fill` into a temporary sibling, then renames it
 /// over `out`, so that `out` is never half-written; on error the temporary
-/// file is removed. `fill` must sync what it writes.
+/// file is removed. `fill` must sync what it writes. Missing parent folders
+/// are made.
 pub fn write_file_atomically(
     out: &Path,
     tag: &str,
@@ -108,6 +109,9 @@ pub fn write_file_atomically(
         )));
     }
     let tmp = sibling(out, &format!("{tag}-tmp"))?;
+    if let Some(parent) = tmp.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
     let done = fill(&tmp).and_then(|_| fs::rename(&tmp, out).map_err(|e| Error::io(out, e)));
     if done.is_err() {
         let _ = fs::remove_file(&tmp);
