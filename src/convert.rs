@@ -3,13 +3,17 @@
 //! `tokenizer.json`, `tokenizer_config.json`) that both engine and HF
 //! transformers load.
 //!
-//! The file is read in HF's terms by [`HfView`]; every tensor is dequantized
-//! to f32 (see [`crate::quant::dequant`]) and written in the requested dtype.
+//! Every tensor is dequantized to f32 (see [`crate::quant::dequant`]) and
+//! written in the requested dtype. llama.cpp's converter permutes the rows of
+//! `attn_q` / `attn_k` for its RoPE layout; `unpermute_rows` undoes that.
+//! The file is read in HF's terms by [`HfView`], as `--model FILE.gguf`
+//! reads it.
 
 use crate::error::{Error, Result};
 use crate::model::folder::{write_dir_atomically, write_json};
 use crate::model::gguf::Gguf;
-use crate::model::gguf_llama::{unpermute_rows, HfView, Plan};
+use crate::model::gguf_model::HfView;
+use crate::model::llama_gguf::{unpermute_rows, TensorName};
 use crate::tensor::DType;
 use serde_json::{json, Map};
 use std::collections::BTreeMap;
@@ -126,7 +130,7 @@ pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSumm
 /// Writes the planned tensors to a safetensors file, one tensor at a time
 /// (so memory holds one dequantized tensor, not the model). Returns the
 /// number of values written.
-fn write_safetensors(g: &Gguf, plan: &[Plan], dtype: DType, path: &Path) -> Result<usize> {
+fn write_safetensors(g: &Gguf, plan: &[TensorName], dtype: DType, path: &Path) -> Result<usize> {
     let st_dtype = match dtype {
         DType::F32 => "F32",
         DType::BF16 => "BF16",
@@ -160,7 +164,7 @@ fn write_safetensors(g: &Gguf, plan: &[Plan], dtype: DType, path: &Path) -> Resu
     let mut bytes = Vec::new();
     for p in plan {
         let (shape, mut values) = g.tensor_f32(&p.gguf)?;
-        if let Some(n_head) = p.unpermute_heads {
+        if let Some(n_head) = p.rope_heads {
             values = unpermute_rows(&values, shape[0], shape[1], n_head);
         }
         bytes.clear();

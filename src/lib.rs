@@ -1,6 +1,6 @@
 //! engine: fine-tune, retrieve and serve transformers with one binary.
 //!
-//! The arrows point one way: jobs (`convert`, `infer`) → `model` → `backend`.
+//! The arrows point one way: jobs (`convert`, `quantize`, `infer`) → `model` → `backend`.
 
 pub mod backend;
 pub mod convert;
@@ -9,6 +9,7 @@ pub mod infer;
 pub mod kernels_check;
 pub mod model;
 pub mod quant;
+pub mod quantize;
 pub mod rag;
 pub mod serve;
 pub mod tensor;

@@ -4,7 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::model::gguf::Gguf;
-use crate::model::gguf_llama::HfView;
+use crate::model::gguf_model::HfView;
 use minijinja::{context, Environment};
 use serde::Serialize;
 use std::path::Path;

@@ -7,7 +7,7 @@
 
 use engine::convert::{convert, MARKER};
 use engine::model::gguf::{Gguf, Value};
-use engine::model::gguf_llama::unpermute_rows;
+use engine::model::llama_gguf::unpermute_rows;
 use engine::quant::dequant::{dequantize, GgmlType};
 use engine::tensor::DType;
 use engine::Error;

@@ -91,6 +91,14 @@ const EXPECT: &[(&str, &str)] = &[
         "The capital of France is Paris.",
     ),
     (
+        "target/release/engine quantize --model models/smollm2-135m-instruct --type q4_k",
+        "(61 F32, 16 Q4_K, 166 Q5_0, 14 Q6_K, 15 Q8_0;",
+    ),
+    (
+        "target/release/engine generate --model runs/smollm2-q4_k",
+        " Paris.\n\nThe answer is:",
+    ),
+    (
         "target/release/engine info --model models/smollm2-135m-instruct",
         "<|im_start|>assistant",
     ),

@@ -4,7 +4,7 @@ use super::common::model_path;
 use anyhow::Result;
 use engine::model::config::LlamaConfig;
 use engine::model::gguf::Gguf;
-use engine::model::gguf_llama::HfView;
+use engine::model::gguf_model::HfView;
 use engine::model::weights::SafetensorsFiles;
 use engine::tokenizer::{Message, Tokenizer};
 use std::collections::BTreeMap;

@@ -44,6 +44,8 @@ commands! {
     Info => info,
     /// Convert a GGUF file into an HF model folder (safetensors, config, tokenizer).
     Convert => convert,
+    /// Quantize a model (HF folder or GGUF) into a GGUF file that llama.cpp loads: q8_0, q4_0, q4_1, q4_k, q6_k.
+    Quantize => quantize,
     /// Fine-tune a model on a JSONL dataset: LoRA (--lora-rank) or every weight (--full).
     Finetune => finetune,
     /// Merge a LoRA adapter (PEFT format) into a model's weights, writing a new model folder.

@@ -1,6 +1,7 @@
-//! Writing model folders: every output folder is filled under a temporary
-//! name next to it and renamed into place, so a crash or an error never
-//! leaves a half-written folder where a complete one is expected.
+//! Writing model folders (and single model files): every output is filled
+//! under a temporary name next to it and renamed into place, so a crash or an
+//! error never leaves a half-written folder or file where a complete one is
+//! expected.
 
 use crate::error::{Error, Result};
 use crate::tensor::DType;
@@ -26,7 +27,7 @@ pub fn short_f64(x: f32) -> f64 {
 fn sibling(dir: &Path, tag: &str) -> Result<PathBuf> {
     let name = dir
         .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a folder name", dir.display())))?;
+        .ok_or_else(|| Error::Invalid(format!("{}: not a file or folder name", dir.display())))?;
     let parent = match dir.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -88,6 +89,32 @@ pub fn write_dir_atomically(
     });
     if done.is_err() {
         let _ = fs::remove_dir_all(&tmp);
+    }
+    done
+}
+
+/// Writes the file `out` by `fill` into a temporary sibling, then renames it
+/// over `out`, so that `out` is never half-written; on error the temporary
+/// file is removed. `fill` must sync what it writes. Missing parent folders
+/// are made.
+pub fn write_file_atomically(
+    out: &Path,
+    tag: &str,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    if out.is_dir() {
+        return Err(Error::Invalid(format!(
+            "{}: is a folder, not a file",
+            out.display()
+        )));
+    }
+    let tmp = sibling(out, &format!("{tag}-tmp"))?;
+    if let Some(parent) = tmp.parent() {
+        fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let done = fill(&tmp).and_then(|_| fs::rename(&tmp, out).map_err(|e| Error::io(out, e)));
+    if done.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
     done
 }

@@ -17,7 +17,7 @@ use crate::model::adapter::{Lora, LoraScratch};
 use crate::model::batch::{Batch, PagedKv};
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::Gguf;
-use crate::model::gguf_llama::{self, HfView};
+use crate::model::gguf_model::{self, HfView};
 use crate::model::lora::{LoraAdapter, Target};
 use crate::model::weight::Weight;
 use crate::model::weights::SafetensorsFiles;
@@ -139,13 +139,13 @@ pub struct Llama<B: Backend> {
 impl<B: Backend> Llama<B> {
     /// Loads an HF model folder (`config.json` and safetensors weights), or
     /// a llama GGUF file, whose matrices keep their formats
-    /// (`gguf_llama::load_weights`).
+    /// (`gguf_model::load_weights`).
     pub fn load(backend: B, path: &Path) -> Result<Self> {
         if path.is_file() {
             let g = Gguf::open(path)?;
             let hf = HfView::read(&g)?;
             let config = LlamaConfig::parse(&hf.config.to_string(), path)?;
-            let weights = gguf_llama::load_weights(&backend, &g, &hf)?;
+            let weights = gguf_model::load_weights(&backend, &g, &hf)?;
             return Ok(Llama {
                 config,
                 weights,

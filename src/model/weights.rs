@@ -71,6 +71,12 @@ impl SafetensorsFiles {
         Ok(SafetensorsFiles { shards, tensors })
     }
 
+    /// Bytes of tensor `name` as stored, if there is one.
+    pub fn nbytes(&self, name: &str) -> Option<usize> {
+        let (start, end) = self.tensors.get(name)?.info.data_offsets;
+        Some(end - start)
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

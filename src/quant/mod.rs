@@ -3,6 +3,7 @@
 //! that the device kernels are tested against.
 
 pub mod dequant;
+pub mod quantize;
 
 pub use dequant::GgmlType;
 
