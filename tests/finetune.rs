@@ -236,6 +236,7 @@ fn full_run_and_interrupt() {
         eval_every: 0,
         save_every: 0,
         recompute: false,
+        weights: Default::default(),
     };
     let paths = RunPaths {
         model: &m,

@@ -240,3 +240,54 @@ fn served_name_of_a_gguf_drops_the_extension() {
     );
     assert_eq!(engine::model::folder::name(&dir), "smollm2-135m-instruct");
 }
+
+/// `--weights` quantizes a model folder at load with llama-quantize's type
+/// for each tensor; Q8_0 scores within 1% of f32 (the issue's bound).
+#[test]
+fn weights_flag_quantizes_a_folder_at_load() {
+    use engine::model::quant_types::{FileType, Weights};
+    let Some((gguf, dir)) = models() else { return };
+    let m = Llama::load_as(Cpu, &dir, Weights::Quantized(FileType::Q4_K)).unwrap();
+    let w = &m.weights;
+    // Q4_K_M: rows of 576 are no whole 256-blocks, so Q4_K falls back to
+    // Q5_0 and Q6_K (attn_v / ffn_down of the "more bits" layers, and the
+    // tied head) to Q8_0; ffn_down's rows of 1536 take Q6_K in the "more
+    // bits" layers (0–2, 5, 8, …) and Q4_K in the others.
+    assert_eq!(w.layers[0].wq.format(), "Q5_0");
+    assert_eq!(w.layers[0].w_down.format(), "Q6_K");
+    assert_eq!(w.layers[4].w_down.format(), "Q4_K");
+    assert_eq!(w.embed.format(), "Q8_0");
+    let bf = Llama::load_as(Cpu, &dir, Weights::Bf16).unwrap();
+    assert_eq!(bf.weights.layers[0].w_up.format(), "BF16");
+
+    let text = "The quick brown fox jumps over the lazy dog. It was a sunny day in the park.";
+    let nll = |weights: &str| -> f64 {
+        let d = dir.to_str().unwrap();
+        let out = stdout_of(&[
+            "score",
+            "--model",
+            d,
+            "--weights",
+            weights,
+            "--json",
+            "--text",
+            text,
+        ]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nll"].as_f64().unwrap()
+    };
+    let (f, q8) = (nll("f32"), nll("q8_0"));
+    assert!((q8 - f).abs() <= 1e-2 * f, "q8_0 nll {q8} vs f32 {f}");
+
+    let out = engine(&[
+        "generate",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--weights",
+        "q8_0",
+        "--prompt",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is a GGUF"));
+}

@@ -151,7 +151,7 @@ use engine::model::config::LlamaConfig;
 use engine::model::folder::write_safetensors;
 use engine::model::gguf::{Gguf, Value};
 use engine::model::llama_gguf::{tensor_names, Hparams};
-use engine::quantize::FileType;
+use engine::model::quant_types::FileType;
 use engine::tensor::DType;
 use serde_json::json;
 use std::collections::BTreeMap;

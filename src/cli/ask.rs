@@ -1,6 +1,7 @@
 //! `engine ask`: answer a question from an index's passages, citing them.
 
-use super::common::{count, folder, model_path, load_model_and_adapter, on_device, open_device, DeviceArg};
+use super::common::{weights, count, folder, model_path, load_model_and_adapter, on_device, open_device, DeviceArg};
+use engine::model::quant_types::Weights;
 use anyhow::{bail, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::sample::SamplerConfig;
@@ -20,6 +21,10 @@ pub struct Args {
     /// or a llama GGUF file.
     #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
+    /// The format of a model folder's matrices once loaded: f32, bf16, or
+    /// quantized as llama-quantize would (q8_0, q4_0, q4_1, q4_k, q6_k).
+    #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = weights)]
+    weights: Weights,
     /// A LoRA adapter folder (PEFT format), applied unmerged.
     #[arg(long, value_name = "DIR")]
     adapter: Option<PathBuf>,
@@ -69,7 +74,7 @@ fn ask_on<B: Backend>(be: B, a: &Args) -> Result<()> {
         );
     }
     let tokenizer = Tokenizer::load(&a.model)?;
-    let (llm, adapter) = load_model_and_adapter(be, &a.model, a.adapter.as_deref())?;
+    let (llm, adapter) = load_model_and_adapter(be, &a.model, a.adapter.as_deref(), a.weights)?;
     let text = tokenizer.apply_chat_template(&messages(&a.question, &passages), true)?;
     let ids = tokenizer.encode(&text, false)?;
     let opts = GenerateOptions {

@@ -7,6 +7,7 @@ use engine::backend::cuda::real::Real;
 use engine::backend::Backend;
 use engine::model::llama::Llama;
 use engine::model::lora::LoraAdapter;
+use engine::model::quant_types::Weights;
 use std::path::Path;
 
 /// Where the model runs.
@@ -142,12 +143,17 @@ pub fn model_path(path: &Path) -> Result<()> {
 
 /// Loads a model (folder or GGUF) and, when given, applies a LoRA adapter
 /// to it.
-pub fn load_model<B: Backend>(be: B, dir: &Path, adapter: Option<&Path>) -> Result<Llama<B>> {
+pub fn load_model<B: Backend>(
+    be: B,
+    dir: &Path,
+    adapter: Option<&Path>,
+    weights: Weights,
+) -> Result<Llama<B>> {
     model_path(dir)?;
     if let Some(adapter) = adapter {
         folder("adapter", adapter)?;
     }
-    let mut llm = Llama::load(be, dir)?;
+    let mut llm = Llama::load_as(be, dir, weights)?;
     if let Some(adapter) = adapter {
         let lora = LoraAdapter::load(adapter, &llm.config)?;
         llm.set_adapter(&lora)?;
@@ -161,12 +167,13 @@ pub fn load_model_and_adapter<B: Backend>(
     be: B,
     dir: &Path,
     adapter: Option<&Path>,
+    weights: Weights,
 ) -> Result<(Llama<B>, Option<LoraAdapter>)> {
     model_path(dir)?;
     if let Some(adapter) = adapter {
         folder("adapter", adapter)?;
     }
-    let llm = Llama::load(be, dir)?;
+    let llm = Llama::load_as(be, dir, weights)?;
     let lora = match adapter {
         Some(dir) => Some(LoraAdapter::load(dir, &llm.config)?),
         None => None,
@@ -199,4 +206,9 @@ fn not_a_count(s: &str) -> String {
 /// time: `--max-tokens 0` runs nothing).
 pub fn rate(n: usize, d: std::time::Duration) -> Option<f64> {
     (n > 0 && !d.is_zero()).then(|| n as f64 / d.as_secs_f64())
+}
+
+/// `--weights`: the format of a model folder's matrices at load.
+pub fn weights(s: &str) -> Result<Weights, String> {
+    s.parse().map_err(|e: engine::Error| e.to_string())
 }

@@ -1,7 +1,8 @@
 //! `engine finetune`: LoRA (--lora-rank) or every weight (--full) on a JSONL
 //! dataset.
 
-use super::common::{count, count_u64, cpu_unless_asked, model_path, on_device, DeviceArg};
+use super::common::{weights, count, count_u64, cpu_unless_asked, model_path, on_device, DeviceArg};
+use engine::model::quant_types::Weights;
 use anyhow::{bail, Context, Result};
 use engine::backend::Backend;
 use engine::model::lora::{parse_targets, LoraConfig};
@@ -19,6 +20,10 @@ pub struct Args {
     /// llama GGUF file, run with its matrices in their own formats.
     #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
+    /// The format of a model folder's matrices once loaded: f32, bf16, or
+    /// quantized as llama-quantize would (q8_0, q4_0, q4_1, q4_k, q6_k).
+    #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = weights)]
+    weights: Weights,
     /// Training data, JSONL: one {"text"}, {"prompt","completion"} or {"messages"} per line.
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
@@ -162,6 +167,7 @@ fn finetune_on<B: Backend>(be: B, a: &Args) -> Result<()> {
         eval_every: a.eval_every,
         save_every: a.save_every,
         recompute: a.recompute,
+        weights: a.weights,
     };
     let paths = RunPaths {
         model: &a.model,

@@ -1,6 +1,7 @@
 //! `engine generate`: text after a prompt, streamed to stdout.
 
-use super::common::{count, count_u64, folder, model_path, load_model_and_adapter, on_device, open_device, rate, DeviceArg};
+use super::common::{weights, count, count_u64, folder, model_path, load_model_and_adapter, on_device, open_device, rate, DeviceArg};
+use engine::model::quant_types::Weights;
 use anyhow::{bail, Result};
 use engine::backend::sample::SamplerConfig;
 use engine::backend::Backend;
@@ -16,6 +17,10 @@ pub struct Args {
     /// llama GGUF file, run with its matrices in their own formats.
     #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
+    /// The format of a model folder's matrices once loaded: f32, bf16, or
+    /// quantized as llama-quantize would (q8_0, q4_0, q4_1, q4_k, q6_k).
+    #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = weights)]
+    weights: Weights,
     /// The text to continue (or, with --chat, the user's message).
     #[arg(long)]
     prompt: String,
@@ -66,7 +71,7 @@ pub fn run(a: Args) -> Result<()> {
 
 fn generate_on<B: Backend>(be: B, a: &Args) -> Result<()> {
     let tokenizer = Tokenizer::load(&a.model)?;
-    let (llm, adapter) = load_model_and_adapter(be, &a.model, a.adapter.as_deref())?;
+    let (llm, adapter) = load_model_and_adapter(be, &a.model, a.adapter.as_deref(), a.weights)?;
     let ids = if a.chat {
         let mut messages = Vec::new();
         if let Some(system) = &a.system {

@@ -1,7 +1,7 @@
 //! `engine quantize`: a model (HF folder or GGUF) into a quantized GGUF file.
 
 use anyhow::{bail, Result};
-use engine::quantize::FileType;
+use engine::model::quant_types::FileType;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

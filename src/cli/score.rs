@@ -1,7 +1,8 @@
 //! `engine score`: the log-probability of each token of a text given the
 //! ones before it.
 
-use super::common::{count, folder, model_path, load_model, on_device, open_device, DeviceArg};
+use super::common::{weights, count, folder, model_path, load_model, on_device, open_device, DeviceArg};
+use engine::model::quant_types::Weights;
 use anyhow::{Context, Result};
 use engine::backend::Backend;
 use engine::infer::score::score_windowed;
@@ -14,6 +15,10 @@ pub struct Args {
     /// llama GGUF file, run with its matrices in their own formats.
     #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
+    /// The format of a model folder's matrices once loaded: f32, bf16, or
+    /// quantized as llama-quantize would (q8_0, q4_0, q4_1, q4_k, q6_k).
+    #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = weights)]
+    weights: Weights,
     /// The text to score (no special tokens are added).
     #[arg(long, conflicts_with = "file", required_unless_present = "file")]
     text: Option<String>,
@@ -56,7 +61,7 @@ fn score_on<B: Backend>(be: B, a: &Args) -> Result<()> {
         (None, None) => unreachable!("clap requires --text or --file"),
     };
     let tokenizer = Tokenizer::load(&a.model)?;
-    let llm = load_model(be, &a.model, a.adapter.as_deref())?;
+    let llm = load_model(be, &a.model, a.adapter.as_deref(), a.weights)?;
     let ids = tokenizer.encode(&text, false)?;
     let window = a.window.unwrap_or(llm.config.max_position_embeddings);
     let s = score_windowed(&llm, &ids, window)?;

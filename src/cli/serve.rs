@@ -1,6 +1,7 @@
 //! `engine serve`: OpenAI's API over continuous-batched inference.
 
-use crate::cli::common::{folder, model_path, open_device, Device, DeviceArg};
+use crate::cli::common::{weights, folder, model_path, open_device, Device, DeviceArg};
+use engine::model::quant_types::Weights;
 use anyhow::{bail, Context, Result};
 use engine::backend::cpu::Cpu;
 use engine::backend::cuda::Cuda;
@@ -23,6 +24,10 @@ pub struct Args {
     /// llama GGUF file, run with its matrices in their own formats.
     #[arg(long, value_name = "DIR|FILE.gguf")]
     model: PathBuf,
+    /// The format of a model folder's matrices once loaded: f32, bf16, or
+    /// quantized as llama-quantize would (q8_0, q4_0, q4_1, q4_k, q6_k).
+    #[arg(long, value_name = "FORMAT", default_value = "f32", value_parser = weights)]
+    weights: Weights,
     /// The name clients give as `model` (default: the folder's name).
     #[arg(long)]
     served_model_name: Option<String>,
@@ -92,7 +97,7 @@ pub fn run(args: Args) -> Result<()> {
 
 fn serve<B: Backend + 'static>(be: B, args: &Args, tokenizer: Tokenizer) -> Result<()> {
     let device = be.name();
-    let model = Llama::load(be, &args.model)?;
+    let model = Llama::load_as(be, &args.model, args.weights)?;
     let num_blocks = EngineConfig::blocks_in_mib(&model, BLOCK_SIZE, args.kv_cache_mib);
     if num_blocks == 0 {
         bail!(

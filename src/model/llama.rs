@@ -18,10 +18,15 @@ use crate::model::batch::{Batch, PagedKv};
 use crate::model::config::LlamaConfig;
 use crate::model::gguf::Gguf;
 use crate::model::gguf_model::{self, HfView};
+use crate::model::llama_gguf::{tensor_names, Hparams};
 use crate::model::lora::{LoraAdapter, Target};
+use crate::model::quant_types::{TensorIn, Weights};
 use crate::model::weight::Weight;
 use crate::model::weights::SafetensorsFiles;
+use crate::quant::quantize::quantize_rows;
+use crate::quant::{GgmlType, QBytes};
 use crate::tensor::{DType, Tensor};
+use std::collections::HashMap;
 use std::path::Path;
 
 pub struct LayerWeights<B: Backend> {
@@ -141,7 +146,19 @@ impl<B: Backend> Llama<B> {
     /// a llama GGUF file, whose matrices keep their formats
     /// (`gguf_model::load_weights`).
     pub fn load(backend: B, path: &Path) -> Result<Self> {
+        Self::load_as(backend, path, Weights::F32)
+    }
+
+    /// [`Llama::load`], a folder's matrices quantized (or stored in bf16) at
+    /// load as `weights` says; a GGUF keeps its own formats.
+    pub fn load_as(backend: B, path: &Path, weights: Weights) -> Result<Self> {
         if path.is_file() {
+            if weights != Weights::F32 {
+                return Err(Error::Invalid(format!(
+                    "--weights {weights} converts a model folder at load; {} is a GGUF, run with the formats it has (engine quantize makes others)",
+                    path.display()
+                )));
+            }
             let g = Gguf::open(path)?;
             let hf = HfView::read(&g)?;
             let config = LlamaConfig::parse(&hf.config.to_string(), path)?;
@@ -156,7 +173,7 @@ impl<B: Backend> Llama<B> {
         let dir = path;
         let config = LlamaConfig::from_file(&dir.join("config.json"))?;
         let files = SafetensorsFiles::open_dir(dir)?;
-        let weights = load_weights(&backend, &config, &files, dir)?;
+        let weights = load_weights(&backend, &config, &files, dir, weights)?;
         Ok(Llama {
             config,
             weights,
@@ -422,13 +439,43 @@ fn load_weights<B: Backend>(
     c: &LlamaConfig,
     files: &SafetensorsFiles,
     dir: &Path,
+    weights: Weights,
 ) -> Result<LlamaWeights<B>> {
     let (d, f, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let load = |name: &str, shape: &[usize]| -> Result<Tensor<B>> {
         be.upload(files.load_f32(name, shape)?, shape, be.dtype())
     };
-    let matrix = |name: &str, shape: &[usize]| load(name, shape).map(Weight::Dense);
+    // The format of each matrix, by HF name, under the rules llama-quantize
+    // follows for the same tensors.
+    let names = tensor_names(&Hparams::from_config(c), v, c.tie_word_embeddings);
+    let inputs: Vec<TensorIn> = names
+        .iter()
+        .map(|n| TensorIn {
+            name: n.gguf.clone(),
+            ne: n.shape.iter().rev().copied().collect(),
+            ty: GgmlType::F32,
+        })
+        .collect();
+    let formats: HashMap<&str, Option<GgmlType>> = names
+        .iter()
+        .map(|n| n.hf.as_str())
+        .zip(weights.types(&inputs, c.num_layers))
+        .collect();
+    let matrix = |name: &str, shape: &[usize]| -> Result<Weight<B>> {
+        let Some(&Some(ty)) = formats.get(name) else {
+            return load(name, shape).map(Weight::Dense);
+        };
+        let values = files.load_f32(name, shape)?;
+        let bytes = quantize_rows(ty, &values, shape[1])
+            .map_err(|e| Error::format(dir, format!("{name}: {e}")))?;
+        match be.upload_quant(QBytes::Owned(bytes), ty, shape[0], shape[1]) {
+            Ok(q) => Ok(Weight::Quant(q)),
+            // A format this device has no kernel for: dense.
+            Err(Error::Unsupported(_)) => be.upload(values, shape, be.dtype()).map(Weight::Dense),
+            Err(e) => Err(e),
+        }
+    };
     let mut layers = Vec::with_capacity(c.num_layers);
     for i in 0..c.num_layers {
         let p = format!("model.layers.{i}");

@@ -12,6 +12,7 @@ pub mod gguf_write;
 pub mod llama;
 pub mod llama_gguf;
 pub mod lora;
+pub mod quant_types;
 pub mod train_step;
 pub mod weight;
 pub mod weights;

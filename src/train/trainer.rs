@@ -19,6 +19,7 @@ use crate::backend::{AdamW, Backend};
 use crate::error::{Error, Result};
 use crate::model::llama::Llama;
 use crate::model::lora::{LoraAdapter, LoraConfig};
+use crate::model::quant_types::Weights;
 use crate::model::train_step::{
     adamw_update, clip_grad_norm, forward_backward, grad_norm, AdamWState, Grads, TrainActivations,
     Trainable,
@@ -43,6 +44,9 @@ use std::time::Instant;
 pub struct TrainOptions {
     /// LoRA's settings; None trains every weight.
     pub lora: Option<LoraConfig>,
+    /// The format of a model folder's matrices at load (quantized: LoRA on
+    /// a frozen quantized base).
+    pub weights: Weights,
     pub length: Length,
     /// Rows per micro-batch.
     pub batch: usize,
@@ -144,7 +148,7 @@ pub fn finetune<B: Backend>(
         (Some((dir, _)), None) => dir.as_path(), // full: the checkpoint is a model folder
         _ => paths.model,
     };
-    let mut model = Llama::load(be, weights_dir)?;
+    let mut model = Llama::load_as(be, weights_dir, opts.weights)?;
     if let Some(lora) = &opts.lora {
         let adapter = match &resume {
             Some((dir, _)) => LoraAdapter::load(dir, &model.config)?,
