@@ -11,7 +11,10 @@
 # whole run and each level goes to both back to back, so that other work on a
 # shared machine slows both alike; compare the two columns of one run.
 #   benches/serve.sh [--threads T] [--device cpu|cuda] [--quick] [--no-build]
-#                    [--no-peer] [--llama-cpp-python VERSION]
+#                    [--no-peer] [--llama-cpp-python VERSION] [--gguf FILE]
+#
+# --gguf FILE: both servers serve that GGUF as it is (e.g. one `engine
+# quantize` wrote) instead of the f32 weights.
 #
 # The peer: llama-server built (once, CPU only, Release, -DGGML_NATIVE=ON) from
 # the llama.cpp sources that the llama-cpp-python sdist on PyPI vendors, into
@@ -31,7 +34,7 @@
 # the benchmark's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-threads=$(nproc) device=cpu quick=0 build=1 peer=1 llama_py=0.3.36
+threads=$(nproc) device=cpu quick=0 build=1 peer=1 llama_py=0.3.36 served_gguf=''
 while [ $# -gt 0 ]; do
   case "$1" in
     --threads) threads=$2; shift 2 ;;
@@ -40,6 +43,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0; shift ;;
     --no-peer) peer=0; shift ;;
     --llama-cpp-python) llama_py=$2; shift 2 ;;
+    --gguf) served_gguf=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -104,7 +108,7 @@ if [ "$peer" = 1 ]; then
     GIT_CEILING_DIRECTORIES=$PWD/$bench "$cmake" --build "$bench/build-$llama_py" \
       --target llama-server -j2 > "$bench/build-$llama_py.log"
   fi
-  if [ ! -s "$gguf" ]; then
+  if [ -z "$served_gguf" ] && [ ! -s "$gguf" ]; then
     echo "converting $model to an f32 GGUF with llama.cpp's convert_hf_to_gguf.py" >&2
     .venv/bin/python "$src/convert_hf_to_gguf.py" "$model" --outtype f32 \
       --outfile "$gguf.tmp" > "$bench/convert.log" 2>&1 \
@@ -143,13 +147,14 @@ start_server() { # port log command... (sets server_pid)
 engine_port=$(free_port)
 echo "engine serve: $threads threads, device $device" >&2
 start_server "$engine_port" "$work/engine.log" target/release/engine --threads "$threads" serve \
-  --model "$model" --port "$engine_port" --device "$device" --max-seqs 64 --kv-cache-mib 1440
+  --model "${served_gguf:-$model}" --served-model-name "$name" --port "$engine_port" \
+  --device "$device" --max-seqs 64 --kv-cache-mib 1440
 engine_pid=$server_pid
 if [ "$peer" = 1 ]; then
   llama_port=$(free_port)
   while [ "$llama_port" = "$engine_port" ]; do llama_port=$(free_port); done
   echo "llama-server (llama.cpp $llama_commit): $threads threads" >&2
-  start_server "$llama_port" "$work/llama.log" "$server_bin" -m "$gguf" -a "$name" \
+  start_server "$llama_port" "$work/llama.log" "$server_bin" -m "${served_gguf:-$gguf}" -a "$name" \
     --host 127.0.0.1 --port "$llama_port" -t "$threads" -tb "$threads" -np 64 -c 32768 \
     --cont-batching -ctk f32 -ctv f32 --cache-ram 0 --metrics
   llama_pid=$server_pid
@@ -183,15 +188,15 @@ curl -sf "http://127.0.0.1:$engine_port/metrics" > "$work/engine-metrics.txt" ||
 cpu=$(lscpu | sed -n 's/^Model name: *//p' | head -1)
 .venv/bin/python - "$results" "$work/engine-metrics.txt" "$cpu" "$threads" "$device" \
   "${llama_commit:-}" "$llama_py" "$quick" "$((SECONDS - start))" "$load_before" \
-  "$(cut -d' ' -f1-3 /proc/loadavg)" <<'PY'
+  "$(cut -d' ' -f1-3 /proc/loadavg)" "${served_gguf:-f32}" <<'PY'
 import json, sys
-path, metrics, cpu, threads, device, commit, llama_py, quick, secs, load0, load1 = sys.argv[1:]
+path, metrics, cpu, threads, device, commit, llama_py, quick, secs, load0, load1, weights = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 eng = {r["concurrency"]: r for r in rows if r["server"] == "engine" and r["prompt_tokens"] != 256}
 peer = {r["concurrency"]: r for r in rows if r["server"] == "llama-server" and r["prompt_tokens"] != 256}
 long = {r["server"]: r for r in rows if r["prompt_tokens"] == 256}
 out_tok = rows[0]["output_tokens"] // rows[0]["requests"]
-print(f"\nSmolLM2-135M-Instruct, f32, {threads} threads, device {device}; CPU: {cpu}")
+print(f"\nSmolLM2-135M-Instruct, {weights}, {threads} threads, device {device}; CPU: {cpu}")
 print(f"prompts 32-256 tokens, {out_tok} output tokens each (ignore_eos, temperature 0)"
       + (" -- QUICK smoke run, not the benchmark" if quick == "1" else ""))
 if peer:
