@@ -10,7 +10,7 @@ mod matmul;
 pub mod matmul_invariant;
 mod ops;
 mod optim;
-mod quant;
+pub mod quant;
 
 use crate::backend::sample::{self, SamplerConfig};
 use crate::backend::{

@@ -1,0 +1,254 @@
+//! The one tile loop every instruction set runs, generic over its registers
+//! (`Simd`) and over how a weight type unpacks a pair of blocks (`Format`).
+//! The arithmetic it performs per output is the module doc's of `quant`;
+//! the sets differ only in the tile of outputs in flight together.
+
+use super::activations::{Acts, BLOCK, GROUP, PAIR};
+use crate::backend::cpu::matmul_invariant::Lanes;
+use crate::quant::GgmlType;
+
+/// Lanes per pair of blocks (one accumulator).
+pub(super) const LANES: usize = PAIR / GROUP;
+
+/// One instruction set's registers for a pair of blocks.
+///
+/// # Safety
+/// Its functions may be called only where the processor has the set.
+pub(super) trait Simd: Sized {
+    /// 64 codes: a pair of blocks of weights (unsigned) or activations.
+    type Bytes: Copy;
+    /// 16 i32 lanes.
+    type Ints: Copy;
+    /// 16 f32 lanes: matmul_invariant's accumulators, so its tree too.
+    type Floats: Lanes;
+
+    /// p[0..64]; p valid for reads of 64 bytes.
+    unsafe fn load_bytes(p: *const i8) -> Self::Bytes;
+    /// p[0..16]; p valid for reads of 16 i32.
+    unsafe fn load_ints(p: *const i32) -> Self::Ints;
+    unsafe fn zero_ints() -> Self::Ints;
+    /// init + Σ of w·x over each lane's 4 bytes, w unsigned, x signed.
+    unsafe fn dot(init: Self::Ints, w: Self::Bytes, x: Self::Bytes) -> Self::Ints;
+    /// fma(sw · d, f32(p), acc) in every lane.
+    unsafe fn step(
+        acc: Self::Floats,
+        sw: Self::Floats,
+        d: Self::Floats,
+        p: Self::Ints,
+    ) -> Self::Floats;
+    /// Computes `b` with this set's tiles (a function compiled for the set).
+    unsafe fn block<W: Format<Self>>(b: Block);
+}
+
+/// A pair of weight blocks unpacked: codes, and per lane the scale and the
+/// min (zero for types without one).
+#[derive(Clone, Copy)]
+pub(super) struct Unpacked<S: Simd> {
+    pub codes: S::Bytes,
+    pub sw: S::Floats,
+    pub mw: S::Floats,
+}
+
+/// How one weight type's pairs of blocks unpack in one instruction set.
+///
+/// # Safety
+/// As `Simd`.
+pub(super) trait Format<S: Simd> {
+    const TYPE: GgmlType;
+    /// What `unpack`'s codes exceed the integer weights by.
+    const OFFSET: i32;
+    /// Whether the type has a min (`Unpacked::mw`).
+    const MIN: bool;
+    /// Pair `c` (values 64c..64c+64) of the row at `row`, which holds it.
+    unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<S>;
+    /// The lane sums of integer weights times codes, from `init` (the
+    /// activations' −OFFSET · Σ q): `Simd::dot`, unless a set does it
+    /// otherwise.
+    #[inline(always)]
+    unsafe fn dot(init: S::Ints, w: S::Bytes, x: S::Bytes) -> S::Ints {
+        // SAFETY: the caller's promise (the processor has S).
+        unsafe { S::dot(init, w, x) }
+    }
+}
+
+/// Marker types of the weight formats the integer kernels take.
+#[allow(non_camel_case_types)]
+pub(super) struct Q8_0;
+#[allow(non_camel_case_types)]
+pub(super) struct Q4_0;
+#[allow(non_camel_case_types)]
+pub(super) struct Q4_1;
+#[allow(non_camel_case_types)]
+pub(super) struct Q5_0;
+#[allow(non_camel_case_types)]
+pub(super) struct Q5_1;
+#[allow(non_camel_case_types)]
+pub(super) struct Q4_K;
+#[allow(non_camel_case_types)]
+pub(super) struct Q5_K;
+#[allow(non_camel_case_types)]
+pub(super) struct Q6_K;
+
+/// One task: out[i, j] (row stride `ldo`) for activation rows
+/// row0..row0+rows and weight rows w[0..cols] (`row_bytes` apart).
+#[derive(Clone, Copy)]
+pub(super) struct Block<'a> {
+    pub out: *mut f32,
+    pub ldo: usize,
+    pub acts: &'a Acts,
+    pub row0: usize,
+    pub rows: usize,
+    pub w: *const u8,
+    pub row_bytes: usize,
+    pub cols: usize,
+    /// Values per row (a multiple of the type's block size).
+    pub k: usize,
+}
+
+/// Block `b` in tiles of R rows × C columns; the last rows in one smaller
+/// tile, the last columns one at a time.
+///
+/// # Safety
+/// b.out valid for writes at out[i·ldo + j], i < rows, j < cols; b.w for
+/// reads of cols rows of row_bytes, each k values of W; rows row0.. of
+/// b.acts exist; the processor has S.
+#[inline(always)]
+pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize>(b: Block) {
+    let mut i = 0;
+    while i < b.rows {
+        let r = R.min(b.rows - i);
+        let mut j = 0;
+        // SAFETY: each tile's rows and columns lie inside the block.
+        unsafe {
+            while j + C <= b.cols {
+                tile_rows::<S, W, R, C>(b, r, i, j);
+                j += C;
+            }
+            for j in j..b.cols {
+                tile_rows::<S, W, R, 1>(b, r, i, j);
+            }
+        }
+        i += R;
+    }
+}
+
+/// `tile` with r ≤ R rows (a compile-time row count per case).
+///
+/// # Safety
+/// As [`tile`] with r rows.
+#[inline(always)]
+unsafe fn tile_rows<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+    b: Block,
+    r: usize,
+    i: usize,
+    j: usize,
+) {
+    // SAFETY: passed on, with the row count the caller promised.
+    unsafe {
+        match r {
+            1 => tile::<S, W, 1, C>(b, i, j),
+            2 if R > 2 => tile::<S, W, 2, C>(b, i, j),
+            3 if R > 3 => tile::<S, W, 3, C>(b, i, j),
+            _ => tile::<S, W, R, C>(b, i, j),
+        }
+    }
+}
+
+/// out for rows i..i+R and columns j..j+C of the block: all R·C
+/// accumulators in registers through the pairs of blocks.
+///
+/// # Safety
+/// Rows i..i+R and columns j..j+C inside the block; the rest as [`block`].
+// Indices r (row), c (column) name the accumulator tile's cells plainly.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn tile<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+    b: Block,
+    i: usize,
+    j: usize,
+) {
+    let a = b.acts;
+    let rows: [usize; R] = std::array::from_fn(|r| b.row0 + i + r);
+    // SAFETY (whole body): pair p of a row of w is inside it for p <
+    // pairs (its bytes the Format's), and so is its odd last block; pair p
+    // of an activation row is inside kp; out[(i + r)·ldo + j + c] is in
+    // the block; the processor has S (the caller's promise).
+    unsafe {
+        let w: [*const u8; C] = std::array::from_fn(|c| b.w.add((j + c) * b.row_bytes));
+        let mut acc = [[S::Floats::zero(); C]; R];
+        let blocks = b.k / BLOCK;
+        for p in 0..blocks / 2 {
+            let ws = std::array::from_fn(|c| W::unpack(w[c], p));
+            pair::<S, W, R, C>(&mut acc, &ws, a, &rows, p);
+        }
+        if blocks % 2 == 1 {
+            // The last block alone (32-value types only): unpacked from a
+            // copy followed by a zero block, whose scale and min are 0 and
+            // whose activations are the zero pad, so its lanes add exactly
+            // nothing (fma(±0, 0, acc) = acc; acc is never −0).
+            let size = W::TYPE.type_size();
+            let last = (blocks - 1) * size;
+            let padded: [[u8; 2 * MAX_BLOCK_BYTES]; C] = std::array::from_fn(|c| {
+                let mut buf = [0u8; 2 * MAX_BLOCK_BYTES];
+                buf[..size].copy_from_slice(std::slice::from_raw_parts(w[c].add(last), size));
+                buf
+            });
+            let ws = std::array::from_fn(|c| W::unpack(padded[c].as_ptr(), 0));
+            pair::<S, W, R, C>(&mut acc, &ws, a, &rows, blocks / 2);
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let o = b.out.add((i + r) * b.ldo + j);
+            if C == 4 {
+                let sums = S::Floats::reduce4([acc[0], acc[1], acc[2], acc[3]]);
+                o.copy_from_nonoverlapping(sums.as_ptr(), 4);
+            } else {
+                for (c, acc) in acc.iter().enumerate() {
+                    *o.add(c) = acc.reduce();
+                }
+            }
+        }
+    }
+}
+
+/// One step of the tile: pair `p` of its activation rows `rows` with the
+/// unpacked weights `ws` into the accumulators.
+///
+/// # Safety
+/// Pair p lies inside the rows of `a`; the processor has S.
+// Indices r (row), c (column) name the accumulator tile's cells plainly.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn pair<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+    acc: &mut [[S::Floats; C]; R],
+    ws: &[Unpacked<S>; C],
+    a: &Acts,
+    rows: &[usize; R],
+    p: usize,
+) {
+    let lanes = a.kp / GROUP;
+    for r in 0..R {
+        let at = rows[r] * lanes + p * LANES;
+        // SAFETY: pair p of row rows[r] is inside each array (the caller's
+        // promise); the processor has S.
+        unsafe {
+            let x = S::load_bytes(a.qs.as_ptr().add(rows[r] * a.kp + p * PAIR));
+            let init = if W::OFFSET != 0 {
+                S::load_ints(a.init.as_ptr().add(at))
+            } else {
+                S::zero_ints()
+            };
+            let d = S::Floats::load(a.d.as_ptr().add(at));
+            let sums = S::Floats::load(a.sums.as_ptr().add(at));
+            for c in 0..C {
+                let dot = W::dot(init, ws[c].codes, x);
+                acc[r][c] = S::step(acc[r][c], ws[c].sw, d, dot);
+                if W::MIN {
+                    acc[r][c] = acc[r][c].fma(ws[c].mw, sums);
+                }
+            }
+        }
+    }
+}
+
+/// The largest block of a 32-value type (Q8_0's 34 bytes).
+const MAX_BLOCK_BYTES: usize = 34;
