@@ -6,9 +6,8 @@
 //! 2¹⁵), so its dot multiplies |w| by q with w's sign instead.
 
 use super::super::matmul_invariant::x86::Ymm2;
-use super::kernel::{self, Block, Format, Simd, Unpacked};
+use super::kernel::{self, k4_scales_mins, Block, Format, Simd, Unpacked};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
-use crate::quant::dequant::scale_min_k4;
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -54,20 +53,27 @@ impl Simd for Avx2 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn dot(init: Two, w: Two, x: Two) -> Two {
-        let ones = _mm256_set1_epi16(1);
-        let lane = |h: usize| {
+        let mut out = init;
+        for h in 0..2 {
             let pairs = _mm256_maddubs_epi16(w[h], x[h]);
-            _mm256_add_epi32(init[h], _mm256_madd_epi16(pairs, ones))
-        };
-        [lane(0), lane(1)]
+            out[h] = _mm256_add_epi32(init[h], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+        }
+        out
     }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn step(acc: Ymm2, sw: Ymm2, d: Ymm2, p: Two) -> Ymm2 {
-        let half =
-            |acc, sw, d, p| _mm256_fmadd_ps(_mm256_mul_ps(sw, d), _mm256_cvtepi32_ps(p), acc);
-        Ymm2(half(acc.0, sw.0, d.0, p[0]), half(acc.1, sw.1, d.1, p[1]))
+        Ymm2(
+            _mm256_fmadd_ps(_mm256_mul_ps(sw.0, d.0), _mm256_cvtepi32_ps(p[0]), acc.0),
+            _mm256_fmadd_ps(_mm256_mul_ps(sw.1, d.1), _mm256_cvtepi32_ps(p[1]), acc.1),
+        )
+    }
+
+    #[inline(always)]
+    fn prefetch(p: *const u8) {
+        // SAFETY: SSE is x86-64's baseline; a prefetch never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
     unsafe fn block<W: Format<Self>>(b: Block) {
@@ -117,8 +123,7 @@ unsafe fn u32_at(p: *const u8) -> u32 {
 ///
 /// # Safety
 /// p valid for reads of 2 bytes.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[inline(always)]
 unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller's promise.
     let bits = unsafe { u16_at(p) };
@@ -130,8 +135,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 ///
 /// # Safety
 /// p valid for reads of 16 bytes.
-#[inline]
-#[target_feature(enable = "avx2")]
+#[inline(always)]
 unsafe fn nibbles_16(p: *const u8) -> __m256i {
     // SAFETY: the caller's promise.
     let q = unsafe { _mm_loadu_si128(p.cast()) };
@@ -140,9 +144,8 @@ unsafe fn nibbles_16(p: *const u8) -> __m256i {
 }
 
 /// 16 where bit e of `bits` is set, for each byte e.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn bit_16s(bits: u32) -> __m256i {
+#[inline(always)]
+unsafe fn bit_16s(bits: u32) -> __m256i {
     // Byte e takes byte e / 8 of bits (each 128-bit half holds all four),
     // then tests its bit e % 8.
     let spread = _mm256_shuffle_epi8(
@@ -158,16 +161,35 @@ fn bit_16s(bits: u32) -> __m256i {
 }
 
 /// ((v >> shift) & mask) << 4 in every byte, for the fifth and sixth bits.
-#[inline]
-#[target_feature(enable = "avx2")]
-fn high_bits(v: __m256i, shift: i32, mask: i8) -> __m256i {
+#[inline(always)]
+unsafe fn high_bits(v: __m256i, shift: i32, mask: i8) -> __m256i {
     let v = _mm256_srl_epi16(v, _mm_cvtsi32_si128(shift));
     _mm256_slli_epi16::<4>(_mm256_and_si256(v, _mm256_set1_epi8(mask)))
 }
 
-/// The 32-value types with 4-bit codes: one block at `a` with d at byte 0,
-/// an optional m at `m`, an optional u32 of fifth bits at `qh` and 16
-/// bytes of nibbles at `qs`.
+/// A 32-value block with 4-bit codes at `a`: d at byte 0, an optional m at
+/// `m`, an optional u32 of fifth bits at `qh` and 16 bytes of nibbles at
+/// `qs`.
+///
+/// # Safety
+/// The block lies at a.
+#[inline(always)]
+unsafe fn block32(a: *const u8, qs: usize, qh: Option<usize>, m: Option<usize>) -> Half {
+    // SAFETY: the caller's promise; the offsets are inside the block.
+    unsafe {
+        let mut codes = nibbles_16(a.add(qs));
+        if let Some(qh) = qh {
+            codes = _mm256_or_si256(codes, bit_16s(u32_at(a.add(qh))));
+        }
+        let m = match m {
+            Some(m) => f16_at(a.add(m)),
+            None => 0.0,
+        };
+        (codes, _mm256_set1_ps(f16_at(a)), _mm256_set1_ps(m))
+    }
+}
+
+/// The 32-value types with 4-bit codes: `block32` twice.
 macro_rules! formats32 {
     ($($ty:ident: offset $offset:expr, m $m:expr, qh $qh:expr, qs $qs:expr;)*) => {$(
         impl Format<Avx2> for $ty {
@@ -178,26 +200,17 @@ macro_rules! formats32 {
                 m.is_some()
             };
 
-            #[inline]
-            #[target_feature(enable = "avx2,f16c")]
+            #[inline(always)]
             unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx2> {
                 let size = GgmlType::$ty.type_size();
-                // SAFETY: both blocks lie at row, the caller's promise; the
-                // offsets are inside a block.
-                let block = |a: *const u8| unsafe {
-                    let mut codes = nibbles_16(a.add($qs));
-                    let qh: Option<usize> = $qh;
-                    if let Some(qh) = qh {
-                        codes = _mm256_or_si256(codes, bit_16s(u32_at(a.add(qh))));
-                    }
-                    let m: Option<usize> = $m;
-                    let m = m.map_or(0.0, |m| f16_at(a.add(m)));
-                    (codes, _mm256_set1_ps(f16_at(a)), _mm256_set1_ps(m))
-                };
-                // SAFETY: as above.
-                let a = unsafe { row.add(2 * c * size) };
-                // SAFETY: as above.
-                join(block(a), block(unsafe { a.add(size) }))
+                // SAFETY: both blocks lie at row, the caller's promise.
+                unsafe {
+                    let a = row.add(2 * c * size);
+                    join(
+                        block32(a, $qs, $qh, $m),
+                        block32(a.add(size), $qs, $qh, $m),
+                    )
+                }
             }
         }
     )*};
@@ -216,55 +229,65 @@ impl Format<Avx2> for Q8_0 {
     const MIN: bool = false;
 
     /// Codes are the signed weights themselves (see `dot`).
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx2> {
         // SAFETY: both blocks lie at row, the caller's promise.
-        let block = |a: *const u8| unsafe {
-            let codes = _mm256_loadu_si256(a.add(2).cast());
-            (codes, _mm256_set1_ps(f16_at(a)), _mm256_setzero_ps())
-        };
-        // SAFETY: as above.
-        let a = unsafe { row.add(2 * c * 34) };
-        // SAFETY: as above.
-        join(block(a), block(unsafe { a.add(34) }))
+        unsafe {
+            let (a, b) = (row.add(2 * c * 34), row.add(2 * c * 34 + 34));
+            let zero = _mm256_setzero_ps();
+            join(
+                (
+                    _mm256_loadu_si256(a.add(2).cast()),
+                    _mm256_set1_ps(f16_at(a)),
+                    zero,
+                ),
+                (
+                    _mm256_loadu_si256(b.add(2).cast()),
+                    _mm256_set1_ps(f16_at(b)),
+                    zero,
+                ),
+            )
+        }
     }
 
     /// |w| · (q with w's sign) = w · q, with |w| ≤ 128 and |q| ≤ 127, so
     /// maddubs's pairs stay under 2¹⁵.
-    #[inline]
-    #[target_feature(enable = "avx2")]
+    #[inline(always)]
     unsafe fn dot(init: Two, w: Two, x: Two) -> Two {
-        let ones = _mm256_set1_epi16(1);
-        let lane = |h: usize| {
-            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w[h]), _mm256_sign_epi8(x[h], w[h]));
-            _mm256_add_epi32(init[h], _mm256_madd_epi16(pairs, ones))
-        };
-        [lane(0), lane(1)]
+        let mut out = init;
+        // SAFETY: the caller's promise (the processor has AVX2).
+        unsafe {
+            for h in 0..2 {
+                let (w, x) = (w[h], x[h]);
+                let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+                out[h] = _mm256_add_epi32(out[h], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+            }
+        }
+        out
     }
 }
 
-/// Q4_K, Q5_K: d, dmin and the 12 bytes of 6-bit scales and mins at the
-/// start of super-block `sb`, for sub-block g: (sw, mw).
+/// The 8 bytes of b as 8 f32 (exactly).
+#[inline(always)]
+unsafe fn bytes_to_f32(b: u64) -> __m256 {
+    // SAFETY: the caller's promise (the processor has AVX2).
+    unsafe { _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(b as i64))) }
+}
+
+/// Q4_K, Q5_K: d·sc and −(dmin·m) of the 8 sub-blocks of super-block
+/// `sb`, from d, dmin and the 12 bytes of 6-bit scales and mins.
 ///
 /// # Safety
 /// sb valid for reads of 16 bytes.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn k4_scales(sb: *const u8, g: usize) -> (__m256, __m256) {
+#[inline(always)]
+unsafe fn k4_scales(sb: *const u8) -> (__m256, __m256) {
     // SAFETY: the caller's promise.
-    let (d, dmin, scales) = unsafe {
-        (
-            f16_at(sb),
-            f16_at(sb.add(2)),
-            &*sb.add(4).cast::<[u8; 12]>(),
-        )
-    };
-    let (sc, m) = scale_min_k4(scales, g);
-    (
-        _mm256_set1_ps(d * sc as f32),
-        _mm256_set1_ps(-(dmin * m as f32)),
-    )
+    unsafe {
+        let (sc, m) = k4_scales_mins(&*sb.add(4).cast::<[u8; 12]>());
+        let sw = _mm256_mul_ps(bytes_to_f32(sc), _mm256_set1_ps(f16_at(sb)));
+        let m = _mm256_mul_ps(bytes_to_f32(m), _mm256_set1_ps(f16_at(sb.add(2))));
+        (sw, _mm256_xor_ps(m, _mm256_set1_ps(-0.0)))
+    }
 }
 
 /// Q4_K and Q5_K: sub-blocks 2t and 2t+1 of super-block c / 4, codes the
@@ -273,8 +296,7 @@ unsafe fn k4_scales(sb: *const u8, g: usize) -> (__m256, __m256) {
 ///
 /// # Safety
 /// The super-block lies at row.
-#[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[inline(always)]
 unsafe fn pair_k4(row: *const u8, c: usize, size: usize, qs: usize, five: bool) -> Unpacked<Avx2> {
     let t = c % 4;
     // SAFETY: the caller's promise; the offsets are inside the super-block.
@@ -292,7 +314,19 @@ unsafe fn pair_k4(row: *const u8, c: usize, size: usize, qs: usize, five: bool) 
                 *codes = _mm256_or_si256(*codes, high_bits(qh, (2 * t + h) as i32, 1));
             }
         }
-        let (a, b) = (k4_scales(sb, 2 * t), k4_scales(sb, 2 * t + 1));
+        let (sw, mw) = k4_scales(sb);
+        let (ga, gb) = (
+            _mm256_set1_epi32(2 * t as i32),
+            _mm256_set1_epi32(2 * t as i32 + 1),
+        );
+        let a = (
+            _mm256_permutevar8x32_ps(sw, ga),
+            _mm256_permutevar8x32_ps(mw, ga),
+        );
+        let b = (
+            _mm256_permutevar8x32_ps(sw, gb),
+            _mm256_permutevar8x32_ps(mw, gb),
+        );
         join((codes[0], a.0, a.1), (codes[1], b.0, b.1))
     }
 }
@@ -302,8 +336,7 @@ impl Format<Avx2> for Q4_K {
     const OFFSET: i32 = 0;
     const MIN: bool = true;
 
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx2> {
         // SAFETY: the caller's promise.
         unsafe { pair_k4(row, c, 144, 16, false) }
@@ -315,8 +348,7 @@ impl Format<Avx2> for Q5_K {
     const OFFSET: i32 = 0;
     const MIN: bool = true;
 
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx2> {
         // SAFETY: the caller's promise.
         unsafe { pair_k4(row, c, 176, 48, true) }
@@ -330,8 +362,7 @@ impl Format<Avx2> for Q6_K {
 
     /// The layout is the portable version's: ql[64h..64h+64] >> 4·(t % 2),
     /// qh[32h..32h+32] >> 4·(t % 2) and + 2, scales[4t..4t+4].
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx2> {
         let (t, h) = (c % 4, c % 4 / 2);
         let shift = 4 * (t % 2) as i32;
@@ -339,21 +370,20 @@ impl Format<Avx2> for Q6_K {
         unsafe {
             let sb = row.add(c / 4 * 210);
             let qh = _mm256_loadu_si256(sb.add(128 + 32 * h).cast());
-            let codes = |half: usize| {
+            let mut codes = [_mm256_setzero_si256(); 2];
+            for (half, codes) in codes.iter_mut().enumerate() {
                 let ql = _mm256_loadu_si256(sb.add(64 * h + 32 * half).cast());
                 let lo = _mm256_srl_epi16(ql, _mm_cvtsi32_si128(shift));
                 let lo = _mm256_and_si256(lo, _mm256_set1_epi8(0x0F));
-                _mm256_or_si256(lo, high_bits(qh, shift + 2 * half as i32, 3))
-            };
+                *codes = _mm256_or_si256(lo, high_bits(qh, shift + 2 * half as i32, 3));
+            }
             let d = f16_at(sb.add(208));
             let sc = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(u32_at(sb.add(192 + 4 * t)) as i32));
             let sw = _mm256_castps128_ps256(_mm_mul_ps(_mm_set1_ps(d), _mm_cvtepi32_ps(sc)));
-            let lanes = |a, b| _mm256_setr_epi32(a, a, a, a, b, b, b, b);
+            let first = _mm256_permutevar8x32_ps(sw, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+            let second = _mm256_permutevar8x32_ps(sw, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3));
             let zero = _mm256_setzero_ps();
-            join(
-                (codes(0), _mm256_permutevar8x32_ps(sw, lanes(0, 1)), zero),
-                (codes(1), _mm256_permutevar8x32_ps(sw, lanes(2, 3)), zero),
-            )
+            join((codes[0], first, zero), (codes[1], second, zero))
         }
     }
 }

@@ -6,9 +6,8 @@
 
 use super::super::matmul_invariant::x86::Zmm;
 use super::super::matmul_invariant::Lanes;
-use super::kernel::{self, Block, Format, Simd, Unpacked};
+use super::kernel::{self, k4_scales_mins, Block, Format, Simd, Unpacked};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
-use crate::quant::dequant::scale_min_k4;
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
 
@@ -55,6 +54,12 @@ impl Simd for Avx512 {
         ))
     }
 
+    #[inline(always)]
+    fn prefetch(p: *const u8) {
+        // SAFETY: SSE is x86-64's baseline; a prefetch never faults.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+    }
+
     unsafe fn block<W: Format<Self>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
         unsafe { block_avx512::<W>(b) }
@@ -89,8 +94,7 @@ unsafe fn u32_at(p: *const u8) -> u32 {
 ///
 /// # Safety
 /// a and b valid for reads of 2 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,f16c")]
+#[inline(always)]
 unsafe fn f16_halves(a: *const u8, b: *const u8) -> Zmm {
     // SAFETY: the caller's promise.
     let bits = unsafe { u16_at(a) as u32 | (u16_at(b) as u32) << 16 };
@@ -99,24 +103,12 @@ unsafe fn f16_halves(a: *const u8, b: *const u8) -> Zmm {
     Zmm(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(ab)))
 }
 
-/// [a; 8] then [b; 8].
-#[inline]
-#[target_feature(enable = "avx512f")]
-fn halves(a: f32, b: f32) -> Zmm {
-    Zmm(_mm512_mask_blend_ps(
-        0xFF00,
-        _mm512_set1_ps(a),
-        _mm512_set1_ps(b),
-    ))
-}
-
 /// The 4-bit codes of two 32-value blocks whose 16 bytes lie at a and b:
 /// low nibbles of a, high of a, low of b, high of b.
 ///
 /// # Safety
 /// a and b valid for reads of 16 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx2")]
+#[inline(always)]
 unsafe fn nibbles_2x16(a: *const u8, b: *const u8) -> __m512i {
     // SAFETY: the caller's promise.
     let (qa, qb) = unsafe { (_mm_loadu_si128(a.cast()), _mm_loadu_si128(b.cast())) };
@@ -133,8 +125,7 @@ unsafe fn nibbles_2x16(a: *const u8, b: *const u8) -> __m512i {
 ///
 /// # Safety
 /// p valid for reads of 32 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[inline(always)]
 unsafe fn nibbles_32(p: *const u8) -> __m512i {
     // SAFETY: the caller's promise.
     let v = _mm512_broadcast_i64x4(unsafe { _mm256_loadu_si256(p.cast()) });
@@ -143,9 +134,8 @@ unsafe fn nibbles_32(p: *const u8) -> __m512i {
 }
 
 /// 16 where bit e of `bits` is set, for each byte e.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn bit_16s(bits: u64) -> __m512i {
+#[inline(always)]
+unsafe fn bit_16s(bits: u64) -> __m512i {
     _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(16))
 }
 
@@ -162,8 +152,7 @@ macro_rules! formats32 {
                 m.is_some()
             };
 
-            #[inline]
-            #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+            #[inline(always)]
             unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx512> {
                 let size = GgmlType::$ty.type_size();
                 // SAFETY: both blocks lie at row, the caller's promise; the
@@ -178,10 +167,14 @@ macro_rules! formats32 {
                         codes = _mm512_or_si512(codes, bit_16s(bits));
                     }
                     let m: Option<usize> = $m;
+                    let mw = match m {
+                        Some(m) => f16_halves(a.add(m), b.add(m)),
+                        None => Zmm::zero(),
+                    };
                     Unpacked {
                         codes,
                         sw: f16_halves(a, b),
-                        mw: m.map_or(Zmm::zero(), |m| f16_halves(a.add(m), b.add(m))),
+                        mw,
                     }
                 }
             }
@@ -201,8 +194,7 @@ impl Format<Avx512> for Q8_0 {
     const OFFSET: i32 = 128;
     const MIN: bool = false;
 
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx512> {
         // SAFETY: both blocks lie at row, the caller's promise.
         unsafe {
@@ -220,24 +212,32 @@ impl Format<Avx512> for Q8_0 {
     }
 }
 
-/// Q4_K, Q5_K: d, dmin and the 12 bytes of 6-bit scales and mins at the
-/// start of super-block `sb`, for sub-blocks 2t and 2t+1: (sw, mw).
+/// Q4_K, Q5_K: (sw, mw) of sub-blocks 2t and 2t+1 from d, dmin and the 12
+/// bytes of 6-bit scales and mins at the start of super-block `sb`: all
+/// eight d·sc and dmin·m in one vector, then the pair's lanes picked.
 ///
 /// # Safety
 /// sb valid for reads of 16 bytes.
-#[inline]
-#[target_feature(enable = "avx512f,f16c")]
+#[inline(always)]
 unsafe fn k4_scales(sb: *const u8, t: usize) -> (Zmm, Zmm) {
     // SAFETY: the caller's promise.
-    let (dd, scales) = unsafe { (u32_at(sb), &*sb.add(4).cast::<[u8; 12]>()) };
-    let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(dd as i32));
-    let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
-    let (sa, ma) = scale_min_k4(scales, 2 * t);
-    let (sb, mb) = scale_min_k4(scales, 2 * t + 1);
-    (
-        halves(d * sa as f32, d * sb as f32),
-        halves(-(dmin * ma as f32), -(dmin * mb as f32)),
-    )
+    unsafe {
+        let (sc, m) = k4_scales_mins(&*sb.add(4).cast::<[u8; 12]>());
+        let both = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x(m as i64, sc as i64)));
+        let dd = _mm_cvtph_ps(_mm_cvtsi32_si128(u32_at(sb) as i32));
+        let eights = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let dd = _mm512_permutexvar_ps(eights, _mm512_castps128_ps512(dd));
+        // [d·sc_0..8, dmin·m_0..8], each product one rounding as in portable.
+        let prod = _mm512_mul_ps(both, dd);
+        let pick = _mm512_add_epi32(eights, _mm512_set1_epi32(2 * t as i32));
+        let sw = _mm512_permutexvar_ps(pick, prod);
+        let m = _mm512_permutexvar_ps(_mm512_add_epi32(pick, _mm512_set1_epi32(8)), prod);
+        let mw = _mm512_castsi512_ps(_mm512_xor_si512(
+            _mm512_castps_si512(m),
+            _mm512_set1_epi32(i32::MIN),
+        ));
+        (Zmm(sw), Zmm(mw))
+    }
 }
 
 impl Format<Avx512> for Q4_K {
@@ -245,8 +245,7 @@ impl Format<Avx512> for Q4_K {
     const OFFSET: i32 = 0;
     const MIN: bool = true;
 
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx512> {
         let t = c % 4;
         // SAFETY: the super-block lies at row, the caller's promise.
@@ -267,8 +266,7 @@ impl Format<Avx512> for Q5_K {
     const OFFSET: i32 = 0;
     const MIN: bool = true;
 
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx512> {
         let t = c % 4;
         // SAFETY: the super-block lies at row, the caller's promise.
@@ -296,8 +294,7 @@ impl Format<Avx512> for Q6_K {
 
     /// The layout is the portable version's: ql[64h..64h+64] >> 4·(t % 2),
     /// qh[32h..32h+32] >> 4·(t % 2) and + 2, scales[4t..4t+4].
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,f16c")]
+    #[inline(always)]
     unsafe fn unpack(row: *const u8, c: usize) -> Unpacked<Avx512> {
         let (t, h) = (c % 4, c % 4 / 2);
         let shift = 4 * (t % 2) as i32;

@@ -36,18 +36,27 @@ pub(super) trait Simd: Sized {
         d: Self::Floats,
         p: Self::Ints,
     ) -> Self::Floats;
+    /// Asks for the cache line at p, a hint that never faults.
+    fn prefetch(p: *const u8);
     /// Computes `b` with this set's tiles (a function compiled for the set).
     unsafe fn block<W: Format<Self>>(b: Block);
 }
 
 /// A pair of weight blocks unpacked: codes, and per lane the scale and the
 /// min (zero for types without one).
-#[derive(Clone, Copy)]
 pub(super) struct Unpacked<S: Simd> {
     pub codes: S::Bytes,
     pub sw: S::Floats,
     pub mw: S::Floats,
 }
+
+// Clone and Copy by hand: a derive would ask S itself to be Copy.
+impl<S: Simd> Clone for Unpacked<S> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<S: Simd> Copy for Unpacked<S> {}
 
 /// How one weight type's pairs of blocks unpack in one instruction set.
 ///
@@ -177,9 +186,17 @@ unsafe fn tile<S: Simd, W: Format<S>, const R: usize, const C: usize>(
         let w: [*const u8; C] = std::array::from_fn(|c| b.w.add((j + c) * b.row_bytes));
         let mut acc = [[S::Floats::zero(); C]; R];
         let blocks = b.k / BLOCK;
+        // Each column's row advances `step` bytes a pair; reading them
+        // ahead keeps enough misses in flight for memory's bandwidth (the
+        // unpacking is too much work a byte for the processor's window).
+        let step = b.row_bytes * 2 / blocks;
+        let ahead = PREFETCH_TILES * C * b.row_bytes;
         for p in 0..blocks / 2 {
-            let ws = std::array::from_fn(|c| W::unpack(w[c], p));
-            pair::<S, W, R, C>(&mut acc, &ws, a, &rows, p);
+            for w in w {
+                S::prefetch(w.wrapping_add(p * step + ahead));
+            }
+            let ws = unpack_all::<S, W, C>(&w, p);
+            acc = pair::<S, W, R, C>(acc, &ws, a, &rows, p);
         }
         if blocks % 2 == 1 {
             // The last block alone (32-value types only): unpacked from a
@@ -193,8 +210,9 @@ unsafe fn tile<S: Simd, W: Format<S>, const R: usize, const C: usize>(
                 buf[..size].copy_from_slice(std::slice::from_raw_parts(w[c].add(last), size));
                 buf
             });
-            let ws = std::array::from_fn(|c| W::unpack(padded[c].as_ptr(), 0));
-            pair::<S, W, R, C>(&mut acc, &ws, a, &rows, blocks / 2);
+            let at: [*const u8; C] = std::array::from_fn(|c| padded[c].as_ptr());
+            let ws = unpack_all::<S, W, C>(&at, 0);
+            acc = pair::<S, W, R, C>(acc, &ws, a, &rows, blocks / 2);
         }
         for (r, acc) in acc.iter().enumerate() {
             let o = b.out.add((i + r) * b.ldo + j);
@@ -210,8 +228,31 @@ unsafe fn tile<S: Simd, W: Format<S>, const R: usize, const C: usize>(
     }
 }
 
+/// Pair p of each of the C rows at `w`. (A loop, not `array::from_fn`: a
+/// closure is a function of its own, compiled without the set's features
+/// unless inlined, and then every intrinsic in it is a call.)
+///
+/// # Safety
+/// As [`Format::unpack`] for each row.
+#[inline(always)]
+unsafe fn unpack_all<S: Simd, W: Format<S>, const C: usize>(
+    w: &[*const u8; C],
+    p: usize,
+) -> [Unpacked<S>; C] {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let mut ws = [W::unpack(w[0], p); C];
+        for c in 1..C {
+            ws[c] = W::unpack(w[c], p);
+        }
+        ws
+    }
+}
+
 /// One step of the tile: pair `p` of its activation rows `rows` with the
-/// unpacked weights `ws` into the accumulators.
+/// unpacked weights `ws` into the accumulators. (By value: through a
+/// reference, one of them lived on the stack, a store and a reload each
+/// step.)
 ///
 /// # Safety
 /// Pair p lies inside the rows of `a`; the processor has S.
@@ -219,12 +260,12 @@ unsafe fn tile<S: Simd, W: Format<S>, const R: usize, const C: usize>(
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
 unsafe fn pair<S: Simd, W: Format<S>, const R: usize, const C: usize>(
-    acc: &mut [[S::Floats; C]; R],
+    mut acc: [[S::Floats; C]; R],
     ws: &[Unpacked<S>; C],
     a: &Acts,
     rows: &[usize; R],
     p: usize,
-) {
+) -> [[S::Floats; C]; R] {
     let lanes = a.kp / GROUP;
     for r in 0..R {
         let at = rows[r] * lanes + p * LANES;
@@ -248,7 +289,54 @@ unsafe fn pair<S: Simd, W: Format<S>, const R: usize, const C: usize>(
             }
         }
     }
+    acc
 }
+
+/// The 8 six-bit scales and 8 mins of a Q4_K/Q5_K super-block from its 12
+/// packed bytes, a byte each (scales, mins): `dequant::scale_min_k4` for
+/// all eight at once, on 32-bit words. Sub-blocks 0..4 keep the low 6 bits
+/// of bytes 0..4 (scales) and 4..8 (mins); 4..8 take the low (scales) or
+/// high (mins) nibbles of bytes 8..12, and their top 2 bits from the top 2
+/// bits of bytes 0..4 (scales) or 4..8 (mins).
+#[inline(always)]
+pub(super) fn k4_scales_mins(s: &[u8; 12]) -> (u64, u64) {
+    let word = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (a, b, c) = (word(0), word(4), word(8));
+    let (low6, low4, top2) = (0x3F3F_3F3F, 0x0F0F_0F0F, 0x0303_0303);
+    let sc_hi = (c & low4) | ((a >> 6) & top2) << 4;
+    let m_hi = ((c >> 4) & low4) | ((b >> 6) & top2) << 4;
+    let join = |lo: u32, hi: u32| lo as u64 | (hi as u64) << 32;
+    (join(a & low6, sc_hi), join(b & low6, m_hi))
+}
+
+/// Tiles of weights read ahead (a tile's C rows are contiguous, so this
+/// is the same position in a later tile's rows).
+const PREFETCH_TILES: usize = 2;
 
 /// The largest block of a 32-value type (Q8_0's 34 bytes).
 const MAX_BLOCK_BYTES: usize = 34;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::dequant::scale_min_k4;
+
+    /// The word arithmetic is `scale_min_k4`, on every byte pattern's bits.
+    #[test]
+    fn k4_scales_mins_is_scale_min_k4() {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..1000 {
+            let s: [u8; 12] = std::array::from_fn(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            });
+            let (sc, m) = k4_scales_mins(&s);
+            for j in 0..8 {
+                let got = ((sc >> (8 * j)) as u8, (m >> (8 * j)) as u8);
+                assert_eq!(got, scale_min_k4(&s, j), "{s:?} sub-block {j}");
+            }
+        }
+    }
+}

@@ -54,6 +54,9 @@ impl Simd for Portable {
         acc
     }
 
+    #[inline(always)]
+    fn prefetch(_: *const u8) {}
+
     unsafe fn block<W: Format<Self>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
         unsafe { kernel::block::<Self, W, 2, 2>(b) }
