@@ -22,13 +22,14 @@
 //!
 //!   cargo bench --bench matmul [-- --threads 1,2] [--n 1,4,16,64,256] [--ms 300]
 //!       [--part f32|quant|all] [--quant Q8_0,Q4_0,Q4_K] [--quant-n 1,16,256]
+//!       [--quant-isa avx512vnni|avx2|portable]  (default: the fastest here)
 
 mod common;
 #[path = "../tests/common/qblocks.rs"]
 mod qblocks;
 
 use engine::backend::cpu::matmul_invariant::{matmul_nt_invariant, Isa};
-use engine::backend::cpu::quant::Isa as QuantIsa;
+use engine::backend::cpu::quant::{matmul_q_with, Isa as QuantIsa};
 use engine::backend::cpu::Cpu;
 use engine::backend::{Backend, QTensor};
 use engine::quant::{GgmlType, QBytes};
@@ -58,6 +59,7 @@ fn list(v: &str) -> Vec<usize> {
 fn main() {
     let (mut threads, mut ns, mut ms) = (vec![1, 2], vec![1, 4, 16, 64, 256], 300.0);
     let (mut part, mut types, mut quant_ns) = ("all".to_string(), vec![], vec![1, 16, 256]);
+    let mut isa = QuantIsa::detect();
     types.extend([GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_K]);
     common::each_flag(|flag, value| match flag {
         "--threads" => threads = list(&value),
@@ -66,6 +68,14 @@ fn main() {
         "--part" => part = value,
         "--quant" => types = value.split(',').map(type_named).collect(),
         "--quant-n" => quant_ns = list(&value),
+        "--quant-isa" => {
+            isa = match value.as_str() {
+                "avx512vnni" => QuantIsa::Avx512Vnni,
+                "avx2" => QuantIsa::Avx2,
+                "portable" => QuantIsa::Portable,
+                other => panic!("unknown --quant-isa {other}"),
+            }
+        }
         other => panic!("unknown flag {other}"),
     });
     println!("invariant kernel: {:?}", Isa::detect());
@@ -73,7 +83,7 @@ fn main() {
         f32_products(&threads, &ns, ms);
     }
     if part != "f32" {
-        quant_products(&threads, &quant_ns, &types, ms);
+        quant_products(isa, &threads, &quant_ns, &types, ms);
     }
 }
 
@@ -123,8 +133,8 @@ fn f32_products(threads: &[usize], ns: &[usize], ms: f64) {
 }
 
 /// matmul_nt_invariant against matmul_q for each of `types`.
-fn quant_products(threads: &[usize], ns: &[usize], types: &[GgmlType], ms: f64) {
-    println!("\nquantized kernel: {:?}", QuantIsa::detect());
+fn quant_products(isa: QuantIsa, threads: &[usize], ns: &[usize], types: &[GgmlType], ms: f64) {
+    println!("\nquantized kernel: {isa:?}");
     println!(
         "{:<18} {:<5} {:>4} {:>3} {:>10} {:>10} {:>6} {:>6}",
         "shape", "type", "n", "thr", "f32 inv", "quant", "unit", "f32/q"
@@ -155,7 +165,8 @@ fn quant_products(threads: &[usize], ns: &[usize], types: &[GgmlType], ms: f64) 
                         best_seconds(ms, |quant| {
                             if quant {
                                 qi = (qi + 1) % qcopies;
-                                Cpu.matmul_q(&mut out, &x, &qs[qi]).unwrap();
+                                let (o, x, w) = (&mut out.buf[..], &x.buf[..], &qs[qi].buf[..]);
+                                matmul_q_with(isa, ty, o, x, w, n, m, k);
                             } else {
                                 i = (i + 1) % copies;
                                 let (o, x, w) = (&mut out.buf[..], &x.buf[..], &ws[i].buf[..]);

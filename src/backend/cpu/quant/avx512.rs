@@ -66,12 +66,18 @@ impl Simd for Avx512 {
     }
 }
 
-/// 32 zmm registers: 4×3 accumulators, 3 columns' codes, scales and mins,
-/// and a row's activations.
+/// 32 zmm registers: 4×4 accumulators, 4 columns' codes and scales, a
+/// row's activations; types with a min need 4 more (mins), so 4×3.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn block_avx512<W: Format<Avx512>>(b: Block) {
     // SAFETY: the caller's promises; the processor has these features.
-    unsafe { kernel::block::<Avx512, W, 4, 3>(b) }
+    unsafe {
+        if W::MIN {
+            kernel::block::<Avx512, W, 4, 3>(b)
+        } else {
+            kernel::block::<Avx512, W, 4, 4>(b)
+        }
+    }
 }
 
 /// The little-endian u16 and u32 at p (unaligned).

@@ -114,8 +114,10 @@ pub(super) struct Block<'a> {
     pub k: usize,
 }
 
-/// Block `b` in tiles of R rows × C columns; the last rows in one smaller
-/// tile, the last columns one at a time.
+/// Block `b` in tiles of R rows × C columns (the last columns one at a
+/// time, the last rows in one smaller tile). With several row tiles
+/// (prefill), each column tile's pairs are unpacked once into a buffer and
+/// read back by every row tile; with one (decode), as they are used.
 ///
 /// # Safety
 /// b.out valid for writes at out[i·ldo + j], i < rows, j < cols; b.w for
@@ -123,21 +125,131 @@ pub(super) struct Block<'a> {
 /// b.acts exist; the processor has S.
 #[inline(always)]
 pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize>(b: Block) {
-    let mut i = 0;
-    while i < b.rows {
-        let r = R.min(b.rows - i);
-        let mut j = 0;
-        // SAFETY: each tile's rows and columns lie inside the block.
-        unsafe {
-            while j + C <= b.cols {
-                tile_rows::<S, W, R, C>(b, r, i, j);
-                j += C;
-            }
-            for j in j..b.cols {
-                tile_rows::<S, W, R, 1>(b, r, i, j);
-            }
+    let pairs = (b.k / BLOCK).div_ceil(2);
+    let mut buf = Vec::with_capacity(if b.rows > R { C * pairs } else { 0 });
+    let mut j = 0;
+    // SAFETY: each column tile lies inside the block.
+    unsafe {
+        while j + C <= b.cols {
+            columns::<S, W, R, C>(b, j, &mut buf);
+            j += C;
         }
-        i += R;
+        for j in j..b.cols {
+            columns::<S, W, R, 1>(b, j, &mut buf);
+        }
+    }
+}
+
+/// Columns j..j+C of the block, all its rows.
+///
+/// # Safety
+/// Columns j..j+C inside the block; the rest as [`block`].
+#[inline(always)]
+unsafe fn columns<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+    b: Block,
+    j: usize,
+    buf: &mut Vec<Unpacked<S>>,
+) {
+    let blocks = b.k / BLOCK;
+    let rows = Rows {
+        // SAFETY: rows j..j+C of w are inside the block (the caller's promise).
+        w: std::array::from_fn(|c| unsafe { b.w.add((j + c) * b.row_bytes) }),
+        pairs: blocks / 2,
+        // Each row advances `step` bytes a pair; reading ahead keeps enough
+        // misses in flight for memory's bandwidth (unpacking is too much
+        // work a byte for the processor's window to do it alone).
+        step: b.row_bytes * 2 / blocks,
+        ahead: PREFETCH_TILES * C * b.row_bytes,
+    };
+    let tail = blocks % 2 == 1;
+    // SAFETY (whole body): the tiles' rows lie in the block, the buffer
+    // holds every pair; the rest is the caller's promise.
+    unsafe {
+        if b.rows <= R {
+            tile_rows::<S, W, _, R, C>(b, b.rows, 0, j, tail, &rows);
+            return;
+        }
+        buf.clear();
+        for p in 0..rows.pairs {
+            buf.extend_from_slice(&Source::<S, W, C>::pair(&rows, p));
+        }
+        if tail {
+            buf.extend_from_slice(&Source::<S, W, C>::last(&rows));
+        }
+        let unpacked = Buffer::<S, C>(buf.as_ptr(), rows.pairs);
+        let mut i = 0;
+        while i < b.rows {
+            tile_rows::<S, W, _, R, C>(b, R.min(b.rows - i), i, j, tail, &unpacked);
+            i += R;
+        }
+    }
+}
+
+/// Where a tile takes the unpacked weights of its C columns.
+trait Source<S: Simd, W: Format<S>, const C: usize> {
+    /// Pair p of the whole pairs of blocks.
+    unsafe fn pair(&self, p: usize) -> [Unpacked<S>; C];
+    /// The last block alone, as a pair with a zero block.
+    unsafe fn last(&self) -> [Unpacked<S>; C];
+}
+
+/// The C rows of weights themselves.
+struct Rows<const C: usize> {
+    w: [*const u8; C],
+    /// Whole pairs of blocks per row.
+    pairs: usize,
+    /// Bytes a pair.
+    step: usize,
+    /// Bytes read ahead.
+    ahead: usize,
+}
+
+impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Rows<C> {
+    #[inline(always)]
+    unsafe fn pair(&self, p: usize) -> [Unpacked<S>; C] {
+        for w in self.w {
+            S::prefetch(w.wrapping_add(p * self.step + self.ahead));
+        }
+        // SAFETY: the rows hold pair p (the caller's promise).
+        unsafe { unpack_all::<S, W, C>(&self.w, p) }
+    }
+
+    /// A copy of the last block followed by a zero block, whose scale and
+    /// min are 0 and whose activations are the zero pad, so its lanes add
+    /// exactly nothing (fma(±0, 0, acc) = acc; acc is never −0). Only
+    /// 32-value types have an odd number of blocks.
+    #[inline(always)]
+    unsafe fn last(&self) -> [Unpacked<S>; C] {
+        let size = W::TYPE.type_size();
+        let at = 2 * self.pairs * size;
+        let padded: [[u8; 2 * MAX_BLOCK_BYTES]; C] = std::array::from_fn(|c| {
+            let mut buf = [0u8; 2 * MAX_BLOCK_BYTES];
+            // SAFETY: the row's last block (the caller's promise).
+            buf[..size]
+                .copy_from_slice(unsafe { std::slice::from_raw_parts(self.w[c].add(at), size) });
+            buf
+        });
+        let at: [*const u8; C] = std::array::from_fn(|c| padded[c].as_ptr());
+        // SAFETY: each copy holds a pair of blocks.
+        unsafe { unpack_all::<S, W, C>(&at, 0) }
+    }
+}
+
+/// Pairs unpacked by `Rows` into a buffer: pair p of column c at p·C + c,
+/// the last block alone after the whole pairs.
+struct Buffer<S: Simd, const C: usize>(*const Unpacked<S>, usize);
+
+impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Buffer<S, C> {
+    #[inline(always)]
+    unsafe fn pair(&self, p: usize) -> [Unpacked<S>; C] {
+        // SAFETY: the buffer holds pair p (the caller's promise).
+        unsafe { self.0.add(p * C).cast::<[Unpacked<S>; C]>().read() }
+    }
+
+    #[inline(always)]
+    unsafe fn last(&self) -> [Unpacked<S>; C] {
+        // SAFETY: the buffer holds the last block after the pairs.
+        unsafe { Source::<S, W, C>::pair(self, self.1) }
     }
 }
 
@@ -146,19 +258,25 @@ pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize
 /// # Safety
 /// As [`tile`] with r rows.
 #[inline(always)]
-unsafe fn tile_rows<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+unsafe fn tile_rows<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, const C: usize>(
     b: Block,
     r: usize,
     i: usize,
     j: usize,
+    tail: bool,
+    src: &Src,
 ) {
-    // SAFETY: passed on, with the row count the caller promised.
+    // SAFETY: passed on, with the row count the caller promised (the
+    // last arm only for r = R: a smaller r there would write past the block).
     unsafe {
         match r {
-            1 => tile::<S, W, 1, C>(b, i, j),
-            2 if R > 2 => tile::<S, W, 2, C>(b, i, j),
-            3 if R > 3 => tile::<S, W, 3, C>(b, i, j),
-            _ => tile::<S, W, R, C>(b, i, j),
+            1 => tile::<S, W, Src, 1, C>(b, i, j, tail, src),
+            2 if R > 2 => tile::<S, W, Src, 2, C>(b, i, j, tail, src),
+            3 if R > 3 => tile::<S, W, Src, 3, C>(b, i, j, tail, src),
+            _ => {
+                assert_eq!(r, R, "tiles have at most 4 rows or exactly R");
+                tile::<S, W, Src, R, C>(b, i, j, tail, src)
+            }
         }
     }
 }
@@ -167,52 +285,29 @@ unsafe fn tile_rows<S: Simd, W: Format<S>, const R: usize, const C: usize>(
 /// accumulators in registers through the pairs of blocks.
 ///
 /// # Safety
-/// Rows i..i+R and columns j..j+C inside the block; the rest as [`block`].
-// Indices r (row), c (column) name the accumulator tile's cells plainly.
-#[allow(clippy::needless_range_loop)]
+/// Rows i..i+R and columns j..j+C inside the block, `src` holding their
+/// weights (with a last block alone where `tail`); the rest as [`block`].
 #[inline(always)]
-unsafe fn tile<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+unsafe fn tile<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, const C: usize>(
     b: Block,
     i: usize,
     j: usize,
+    tail: bool,
+    src: &Src,
 ) {
     let a = b.acts;
     let rows: [usize; R] = std::array::from_fn(|r| b.row0 + i + r);
-    // SAFETY (whole body): pair p of a row of w is inside it for p <
-    // pairs (its bytes the Format's), and so is its odd last block; pair p
-    // of an activation row is inside kp; out[(i + r)·ldo + j + c] is in
-    // the block; the processor has S (the caller's promise).
+    let pairs = b.k / BLOCK / 2;
+    // SAFETY (whole body): pair p of an activation row is inside kp;
+    // out[(i + r)·ldo + j + c] is in the block; the rest is the caller's
+    // promise.
     unsafe {
-        let w: [*const u8; C] = std::array::from_fn(|c| b.w.add((j + c) * b.row_bytes));
         let mut acc = [[S::Floats::zero(); C]; R];
-        let blocks = b.k / BLOCK;
-        // Each column's row advances `step` bytes a pair; reading them
-        // ahead keeps enough misses in flight for memory's bandwidth (the
-        // unpacking is too much work a byte for the processor's window).
-        let step = b.row_bytes * 2 / blocks;
-        let ahead = PREFETCH_TILES * C * b.row_bytes;
-        for p in 0..blocks / 2 {
-            for w in w {
-                S::prefetch(w.wrapping_add(p * step + ahead));
-            }
-            let ws = unpack_all::<S, W, C>(&w, p);
-            acc = pair::<S, W, R, C>(acc, &ws, a, &rows, p);
+        for p in 0..pairs {
+            acc = pair::<S, W, R, C>(acc, &src.pair(p), a, &rows, p);
         }
-        if blocks % 2 == 1 {
-            // The last block alone (32-value types only): unpacked from a
-            // copy followed by a zero block, whose scale and min are 0 and
-            // whose activations are the zero pad, so its lanes add exactly
-            // nothing (fma(±0, 0, acc) = acc; acc is never −0).
-            let size = W::TYPE.type_size();
-            let last = (blocks - 1) * size;
-            let padded: [[u8; 2 * MAX_BLOCK_BYTES]; C] = std::array::from_fn(|c| {
-                let mut buf = [0u8; 2 * MAX_BLOCK_BYTES];
-                buf[..size].copy_from_slice(std::slice::from_raw_parts(w[c].add(last), size));
-                buf
-            });
-            let at: [*const u8; C] = std::array::from_fn(|c| padded[c].as_ptr());
-            let ws = unpack_all::<S, W, C>(&at, 0);
-            acc = pair::<S, W, R, C>(acc, &ws, a, &rows, blocks / 2);
+        if tail {
+            acc = pair::<S, W, R, C>(acc, &src.last(), a, &rows, pairs);
         }
         for (r, acc) in acc.iter().enumerate() {
             let o = b.out.add((i + r) * b.ldo + j);
