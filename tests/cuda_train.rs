@@ -38,6 +38,7 @@ fn options(lora: Option<LoraConfig>, lr: f64, save_every: u64) -> TrainOptions {
         eval_every: 0,
         save_every,
         recompute: false,
+        weights: Default::default(),
     }
 }
 

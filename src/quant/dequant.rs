@@ -257,7 +257,7 @@ fn q5_1(b: &[u8], y: &mut [f32]) {
 
 /// The 6-bit scale and min of sub-block `j` (0..8) of a Q4_K/Q5_K block, from
 /// the 12 packed bytes (ggml's `get_scale_min_k4`).
-pub(super) fn scale_min_k4(scales: &[u8], j: usize) -> (u8, u8) {
+pub(crate) fn scale_min_k4(scales: &[u8], j: usize) -> (u8, u8) {
     if j < 4 {
         (scales[j] & 63, scales[j + 4] & 63)
     } else {

@@ -4,6 +4,7 @@
 #[cfg(feature = "emu")]
 pub mod emu;
 pub mod paged;
+pub mod qblocks;
 
 use safetensors::SafeTensors;
 use std::path::{Path, PathBuf};

@@ -165,12 +165,13 @@ unsafe fn block(isa: Isa, b: Block) {
 }
 
 /// The 16 lane accumulators of one output element in one instruction set's
-/// registers, and the operations of the module's arithmetic on them.
+/// registers, and the operations of the module's arithmetic on them (the
+/// quantized products accumulate in them too, so they share the tree).
 ///
 /// # Safety
 /// Implementations for an instruction set may be called only where the
 /// processor has it.
-trait Lanes: Copy {
+pub(super) trait Lanes: Copy {
     /// All lanes +0.0.
     unsafe fn zero() -> Self;
     /// p[0..16]; p valid for reads of 16 floats.
@@ -352,7 +353,7 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
 /// The x86-64 versions: the generic code compiled with AVX-512 or AVX2 + FMA
 /// enabled, on registers of those instruction sets.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{block_tiles, Block, Lanes};
     use std::arch::x86_64::*;
 
@@ -374,7 +375,7 @@ mod x86 {
 
     /// 16 lanes in one AVX-512 register.
     #[derive(Clone, Copy)]
-    struct Zmm(__m512);
+    pub(in crate::backend::cpu) struct Zmm(pub(in crate::backend::cpu) __m512);
 
     impl Lanes for Zmm {
         #[inline]
@@ -450,7 +451,10 @@ mod x86 {
 
     /// 16 lanes in two AVX registers: lanes 0..8 and 8..16.
     #[derive(Clone, Copy)]
-    struct Ymm2(__m256, __m256);
+    pub(in crate::backend::cpu) struct Ymm2(
+        pub(in crate::backend::cpu) __m256,
+        pub(in crate::backend::cpu) __m256,
+    );
 
     impl Lanes for Ymm2 {
         #[inline]

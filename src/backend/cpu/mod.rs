@@ -11,7 +11,7 @@ pub mod matmul_invariant;
 mod ops;
 mod optim;
 // `quant::check` is also the CUDA device's rule at upload.
-pub(crate) mod quant;
+pub mod quant;
 mod quant_backward;
 
 use crate::backend::sample::{self, SamplerConfig};
