@@ -7,11 +7,10 @@
 
 mod common;
 
-use common::fixture;
+use common::{engine, fixture};
 use engine::backend::cpu::Cpu;
 use engine::model::bert::Embedder;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn model_dir() -> Option<PathBuf> {
     common::real_model("all-minilm-l6-v2", &["model.safetensors"])
@@ -149,13 +148,6 @@ fn identity_names_the_model_and_is_stable() {
 }
 
 // ----- the command line -----
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

@@ -6,13 +6,13 @@
 
 mod common;
 
+use common::{engine, engine_ok as stdout_of};
 use engine::backend::cpu::Cpu;
 use engine::model::llama::Llama;
 use engine::model::weight::Weight;
 use engine::quant::{GgmlType, QBytes};
 use engine::tokenizer::{Message, Tokenizer};
 use std::path::PathBuf;
-use std::process::Command;
 
 const GGUF: &str = ".downloads/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -23,23 +23,6 @@ fn models() -> Option<(PathBuf, PathBuf)> {
         &["model.safetensors", &format!("../{GGUF}")],
     )?;
     Some((dir.join("..").join(GGUF), dir))
-}
-
-fn engine(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stdout_of(args: &[&str]) -> String {
-    let out = engine(args);
-    assert!(
-        out.status.success(),
-        "engine {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]

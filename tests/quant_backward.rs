@@ -2,38 +2,15 @@
 //! product with the dequantized weights, for every type with a block
 //! layout of its own, on ragged shapes.
 
+mod common;
+
+use common::qblocks::random_blocks;
 use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
 use engine::quant::{dequant, GgmlType, QBytes};
 use engine::tensor::DType::F32;
-use half::f16;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// `rows` rows of random blocks of `ty`: random bytes, with every f16 scale
-/// (the first two bytes of a block, and the K types' second) set to a
-/// sane value so no block is infinite or NaN.
-fn random_blocks(rng: &mut StdRng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let bytes = ty.bytes_for(cols).unwrap() * rows;
-    let mut out: Vec<u8> = (0..bytes).map(|_| rng.random()).collect();
-    let scale = |rng: &mut StdRng| f16::from_f32(rng.random_range(0.001..0.02)).to_le_bytes();
-    for block in out.chunks_exact_mut(ty.type_size()) {
-        match ty {
-            // d (and dmin) first.
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q4_1 | GgmlType::Q5_1 => {
-                block[..2].copy_from_slice(&scale(rng));
-                block[2..4].copy_from_slice(&scale(rng));
-            }
-            // d last.
-            GgmlType::Q6_K => {
-                let n = block.len();
-                block[n - 2..].copy_from_slice(&scale(rng));
-            }
-            _ => block[..2].copy_from_slice(&scale(rng)),
-        }
-    }
-    out
-}
 
 #[test]
 fn dx_is_dy_times_the_dequantized_weight() {

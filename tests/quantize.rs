@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, Golden};
+use common::{engine, fixture, Golden};
 use engine::quant::dequant::dequantize_vec;
 use engine::quant::quantize::{first_nonfinite_block, quantize, quantize_rows};
 use engine::quant::GgmlType;
@@ -156,14 +156,7 @@ use engine::tensor::DType;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use std::process::Command;
 
 /// Runs `engine quantize`, which must succeed; returns its summary line.
 fn quantize_cli(model: &Path, ftype: FileType, out: &Path) -> String {

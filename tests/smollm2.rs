@@ -4,10 +4,9 @@
 
 mod common;
 
-use common::fixture;
+use common::{engine_ok as engine, fixture};
 use engine::tokenizer::{Message, Tokenizer};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn model_dir() -> Option<PathBuf> {
     common::real_model("smollm2-135m-instruct", &["model.safetensors"])
@@ -16,19 +15,6 @@ fn model_dir() -> Option<PathBuf> {
 fn reference() -> serde_json::Value {
     let text = std::fs::read_to_string(fixture("smollm2_reference.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn engine(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "engine {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 fn u32s(v: &serde_json::Value) -> Vec<u32> {

@@ -241,3 +241,22 @@ pub fn assert_fails_with(out: &std::process::Output, needles: &[&str]) {
         assert!(err.contains(n), "{err:?} does not mention {n:?}");
     }
 }
+
+/// Runs the engine binary with `args` exactly as given.
+pub fn engine(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// [`engine`], which must succeed: its stdout.
+pub fn engine_ok(args: &[&str]) -> String {
+    let out = engine(args);
+    assert!(
+        out.status.success(),
+        "engine {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
