@@ -106,10 +106,10 @@ fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
 ///   moves each value by at most d/2 (plus the rounding of a · 127/amax,
 ///   under 127 · 2⁻²³ of a code: 0.5001 d covers it), so the products
 ///   move by at most Σ_blocks 0.5001 d Σ |w| — the whole error allowance;
-/// - f32 rounding: each lane adds k/64 steps (three roundings each) and the
-///   tree four more, and the kernel's weights sw·v + mw differ from
-///   dequant's by an f32 rounding or two: (3k/64 + 8) · 2⁻²⁴ Σ |a||w| bounds
-///   it with room (the float types take this term alone, with k/16).
+/// - f32 rounding: each lane adds k/128 steps (three roundings each) and
+///   the tree four more, and the kernel's weights sw·v + mw differ from
+///   dequant's by an f32 rounding or two: (3k/128 + 8) · 2⁻²⁴ Σ |a||w|
+///   bounds it with room (the float types take this term alone, with k/16).
 fn bound(ty: GgmlType, a: &[f32], w: &[f32]) -> f64 {
     let k = a.len();
     let abs_dot: f64 = a
@@ -120,7 +120,7 @@ fn bound(ty: GgmlType, a: &[f32], w: &[f32]) -> f64 {
     let steps = if ty.block_size() == 1 {
         k.div_ceil(16)
     } else {
-        3 * k / 64
+        3 * k / 128
     };
     let rounding = (steps + 8) as f64 * 2f64.powi(-24) * abs_dot;
     if ty.block_size() == 1 {
@@ -240,8 +240,8 @@ fn every_instruction_set_gives_the_same_bits() {
 
 /// The module doc's arithmetic for Q8_0 and Q4_0, written here from the
 /// doc: activations per 32-block (d = amax/127, q = rne(a · 127/amax)),
-/// lane 8·(b mod 2) + g takes fma(sw · d, f32(Σ v·q over group g), ·) per
-/// block b in order, then lanes l + 8, l + 4, l + 2, l + 1.
+/// lane 4·(b mod 4) + g takes fma(sw · d, f32(Σ v·q over values 8g..8g+8), ·)
+/// per block b in order, then lanes l + 8, l + 4, l + 2, l + 1.
 #[test]
 fn bits_are_the_documented_arithmetic() {
     let mut rng = rng();
@@ -272,9 +272,9 @@ fn bits_are_the_documented_arithmetic() {
                         _ => ((blk[2 + e % 16] >> (4 * (e / 16))) & 15) as i32 - 8,
                     })
                     .collect();
-                for g in 0..8 {
-                    let p: i32 = (4 * g..4 * g + 4).map(|e| v[e] * q[e]).sum();
-                    let l = 8 * (b % 2) + g;
+                for g in 0..4 {
+                    let p: i32 = (8 * g..8 * g + 8).map(|e| v[e] * q[e]).sum();
+                    let l = 4 * (b % 4) + g;
                     acc[l] = (sw * d).mul_add(p as f32, acc[l]);
                 }
             }

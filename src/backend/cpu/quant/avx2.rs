@@ -1,11 +1,13 @@
-//! AVX2: a pair of blocks is two ymm of 32 codes (block 2c, block 2c+1) and
-//! the 16 lane accumulators two ymm of f32 (`Ymm2`: lanes 0..8, 8..16).
-//! maddubs multiplies unsigned codes by signed activations into i16 pairs
-//! and madd sums pairs into each lane's i32; no pair can saturate (codes
+//! AVX2: a pair of blocks unpacks into two ymm of 32 codes (block 2c,
+//! block 2c+1) and the 16 lane accumulators are two ymm of f32 (`Ymm2`:
+//! lanes 0..8, 8..16). maddubs multiplies unsigned codes by signed
+//! activations into i16 pairs and madd sums pairs into each lane's i32 (a
+//! quad's halves one after the other); no pair can saturate (codes
 //! ≤ 63 here, |q| ≤ 127). Q8_0's signed weights would (255 · 127 · 2 >
 //! 2¹⁵), so its dot multiplies |w| by q with w's sign instead.
 
 use super::super::matmul_invariant::x86::Ymm2;
+use super::activations::{self, Row};
 use super::kernel::{self, k4_scales_mins, Block, Format, Simd, Unpacked};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use crate::quant::GgmlType;
@@ -70,16 +72,49 @@ impl Simd for Avx2 {
         )
     }
 
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn split(a: Two, b: Two) -> (Two, Two) {
+        let (a0, a1) = (_mm256_castsi256_ps(a[0]), _mm256_castsi256_ps(a[1]));
+        let (b0, b1) = (_mm256_castsi256_ps(b[0]), _mm256_castsi256_ps(b[1]));
+        let int = _mm256_castps_si256;
+        (
+            [int(lanes_of::<0x88>(a0, a1)), int(lanes_of::<0x88>(b0, b1))],
+            [int(lanes_of::<0xDD>(a0, a1)), int(lanes_of::<0xDD>(b0, b1))],
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn evens(a: Ymm2, b: Ymm2) -> Ymm2 {
+        Ymm2(lanes_of::<0x88>(a.0, a.1), lanes_of::<0x88>(b.0, b.1))
+    }
+
     #[inline(always)]
     fn prefetch(p: *const u8) {
         // SAFETY: SSE is x86-64's baseline; a prefetch never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_row(x: &[f32], row: Row, offset: i32) {
+        activations::quantize_row(x, row, offset)
+    }
+
     unsafe fn block<W: Format<Self>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
         unsafe { block_avx2::<W>(b) }
     }
+}
+
+/// The even (SEL 0x88) or odd (0xDD) lanes of x‖y, in order: shufps takes
+/// them per 128-bit half ([x0 x2 y0 y2 | x4 x6 y4 y6]), vpermpd puts the
+/// halves' 64-bit pieces in order.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn lanes_of<const SEL: i32>(x: __m256, y: __m256) -> __m256 {
+    let v = _mm256_shuffle_ps::<SEL>(x, y);
+    _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(v)))
 }
 
 /// 16 ymm registers: 2×2 accumulators of two each; codes, scales and mins

@@ -1,11 +1,13 @@
-//! AVX-512 with VNNI: a pair of blocks is one zmm of 64 codes, vpdpbusd
-//! sums each lane's 4 unsigned codes times signed activations into an i32,
-//! and a zmm of f32 holds the 16 lane accumulators. Codes are unsigned:
+//! AVX-512 with VNNI: a pair of blocks unpacks into one zmm of 64 codes,
+//! vpdpbusd sums each lane's 4 unsigned codes times signed activations into
+//! an i32 (twice a step: a quad's halves), and a zmm of f32 holds the 16
+//! lane accumulators. Codes are unsigned:
 //! Q8_0's signed weights are stored + 128 (OFFSET), the activations' `init`
 //! taking the 128·Σ q back out.
 
 use super::super::matmul_invariant::x86::Zmm;
 use super::super::matmul_invariant::Lanes;
+use super::activations::{self, Row};
 use super::kernel::{self, k4_scales_mins, Block, Format, Simd, Unpacked};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use crate::quant::GgmlType;
@@ -54,16 +56,45 @@ impl Simd for Avx512 {
         ))
     }
 
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn split(a: __m512i, b: __m512i) -> (__m512i, __m512i) {
+        let (even, odd) = even_odd();
+        (
+            _mm512_permutex2var_epi32(a, even, b),
+            _mm512_permutex2var_epi32(a, odd, b),
+        )
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn evens(a: Zmm, b: Zmm) -> Zmm {
+        Zmm(_mm512_permutex2var_ps(a.0, even_odd().0, b.0))
+    }
+
     #[inline(always)]
     fn prefetch(p: *const u8) {
         // SAFETY: SSE is x86-64's baseline; a prefetch never faults.
         unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
     }
 
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn quantize_row(x: &[f32], row: Row, offset: i32) {
+        activations::quantize_row(x, row, offset)
+    }
+
     unsafe fn block<W: Format<Self>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
         unsafe { block_avx512::<W>(b) }
     }
+}
+
+/// Indices of the even and the odd lanes of a‖b (32 lanes).
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn even_odd() -> (__m512i, __m512i) {
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    (even, _mm512_add_epi32(even, _mm512_set1_epi32(1)))
 }
 
 /// 32 zmm registers: 4×4 accumulators, 4 columns' codes and scales, a

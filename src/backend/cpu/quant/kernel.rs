@@ -1,21 +1,26 @@
 //! The one tile loop every instruction set runs, generic over its registers
 //! (`Simd`) and over how a weight type unpacks a pair of blocks (`Format`).
-//! The arithmetic it performs per output is the module doc's of `quant`;
-//! the sets differ only in the tile of outputs in flight together.
+//! A step takes a quad of blocks (128 values): two pairs, split into the
+//! halves the activations are stored in (`activations::split_quad`), so
+//! each lane sums its 8 values with two dot products into one i32. The
+//! arithmetic per output is the module doc's of `quant`; the sets differ
+//! only in the tile of outputs in flight together.
 
-use super::activations::{Acts, BLOCK, GROUP, PAIR};
+use super::activations::{Acts, Row, BLOCK, GROUP, QUAD};
 use crate::backend::cpu::matmul_invariant::Lanes;
 use crate::quant::GgmlType;
 
-/// Lanes per pair of blocks (one accumulator).
-pub(super) const LANES: usize = PAIR / GROUP;
+/// Lanes per quad of blocks (one accumulator).
+pub(super) const LANES: usize = QUAD / GROUP;
+/// Values per pair of blocks, which `Format::unpack` gives.
+pub(super) const PAIR: usize = 2 * BLOCK;
 
-/// One instruction set's registers for a pair of blocks.
+/// One instruction set's registers.
 ///
 /// # Safety
 /// Its functions may be called only where the processor has the set.
 pub(super) trait Simd: Sized {
-    /// 64 codes: a pair of blocks of weights (unsigned) or activations.
+    /// 64 codes: a pair of blocks in their order, or a half of a quad.
     type Bytes: Copy;
     /// 16 i32 lanes.
     type Ints: Copy;
@@ -36,27 +41,44 @@ pub(super) trait Simd: Sized {
         d: Self::Floats,
         p: Self::Ints,
     ) -> Self::Floats;
+    /// Two pairs' codes a, b (128 bytes in order) → the quad's halves: the
+    /// even 4-byte groups of a‖b, and the odd ones.
+    unsafe fn split(a: Self::Bytes, b: Self::Bytes) -> (Self::Bytes, Self::Bytes);
+    /// Lanes 0, 2, 4, … of a‖b (a pair's per-4-value lanes → the quad's
+    /// per-8-value lanes; both values of a lane are equal).
+    unsafe fn evens(a: Self::Floats, b: Self::Floats) -> Self::Floats;
     /// Asks for the cache line at p, a hint that never faults.
     fn prefetch(p: *const u8);
+    /// `activations::quantize_row` compiled for the set.
+    unsafe fn quantize_row(x: &[f32], row: Row, offset: i32);
     /// Computes `b` with this set's tiles (a function compiled for the set).
     unsafe fn block<W: Format<Self>>(b: Block);
 }
 
-/// A pair of weight blocks unpacked: codes, and per lane the scale and the
-/// min (zero for types without one).
+/// A pair of weight blocks unpacked in their order: codes, and the scale
+/// and the min (zero for types without one) of each group of 4 values.
 pub(super) struct Unpacked<S: Simd> {
     pub codes: S::Bytes,
     pub sw: S::Floats,
     pub mw: S::Floats,
 }
 
+/// A quad of weight blocks ready for a step: the codes' halves, and each
+/// lane's scale and min.
+pub(super) struct Quad<S: Simd> {
+    even: S::Bytes,
+    odd: S::Bytes,
+    sw: S::Floats,
+    mw: S::Floats,
+}
+
 // Clone and Copy by hand: a derive would ask S itself to be Copy.
-impl<S: Simd> Clone for Unpacked<S> {
+impl<S: Simd> Clone for Quad<S> {
     fn clone(&self) -> Self {
         *self
     }
 }
-impl<S: Simd> Copy for Unpacked<S> {}
+impl<S: Simd> Copy for Quad<S> {}
 
 /// How one weight type's pairs of blocks unpack in one instruction set.
 ///
@@ -116,7 +138,7 @@ pub(super) struct Block<'a> {
 
 /// Block `b` in tiles of R rows × C columns (the last columns one at a
 /// time, the last rows in one smaller tile). With several row tiles
-/// (prefill), each column tile's pairs are unpacked once into a buffer and
+/// (prefill), each column tile's quads are unpacked once into a buffer and
 /// read back by every row tile; with one (decode), as they are used.
 ///
 /// # Safety
@@ -125,8 +147,8 @@ pub(super) struct Block<'a> {
 /// b.acts exist; the processor has S.
 #[inline(always)]
 pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize>(b: Block) {
-    let pairs = (b.k / BLOCK).div_ceil(2);
-    let mut buf = Vec::with_capacity(if b.rows > R { C * pairs } else { 0 });
+    let quads = (b.k / BLOCK).div_ceil(4);
+    let mut buf = Vec::with_capacity(if b.rows > R { C * quads } else { 0 });
     let mut j = 0;
     // SAFETY: each column tile lies inside the block.
     unsafe {
@@ -148,35 +170,36 @@ pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize
 unsafe fn columns<S: Simd, W: Format<S>, const R: usize, const C: usize>(
     b: Block,
     j: usize,
-    buf: &mut Vec<Unpacked<S>>,
+    buf: &mut Vec<Quad<S>>,
 ) {
     let blocks = b.k / BLOCK;
     let rows = Rows {
         // SAFETY: rows j..j+C of w are inside the block (the caller's promise).
         w: std::array::from_fn(|c| unsafe { b.w.add((j + c) * b.row_bytes) }),
-        pairs: blocks / 2,
-        // Each row advances `step` bytes a pair; reading ahead keeps enough
+        quads: blocks / 4,
+        rest: blocks % 4,
+        // Each row advances `step` bytes a quad; reading ahead keeps enough
         // misses in flight for memory's bandwidth (unpacking is too much
         // work a byte for the processor's window to do it alone).
-        step: b.row_bytes * 2 / blocks,
+        step: b.row_bytes * 4 / blocks,
         ahead: PREFETCH_TILES * C * b.row_bytes,
     };
-    let tail = blocks % 2 == 1;
+    let tail = rows.rest > 0;
     // SAFETY (whole body): the tiles' rows lie in the block, the buffer
-    // holds every pair; the rest is the caller's promise.
+    // holds every quad; the rest is the caller's promise.
     unsafe {
         if b.rows <= R {
             tile_rows::<S, W, _, R, C>(b, b.rows, 0, j, tail, &rows);
             return;
         }
         buf.clear();
-        for p in 0..rows.pairs {
-            buf.extend_from_slice(&Source::<S, W, C>::pair(&rows, p));
+        for q in 0..rows.quads {
+            buf.extend_from_slice(&Source::<S, W, C>::quad(&rows, q));
         }
         if tail {
             buf.extend_from_slice(&Source::<S, W, C>::last(&rows));
         }
-        let unpacked = Buffer::<S, C>(buf.as_ptr(), rows.pairs);
+        let unpacked = Buffer::<S, C>(buf.as_ptr(), rows.quads);
         let mut i = 0;
         while i < b.rows {
             tile_rows::<S, W, _, R, C>(b, R.min(b.rows - i), i, j, tail, &unpacked);
@@ -185,20 +208,21 @@ unsafe fn columns<S: Simd, W: Format<S>, const R: usize, const C: usize>(
     }
 }
 
-/// Where a tile takes the unpacked weights of its C columns.
+/// Where a tile takes the quads of its C columns.
 trait Source<S: Simd, W: Format<S>, const C: usize> {
-    /// Pair p of the whole pairs of blocks.
-    unsafe fn pair(&self, p: usize) -> [Unpacked<S>; C];
-    /// The last block alone, as a pair with a zero block.
-    unsafe fn last(&self) -> [Unpacked<S>; C];
+    /// Quad q of the whole quads of blocks.
+    unsafe fn quad(&self, q: usize) -> [Quad<S>; C];
+    /// The last 1 to 3 blocks, as a quad with zero blocks.
+    unsafe fn last(&self) -> [Quad<S>; C];
 }
 
 /// The C rows of weights themselves.
 struct Rows<const C: usize> {
     w: [*const u8; C],
-    /// Whole pairs of blocks per row.
-    pairs: usize,
-    /// Bytes a pair.
+    /// Whole quads of blocks per row, and blocks after them.
+    quads: usize,
+    rest: usize,
+    /// Bytes a quad.
     step: usize,
     /// Bytes read ahead.
     ahead: usize,
@@ -206,50 +230,95 @@ struct Rows<const C: usize> {
 
 impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Rows<C> {
     #[inline(always)]
-    unsafe fn pair(&self, p: usize) -> [Unpacked<S>; C] {
+    unsafe fn quad(&self, q: usize) -> [Quad<S>; C] {
         for w in self.w {
-            S::prefetch(w.wrapping_add(p * self.step + self.ahead));
+            S::prefetch(w.wrapping_add(q * self.step + self.ahead));
         }
-        // SAFETY: the rows hold pair p (the caller's promise).
-        unsafe { unpack_all::<S, W, C>(&self.w, p) }
+        // SAFETY: the rows hold quad q (the caller's promise).
+        unsafe { unpack_all::<S, W, C>(&self.w, q) }
     }
 
-    /// A copy of the last block followed by a zero block, whose scale and
-    /// min are 0 and whose activations are the zero pad, so its lanes add
-    /// exactly nothing (fma(±0, 0, acc) = acc; acc is never −0). Only
-    /// 32-value types have an odd number of blocks.
+    /// The last 1 to 3 blocks (32-value types only) and zero blocks, whose
+    /// scale and min are 0 and whose activations are the zero pad, so
+    /// their lanes add exactly nothing (fma(±0, 0, acc) = acc; acc is never
+    /// −0). A whole pair is unpacked where it lies, a last block alone from
+    /// a copy followed by a zero block, an empty pair from zeros.
     #[inline(always)]
-    unsafe fn last(&self) -> [Unpacked<S>; C] {
-        let size = W::TYPE.type_size();
-        let at = 2 * self.pairs * size;
-        let padded: [[u8; 2 * MAX_BLOCK_BYTES]; C] = std::array::from_fn(|c| {
-            let mut buf = [0u8; 2 * MAX_BLOCK_BYTES];
-            // SAFETY: the row's last block (the caller's promise).
-            buf[..size]
-                .copy_from_slice(unsafe { std::slice::from_raw_parts(self.w[c].add(at), size) });
-            buf
-        });
-        let at: [*const u8; C] = std::array::from_fn(|c| padded[c].as_ptr());
-        // SAFETY: each copy holds a pair of blocks.
-        unsafe { unpack_all::<S, W, C>(&at, 0) }
+    unsafe fn last(&self) -> [Quad<S>; C] {
+        let first = 2 * self.quads;
+        // SAFETY: pairs are read from the row only where it holds them.
+        unsafe {
+            let mut ws = [last_quad::<S, W>(self.w[0], first, self.rest); C];
+            for (ws, &w) in ws.iter_mut().zip(&self.w).skip(1) {
+                *ws = last_quad::<S, W>(w, first, self.rest);
+            }
+            ws
+        }
     }
 }
 
-/// Pairs unpacked by `Rows` into a buffer: pair p of column c at p·C + c,
-/// the last block alone after the whole pairs.
-struct Buffer<S: Simd, const C: usize>(*const Unpacked<S>, usize);
+/// Zero bytes: two blocks of any 32-value type with scale and min 0.
+static ZEROS: [u8; 2 * MAX_BLOCK_BYTES] = [0; 2 * MAX_BLOCK_BYTES];
+
+/// The quad of pairs `first`, `first + 1` of the row at w, which holds
+/// `rest` (1..=3) blocks from pair `first` on (see `Rows::last`).
+///
+/// # Safety
+/// As said; the processor has S.
+#[inline(always)]
+unsafe fn last_quad<S: Simd, W: Format<S>>(w: *const u8, first: usize, rest: usize) -> Quad<S> {
+    // SAFETY: the row holds `rest` blocks from pair `first`; each pair read
+    // lies in the row, in a copy or in ZEROS.
+    unsafe {
+        let a = match rest {
+            1 => alone::<S, W>(w, first),
+            _ => W::unpack(w, first),
+        };
+        let b = match rest {
+            3 => alone::<S, W>(w, first + 1),
+            _ => W::unpack(ZEROS.as_ptr(), 0),
+        };
+        let (even, odd) = S::split(a.codes, b.codes);
+        Quad {
+            even,
+            odd,
+            sw: S::evens(a.sw, b.sw),
+            mw: S::evens(a.mw, b.mw),
+        }
+    }
+}
+
+/// Pair p of the row at w holding its first block only: unpacked from a
+/// copy of it followed by a zero block.
+///
+/// # Safety
+/// Block 2p lies in the row; the processor has S.
+#[inline(always)]
+unsafe fn alone<S: Simd, W: Format<S>>(w: *const u8, p: usize) -> Unpacked<S> {
+    let size = W::TYPE.type_size();
+    let mut copy = [0u8; 2 * MAX_BLOCK_BYTES];
+    // SAFETY: the caller's promise; the copy holds two blocks.
+    unsafe {
+        copy[..size].copy_from_slice(std::slice::from_raw_parts(w.add(2 * p * size), size));
+        W::unpack(copy.as_ptr(), 0)
+    }
+}
+
+/// Quads unpacked by `Rows` into a buffer: quad q of column c at q·C + c,
+/// the last blocks after the whole quads.
+struct Buffer<S: Simd, const C: usize>(*const Quad<S>, usize);
 
 impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Buffer<S, C> {
     #[inline(always)]
-    unsafe fn pair(&self, p: usize) -> [Unpacked<S>; C] {
-        // SAFETY: the buffer holds pair p (the caller's promise).
-        unsafe { self.0.add(p * C).cast::<[Unpacked<S>; C]>().read() }
+    unsafe fn quad(&self, q: usize) -> [Quad<S>; C] {
+        // SAFETY: the buffer holds quad q (the caller's promise).
+        unsafe { self.0.add(q * C).cast::<[Quad<S>; C]>().read() }
     }
 
     #[inline(always)]
-    unsafe fn last(&self) -> [Unpacked<S>; C] {
-        // SAFETY: the buffer holds the last block after the pairs.
-        unsafe { Source::<S, W, C>::pair(self, self.1) }
+    unsafe fn last(&self) -> [Quad<S>; C] {
+        // SAFETY: the buffer holds the last blocks after the quads.
+        unsafe { Source::<S, W, C>::quad(self, self.1) }
     }
 }
 
@@ -282,11 +351,12 @@ unsafe fn tile_rows<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize,
 }
 
 /// out for rows i..i+R and columns j..j+C of the block: all R·C
-/// accumulators in registers through the pairs of blocks.
+/// accumulators in registers through the quads of blocks.
 ///
 /// # Safety
 /// Rows i..i+R and columns j..j+C inside the block, `src` holding their
-/// weights (with a last block alone where `tail`); the rest as [`block`].
+/// weights (with last blocks after the quads where `tail`); the rest as
+/// [`block`].
 #[inline(always)]
 unsafe fn tile<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, const C: usize>(
     b: Block,
@@ -297,17 +367,17 @@ unsafe fn tile<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, cons
 ) {
     let a = b.acts;
     let rows: [usize; R] = std::array::from_fn(|r| b.row0 + i + r);
-    let pairs = b.k / BLOCK / 2;
-    // SAFETY (whole body): pair p of an activation row is inside kp;
+    let quads = b.k / BLOCK / 4;
+    // SAFETY (whole body): quad q of an activation row is inside kp;
     // out[(i + r)·ldo + j + c] is in the block; the rest is the caller's
     // promise.
     unsafe {
         let mut acc = [[S::Floats::zero(); C]; R];
-        for p in 0..pairs {
-            acc = pair::<S, W, R, C>(acc, &src.pair(p), a, &rows, p);
+        for q in 0..quads {
+            acc = step::<S, W, R, C>(acc, &src.quad(q), a, &rows, q);
         }
         if tail {
-            acc = pair::<S, W, R, C>(acc, &src.last(), a, &rows, pairs);
+            acc = step::<S, W, R, C>(acc, &src.last(), a, &rows, quads);
         }
         for (r, acc) in acc.iter().enumerate() {
             let o = b.out.add((i + r) * b.ldo + j);
@@ -323,51 +393,71 @@ unsafe fn tile<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, cons
     }
 }
 
-/// Pair p of each of the C rows at `w`. (A loop, not `array::from_fn`: a
-/// closure is a function of its own, compiled without the set's features
-/// unless inlined, and then every intrinsic in it is a call.)
+/// Quad q (pairs 2q, 2q+1) of each of the C rows at `w`. (A loop, not
+/// `array::from_fn`: a closure is a function of its own, compiled without
+/// the set's features unless inlined, and then every intrinsic in it is a
+/// call.)
 ///
 /// # Safety
 /// As [`Format::unpack`] for each row.
 #[inline(always)]
 unsafe fn unpack_all<S: Simd, W: Format<S>, const C: usize>(
     w: &[*const u8; C],
-    p: usize,
-) -> [Unpacked<S>; C] {
+    q: usize,
+) -> [Quad<S>; C] {
     // SAFETY: the caller's promise.
     unsafe {
-        let mut ws = [W::unpack(w[0], p); C];
+        let mut ws = [quad::<S, W>(w[0], q); C];
         for c in 1..C {
-            ws[c] = W::unpack(w[c], p);
+            ws[c] = quad::<S, W>(w[c], q);
         }
         ws
     }
 }
 
-/// One step of the tile: pair `p` of its activation rows `rows` with the
-/// unpacked weights `ws` into the accumulators. (By value: through a
-/// reference, one of them lived on the stack, a store and a reload each
-/// step.)
+/// Quad q of the row at w: its two pairs, split (`last_quad` too).
 ///
 /// # Safety
-/// Pair p lies inside the rows of `a`; the processor has S.
+/// As [`Format::unpack`] for pairs 2q and 2q+1.
+#[inline(always)]
+unsafe fn quad<S: Simd, W: Format<S>>(w: *const u8, q: usize) -> Quad<S> {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let (a, b) = (W::unpack(w, 2 * q), W::unpack(w, 2 * q + 1));
+        let (even, odd) = S::split(a.codes, b.codes);
+        Quad {
+            even,
+            odd,
+            sw: S::evens(a.sw, b.sw),
+            mw: S::evens(a.mw, b.mw),
+        }
+    }
+}
+
+/// One step of the tile: quad `q` of its activation rows `rows` with the
+/// weights `ws` into the accumulators. (By value: through a reference, one
+/// of them lived on the stack, a store and a reload each step.)
+///
+/// # Safety
+/// Quad q lies inside the rows of `a`; the processor has S.
 // Indices r (row), c (column) name the accumulator tile's cells plainly.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn pair<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+unsafe fn step<S: Simd, W: Format<S>, const R: usize, const C: usize>(
     mut acc: [[S::Floats; C]; R],
-    ws: &[Unpacked<S>; C],
+    ws: &[Quad<S>; C],
     a: &Acts,
     rows: &[usize; R],
-    p: usize,
+    q: usize,
 ) -> [[S::Floats; C]; R] {
     let lanes = a.kp / GROUP;
     for r in 0..R {
-        let at = rows[r] * lanes + p * LANES;
-        // SAFETY: pair p of row rows[r] is inside each array (the caller's
+        let at = rows[r] * lanes + q * LANES;
+        // SAFETY: quad q of row rows[r] is inside each array (the caller's
         // promise); the processor has S.
         unsafe {
-            let x = S::load_bytes(a.qs.as_ptr().add(rows[r] * a.kp + p * PAIR));
+            let x = a.qs.as_ptr().add(rows[r] * a.kp + q * QUAD);
+            let (even, odd) = (S::load_bytes(x), S::load_bytes(x.add(QUAD / 2)));
             let init = if W::OFFSET != 0 {
                 S::load_ints(a.init.as_ptr().add(at))
             } else {
@@ -376,7 +466,7 @@ unsafe fn pair<S: Simd, W: Format<S>, const R: usize, const C: usize>(
             let d = S::Floats::load(a.d.as_ptr().add(at));
             let sums = S::Floats::load(a.sums.as_ptr().add(at));
             for c in 0..C {
-                let dot = W::dot(init, ws[c].codes, x);
+                let dot = W::dot(W::dot(init, ws[c].even, even), ws[c].odd, odd);
                 acc[r][c] = S::step(acc[r][c], ws[c].sw, d, dot);
                 if W::MIN {
                     acc[r][c] = acc[r][c].fma(ws[c].mw, sums);

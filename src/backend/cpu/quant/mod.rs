@@ -7,32 +7,35 @@
 //!
 //! The arithmetic of out[i, j], a = x[i], w = row j of the weights:
 //! - a's blocks of 32 values are quantized (`activations`): d_b = max|a| /
-//!   127 and codes q ∈ −127..=127.
+//!   127 and codes q = rne(a · 127/max|a|) ∈ −127..=127.
 //! - w's blocks of 32 values (a K type's sub-blocks of 32) give integer
-//!   weights v and, per lane g of 4 values, a scale sw_g and a min mw (0
+//!   weights v and, per lane g of 8 values, a scale sw_g and a min mw (0
 //!   where the type has none), with deq(w) = sw·v + mw:
 //!   Q8_0 v = q, sw = d; Q4_0 v = q − 8, Q5_0 v = q − 16, sw = d; Q4_1,
 //!   Q5_1 v = q, sw = d, mw = m; Q4_K, Q5_K v = q, sw = d·sc, mw = −(dmin·m)
 //!   of the sub-block; Q6_K v = q − 32, sw = d·sc of the lane's 16 values
 //!   (d, m, dmin widened from f16; each product one f32 rounding).
-//! - 16 f32 lane accumulators, all +0.0. Block b feeds lanes 8·(b mod 2) + g,
-//!   g = 0..8 its groups of 4 values, in block order; for each lane:
-//!   p = Σ v·q over the group (an exact i32); acc = fma(sw_g · d_b, f32(p),
-//!   acc); and for types with a min, acc = fma(mw, d_b · f32(Σ q over the
-//!   group), acc).
+//! - 16 f32 lane accumulators, all +0.0. Block b feeds lanes 4·(b mod 4) + g,
+//!   g = 0..4 its groups of 8 values (8g..8g+8), in block order; for each
+//!   lane: p = Σ v·q over the group (an exact i32); acc = fma(sw_g · d_b,
+//!   f32(p), acc); and for types with a min, acc = fma(mw, d_b · f32(Σ q
+//!   over the group), acc). (Rows padded to whole quads of 4 blocks with
+//!   zero blocks, which change no bit.)
 //! - then `matmul_invariant`'s fixed tree: acc[l] += acc[l + 8], l + 4,
 //!   l + 2, l + 1; the result is acc[0].
 //!
 //! Integer sums are exact and every f32 step is one rounding, so AVX-512 with
 //! VNNI (one zmm per accumulator, vpdpbusd), AVX2 (two ymm, maddubs/madd) and
 //! the portable build give the same bits (`Isa`). They share one tile loop
-//! (`kernel`) and differ in how a pair of blocks unpacks (`portable`,
-//! `avx2`, `avx512`). F16, BF16 and F32 weights go through the f32 product
-//! (`float`).
+//! (`kernel`: a step is a quad of blocks, 8 values a lane summed by two
+//! 4-byte dot products, which halves the f32 work of 4-value lanes) and
+//! differ in how a pair of blocks unpacks (`portable`, `avx2`, `avx512`).
+//! F16, BF16 and F32 weights go through the f32 product (`float`).
 //!
 //! Speed: tasks are blocks of up to `ROW_BLOCK` rows × the columns whose
 //! weights fill about `W_BLOCK_BYTES`; a decode step (n ≤ `ROW_BLOCK`) reads
-//! each weight row from memory once per call, for all its rows.
+//! each weight row from memory once per call, for all its rows, and with
+//! several row tiles each column tile is unpacked once for all of them.
 
 mod activations;
 #[cfg(target_arch = "x86_64")]
@@ -206,7 +209,7 @@ const COL_ALIGN: usize = 12;
 
 /// The product for weight format W on the set S, tasks in parallel.
 fn run<S: Simd, W: Format<S>>((out, x, w, n, m, k): Args) {
-    let acts = Acts::new(x, n, k, W::OFFSET);
+    let acts = Acts::new::<S>(x, n, k, W::OFFSET);
     let row_bytes = W::TYPE.bytes_for(k).expect("checked by the caller");
     let cols = (W_BLOCK_BYTES / row_bytes / COL_ALIGN * COL_ALIGN).max(COL_ALIGN);
     let col_blocks = m.div_ceil(cols);

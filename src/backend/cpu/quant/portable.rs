@@ -2,8 +2,8 @@
 //! pair of blocks unpacked byte by byte — the plain statement of the
 //! layouts (those of `quant::dequant`) that the vector sets must match.
 
-use super::activations::{GROUP, PAIR};
-use super::kernel::{self, Block, Format, Simd, Unpacked, LANES};
+use super::activations::{self, split_quad, Row, QUAD};
+use super::kernel::{self, Block, Format, Simd, Unpacked, LANES, PAIR};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use crate::quant::dequant::scale_min_k4;
 use crate::quant::GgmlType;
@@ -38,7 +38,7 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn dot(init: Self::Ints, w: Self::Bytes, x: Self::Bytes) -> Self::Ints {
         std::array::from_fn(|l| {
-            let g = l * GROUP..(l + 1) * GROUP;
+            let g = 4 * l..4 * l + 4;
             let s: i32 = (w[g.clone()].iter().zip(&x[g]))
                 .map(|(&w, &x)| w as i32 * x as i8 as i32)
                 .sum();
@@ -55,7 +55,36 @@ impl Simd for Portable {
     }
 
     #[inline(always)]
+    unsafe fn split(a: Self::Bytes, b: Self::Bytes) -> (Self::Bytes, Self::Bytes) {
+        let mut both = [0u8; QUAD];
+        both[..PAIR].copy_from_slice(&a);
+        both[PAIR..].copy_from_slice(&b);
+        let mut out = [0u8; QUAD];
+        split_quad(&both, &mut out);
+        (
+            out[..PAIR].try_into().unwrap(),
+            out[PAIR..].try_into().unwrap(),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn evens(a: Floats, b: Floats) -> Floats {
+        std::array::from_fn(|l| {
+            if l < LANES / 2 {
+                a[2 * l]
+            } else {
+                b[2 * l - LANES]
+            }
+        })
+    }
+
+    #[inline(always)]
     fn prefetch(_: *const u8) {}
+
+    #[inline(always)]
+    unsafe fn quantize_row(x: &[f32], row: Row, offset: i32) {
+        activations::quantize_row(x, row, offset)
+    }
 
     unsafe fn block<W: Format<Self>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
