@@ -231,8 +231,13 @@ struct Rows<const C: usize> {
 impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Rows<C> {
     #[inline(always)]
     unsafe fn quad(&self, q: usize) -> [Quad<S>; C] {
+        // Every line of the step's bytes (a quad spans 72 to 136).
         for w in self.w {
-            S::prefetch(w.wrapping_add(q * self.step + self.ahead));
+            let mut at = q * self.step + self.ahead;
+            while at < (q + 1) * self.step + self.ahead {
+                S::prefetch(w.wrapping_add(at));
+                at += 64;
+            }
         }
         // SAFETY: the rows hold quad q (the caller's promise).
         unsafe { unpack_all::<S, W, C>(&self.w, q) }
