@@ -344,3 +344,20 @@ fn bad_uploads_are_refused() {
         other => panic!("Q2_K: {:?}", other.map(|_| ())),
     }
 }
+
+/// An empty inner dimension (k = 0, which `check` accepts): every output is
+/// an empty sum, +0, on every set.
+#[test]
+fn empty_rows_give_zeros() {
+    for ty in TYPES {
+        for isa in [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable] {
+            if isa.available() {
+                let got = product_with(isa, ty, &[], &[], 3, 2, 0);
+                assert!(
+                    got.iter().all(|v| v.to_bits() == 0),
+                    "{ty} {isa:?}: {got:?}"
+                );
+            }
+        }
+    }
+}

@@ -155,6 +155,11 @@ pub fn matmul_q_with(
     if n == 0 || m == 0 {
         return;
     }
+    if k == 0 {
+        // Empty sums (the kernels take whole blocks, at least one).
+        out[..n * m].fill(0.0);
+        return;
+    }
     if matches!(ty, GgmlType::F16 | GgmlType::BF16 | GgmlType::F32) {
         return float::matmul(isa.f32_isa(), ty, out, x, w, n, m, k);
     }
