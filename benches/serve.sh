@@ -16,8 +16,8 @@
 # --gguf FILE: both servers serve that GGUF as it is (e.g. one `engine
 # quantize` wrote) instead of the f32 weights.
 #
-# The peer: llama-server built (once, CPU only, Release, -DGGML_NATIVE=ON) from
-# the llama.cpp sources that the llama-cpp-python sdist on PyPI vendors, into
+# The peer: llama-server built by benches/llama-cpp.sh (once, CPU only, Release,
+# -DGGML_NATIVE=ON) from the llama.cpp sources that the llama-cpp-python sdist on PyPI vendors, into
 # the git-ignored .bench/llama.cpp/; the model as an f32 GGUF made from
 # models/smollm2-135m-instruct by the converter in those sources
 # (convert_hf_to_gguf.py --outtype f32), cached there too. Both servers get
@@ -75,46 +75,13 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import torch, transformer
 fi
 
 # llama-server and the f32 GGUF, built once into .bench/llama.cpp/.
-bench=.bench/llama.cpp
-src=$bench/llama_cpp_python-$llama_py/vendor/llama.cpp
-server_bin=$bench/build-$llama_py/bin/llama-server
-gguf=$bench/$name-f32.gguf
+gguf=.bench/llama.cpp/$name-f32.gguf
 if [ "$peer" = 1 ]; then
-  mkdir -p "$bench"
-  cmake=cmake
-  if ! command -v cmake >/dev/null; then
-    [ -x .venv/bin/cmake ] || .venv/bin/pip install --quiet cmake
-    cmake=$PWD/.venv/bin/cmake
-  fi
-  if [ ! -f "$src/CMakeLists.txt" ]; then
-    sdist=$bench/llama_cpp_python-$llama_py.tar.gz
-    if [ ! -s "$sdist" ]; then
-      # pip reads the sdist's metadata, which needs its build backend; without
-      # build isolation it does not build cmake from source to get it.
-      .venv/bin/pip install --quiet scikit-build-core
-      .venv/bin/pip download --quiet --no-deps --no-build-isolation --no-binary :all: \
-        "llama-cpp-python==$llama_py" -d "$bench"
-    fi
-    tar xzf "$sdist" -C "$bench"
-  fi
-  if [ ! -x "$server_bin" ]; then
-    echo "building llama-server from llama-cpp-python $llama_py's vendor/llama.cpp (once; long on few cores)" >&2
-    # The sdist's own .git dates the sources; stop git from looking further up
-    # (into this repository) for build-info.
-    GIT_CEILING_DIRECTORIES=$PWD/$bench "$cmake" -S "$src" -B "$bench/build-$llama_py" \
-      -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_OPENSSL=OFF \
-      -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-      -DLLAMA_BUILD_APP=OFF -DBUILD_SHARED_LIBS=OFF > "$bench/cmake-$llama_py.log"
-    GIT_CEILING_DIRECTORIES=$PWD/$bench "$cmake" --build "$bench/build-$llama_py" \
-      --target llama-server -j2 > "$bench/build-$llama_py.log"
-  fi
-  if [ -z "$served_gguf" ] && [ ! -s "$gguf" ]; then
-    echo "converting $model to an f32 GGUF with llama.cpp's convert_hf_to_gguf.py" >&2
-    .venv/bin/python "$src/convert_hf_to_gguf.py" "$model" --outtype f32 \
-      --outfile "$gguf.tmp" > "$bench/convert.log" 2>&1 \
-      || { tail -20 "$bench/convert.log" >&2; exit 1; }
-    mv "$gguf.tmp" "$gguf"
-  fi
+  convert=()
+  [ -z "$served_gguf" ] && convert=(--f32-gguf)
+  bin=$(benches/llama-cpp.sh --version "$llama_py" "${convert[@]}" llama-server)
+  server_bin=$bin/llama-server
+  src=.bench/llama.cpp/llama_cpp_python-$llama_py/vendor/llama.cpp
   llama_commit=$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo unknown)
 fi
 
