@@ -7,6 +7,8 @@ mod common;
 
 use common::paged::{data, Batch, Dims, SeqData};
 use common::{assert_close_f64, max_rel_err, seeded_rng};
+use engine::backend::cpu::attention::{paged_with, PagedDims};
+use engine::backend::cpu::matmul_invariant::Isa;
 use engine::backend::cpu::Cpu;
 use engine::backend::{Backend, PagedSeq};
 use engine::tensor::DType::F32;
@@ -263,6 +265,57 @@ fn attention_paged_is_batch_invariant() {
         bits(&want[2 * w..]),
         "chunk of 3"
     );
+}
+
+/// The same bits on every instruction set this processor has: the
+/// arithmetic is defined lane by lane. Head widths of 64, of 40 (a partial
+/// chunk of 16 lanes) and of 144 (more chunks than one pass holds).
+#[test]
+fn attention_paged_gives_the_same_bits_on_every_instruction_set() {
+    let mut r = seeded_rng("PAGED_SEED");
+    let odd = |hd, block_size| Dims {
+        heads: 4,
+        kv_heads: 2,
+        hd,
+        block_size,
+    };
+    for d in [SMOLLM2, odd(40, 3), odd(144, 5)] {
+        let seqs = ragged(&mut r, d);
+        let b = Batch::new(&mut r, d, &seqs, 1);
+        let mut rows = vec![None; b.n];
+        for s in b.paged_seqs() {
+            for i in 0..s.rows {
+                rows[s.row + i] = Some((s.blocks, s.ctx - s.rows + i));
+            }
+        }
+        let dims = PagedDims {
+            heads: d.heads,
+            kv_heads: d.kv_heads,
+            hd: d.hd,
+            block_size: d.block_size,
+        };
+        let run = |isa| {
+            let mut out = vec![SENTINEL; b.n * d.width()];
+            paged_with(isa, &mut out, &b.q, &b.k_pool, &b.v_pool, &rows, dims);
+            out
+        };
+        let want = run(Isa::Portable);
+        for (s, seq) in seqs.iter().enumerate() {
+            let what = format!("{d:?} seq {s}");
+            assert_close_f64(
+                &what,
+                rows_of(&b, &want, s),
+                &seq.reference(d),
+                F32_TOL as f64,
+            );
+        }
+        for isa in [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|i| i.available())
+        {
+            assert_eq!(bits(&run(isa)), bits(&want), "{d:?}: {isa:?}");
+        }
+    }
 }
 
 #[test]

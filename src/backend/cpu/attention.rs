@@ -1,10 +1,12 @@
 //! Causal grouped-query attention over a KV cache, on the CPU.
 //!
-//! Two paths compute the same thing: a loop of dot products for the few
-//! queries of a decode step (bound by reading the cache), and per-head matrix
-//! products for prefill, where S = Q·Kᵀ and O = P·V are real GEMMs.
+//! Two paths compute the same thing: one task per (query row, head) for the
+//! few queries of a decode step and for the paged cache, where every row
+//! must get the same bits whatever its batch (`attend`), and per-head matrix
+//! products for the contiguous cache's prefill, where S = Q·Kᵀ and O = P·V
+//! are real GEMMs.
 
-use super::matmul::dot;
+use super::matmul_invariant::{Isa, Lanes, LANES};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -59,29 +61,22 @@ fn causal_loop(out: &mut [f32], q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> 
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let kv_width = kv_heads * hd;
+    let isa = Isa::detect();
     // One task per (query row, head): each owns hd outputs and one lse.
     let mut lse = vec![0.0f32; dims.n * heads];
     out.par_chunks_mut(hd)
         .zip(lse.par_iter_mut())
         .enumerate()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (task, (o, lse))| {
+        .for_each_init(Scratch::default, |scratch, (task, (o, lse))| {
             let (i, h) = (task / heads, task % heads);
             let g = h / group;
             let qh = &q[task * hd..(task + 1) * hd];
-            let len = pos0 + i + 1;
-            scores.clear();
-            scores.extend((0..len).map(|j| {
-                let kj = &k[j * kv_width + g * hd..][..hd];
-                dot(qh, kj) * scale
-            }));
-            *lse = softmax_in_place(scores);
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let vj = &v[j * kv_width + g * hd..][..hd];
-                for (o, v) in o.iter_mut().zip(vj) {
-                    *o += p * v;
-                }
-            }
+            scratch.at.clear();
+            scratch
+                .at
+                .extend((0..pos0 + i + 1).map(|j| j * kv_width + g * hd));
+            // SAFETY: the caller asserted k holds pos0 + n rows of kv_width.
+            *lse = unsafe { attend(isa, o, qh, k, v, scale, scratch) };
         });
     // [n, heads] → [heads, n]
     (0..heads * dims.n)
@@ -242,11 +237,10 @@ pub struct PagedDims {
 /// p % block_size of k and v [num_slots, kv_heads·hd].
 ///
 /// Batch invariance: one task per (row, head), each computed alone in one
-/// fixed order — `dot` per key, softmax over the keys in order, the
-/// weighted sum of v in key order — whatever the other rows are and however
-/// rayon spreads the tasks. (This is also `causal_loop`'s arithmetic, so a
-/// decode row gives the bits of the contiguous `attention` of fewer than
-/// GEMM_MIN_QUERIES rows.)
+/// fixed arithmetic (`attend`) whatever the other rows are and however
+/// rayon spreads the tasks. It is also `causal`'s loop, so a decode row
+/// gives the bits of the contiguous `attention` of fewer than
+/// GEMM_MIN_QUERIES rows.
 pub fn paged(
     out: &mut [f32],
     q: &[f32],
@@ -255,6 +249,25 @@ pub fn paged(
     rows: &[Option<(&[u32], usize)>],
     dims: PagedDims,
 ) {
+    paged_with(Isa::detect(), out, q, k, v, rows, dims)
+}
+
+/// [`paged`] with the given instruction set (tests compare them). Panics if
+/// the processor lacks it. The block tables must lie inside k and v (as
+/// `shapes::attention_paged` checks).
+pub fn paged_with(
+    isa: Isa,
+    out: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    rows: &[Option<(&[u32], usize)>],
+    dims: PagedDims,
+) {
+    assert!(
+        isa.available(),
+        "{isa:?} is not available on this processor"
+    );
     let PagedDims {
         heads,
         kv_heads,
@@ -265,67 +278,230 @@ pub fn paged(
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let kv_width = kv_heads * hd;
-    let avx2 = avx2_available();
-    out.par_chunks_mut(hd).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (task, o)| {
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Scratch::default, |scratch, (task, o)| {
             let (r, h) = (task / heads, task % heads);
             let Some((blocks, pos)) = rows[r] else {
                 return;
             };
             let g = h / group;
             let qh = &q[task * hd..(task + 1) * hd];
-            // Position p's row of the pool, at kv head g.
-            let at = |p: usize| {
-                let slot = blocks[p / block_size] as usize * block_size + p % block_size;
-                slot * kv_width + g * hd
-            };
-            scores.clear();
-            scores.extend((0..=pos).map(|p| dot(qh, &k[at(p)..][..hd]) * scale));
-            softmax_in_place(scores);
-            o.fill(0.0);
-            let rows = scores
-                .iter()
-                .enumerate()
-                .map(|(p, &w)| (w, &v[at(p)..][..hd]));
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the processor has AVX2 (checked above).
-                return unsafe { weighted_sum_avx2(o, rows) };
+            // Position p's row of the pool, at kv head g: slot
+            // blocks[p / block_size]·block_size + p % block_size.
+            let len = pos + 1;
+            scratch.at.clear();
+            for (b, &block) in blocks[..len.div_ceil(block_size)].iter().enumerate() {
+                let first = block as usize * block_size;
+                let n = block_size.min(len - b * block_size);
+                scratch
+                    .at
+                    .extend((first..first + n).map(|slot| slot * kv_width + g * hd));
             }
-            weighted_sum(o, rows)
-        },
-    );
+            // SAFETY: `shapes::attention_paged` checked that every block of
+            // the tables lies inside the pools.
+            unsafe { attend(isa, o, qh, k, v, scale, scratch) };
+        });
 }
 
-/// o += w · v for each (w, v) in order: each element its own product and
-/// sum, rounded apart (Rust never fuses them), so every vector width gives
-/// the same bits.
-#[inline(always)]
-fn weighted_sum<'a>(o: &mut [f32], rows: impl Iterator<Item = (f32, &'a [f32])>) {
-    for (w, v) in rows {
-        for (o, v) in o.iter_mut().zip(v) {
-            *o += w * v;
+/// A task's reusable buffers: the offsets of its key/value rows in k and
+/// v, in position order, and their scores.
+#[derive(Default)]
+struct Scratch {
+    at: Vec<usize>,
+    scores: Vec<f32>,
+}
+
+/// One query row of one head against the key and value rows at
+/// `scratch.at` (offsets into k and v, in position order); returns the
+/// log-sum-exp of the scores. The one arithmetic of `causal`'s loop and of
+/// `paged`, fixed whatever the batch, the thread or the instruction set:
+/// - score_j = dot(q, k_j) · scale, the dot in `matmul_invariant`'s
+///   arithmetic (16 lanes of fma over the head, then its fixed tree);
+/// - `softmax_in_place` over the scores in position order;
+/// - o[d] = fma(p_j, v_j[d], o[d]) over j in position order, from +0.0.
+///
+/// # Safety
+/// Every offset in `scratch.at` is followed by q.len() floats in k and v.
+unsafe fn attend(
+    isa: Isa,
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scratch: &mut Scratch,
+) -> f32 {
+    debug_assert!(scratch
+        .at
+        .iter()
+        .all(|&at| at + q.len() <= k.len().min(v.len())));
+    // SAFETY: the caller's promise; `isa` is this processor's.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => x86::attend_avx512(o, q, k, v, scale, scratch),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::attend_avx2(o, q, k, v, scale, scratch),
+            _ => attend_lanes::<[f32; LANES], 2>(o, q, k, v, scale, scratch),
         }
     }
 }
 
-/// [`weighted_sum`] compiled for AVX2's 8 lanes: the V rows of a decode
-/// step come from memory, and the baseline's 4-lane loop was a tenth of
-/// a decode step's time.
+/// [`attend`] on L's registers, C of them holding outputs at once.
 ///
 /// # Safety
-/// The processor must have AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn weighted_sum_avx2<'a>(o: &mut [f32], rows: impl Iterator<Item = (f32, &'a [f32])>) {
-    weighted_sum(o, rows)
+/// As [`attend`], with the processor having L's instruction set.
+#[inline(always)]
+unsafe fn attend_lanes<L: Lanes, const C: usize>(
+    o: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    scale: f32,
+    scratch: &mut Scratch,
+) -> f32 {
+    let Scratch { at, scores } = scratch;
+    let hd = q.len();
+    // SAFETY (every pointer below): at + hd ≤ k.len() and v.len() for each
+    // offset (the caller's promise), and chunks stay below hd.
+    let dot = |row: usize| unsafe { dot_lanes::<L>(q, k.as_ptr().add(row)) };
+    scores.clear();
+    // Four keys' trees at once where the set can (the same pairs, so the
+    // same bits as one at a time).
+    let mut quads = at.chunks_exact(4);
+    for quad in &mut quads {
+        // SAFETY: the processor has L's set, the caller's promise.
+        let s = unsafe { L::reduce4([dot(quad[0]), dot(quad[1]), dot(quad[2]), dot(quad[3])]) };
+        scores.extend(s.map(|s| s * scale));
+    }
+    for &row in quads.remainder() {
+        // SAFETY: as above.
+        scores.push(unsafe { dot(row).reduce() } * scale);
+    }
+    let lse = softmax_in_place(scores);
+    // The outputs up to C chunks a pass, each chunk's accumulator in a
+    // register for the whole pass over the values; a partial last chunk
+    // in a pass of its own.
+    let (full, rest) = (hd / LANES, hd % LANES);
+    let mut c0 = 0;
+    while c0 < full {
+        let n = (full - c0).min(C);
+        let d = c0 * LANES;
+        // SAFETY: as above, chunks c0..c0 + n lie below hd.
+        unsafe {
+            match n {
+                1 => weighted_pass::<L, 1>(o, v, at, scores, d, LANES),
+                2 => weighted_pass::<L, 2>(o, v, at, scores, d, LANES),
+                3 => weighted_pass::<L, 3>(o, v, at, scores, d, LANES),
+                4 => weighted_pass::<L, 4>(o, v, at, scores, d, LANES),
+                5 => weighted_pass::<L, 5>(o, v, at, scores, d, LANES),
+                6 => weighted_pass::<L, 6>(o, v, at, scores, d, LANES),
+                7 => weighted_pass::<L, 7>(o, v, at, scores, d, LANES),
+                _ => weighted_pass::<L, 8>(o, v, at, scores, d, LANES),
+            }
+        }
+        c0 += n;
+    }
+    if rest > 0 {
+        // SAFETY: as above, the chunk at full·LANES holds rest values.
+        unsafe { weighted_pass::<L, 1>(o, v, at, scores, full * LANES, rest) };
+    }
+    lse
 }
 
-/// Whether [`weighted_sum_avx2`] may run here.
-fn avx2_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return is_x86_feature_detected!("avx2");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+/// o[d..d + N·16] (or, with `width` < 16, the `width` values at d, N = 1):
+/// Σ_j p_j v_j in the order of `at`, each lane its own chain of fma from
+/// +0.0.
+///
+/// # Safety
+/// o and every v row at `at` hold d + N·16 (or d + width) floats; the
+/// processor has L's set.
+#[inline(always)]
+unsafe fn weighted_pass<L: Lanes, const N: usize>(
+    o: &mut [f32],
+    v: &[f32],
+    at: &[usize],
+    p: &[f32],
+    d: usize,
+    width: usize,
+) {
+    debug_assert!(N <= 8 && (width == LANES || N == 1) && d + N * width <= o.len());
+    // SAFETY: the caller's promises.
+    unsafe {
+        let mut acc = [L::zero(); N];
+        for (&row, &p) in at.iter().zip(p) {
+            let (p, v) = (L::splat(p), v.as_ptr().add(row + d));
+            for (c, acc) in acc.iter_mut().enumerate() {
+                let chunk = if width == LANES {
+                    L::load(v.add(c * LANES))
+                } else {
+                    L::load_part(v, width)
+                };
+                *acc = acc.fma(p, chunk);
+            }
+        }
+        for (c, acc) in acc.iter().enumerate() {
+            acc.store_part(o.as_mut_ptr().add(d + c * LANES), width);
+        }
+    }
+}
+
+/// q · k[..q.len()] as 16 lane accumulators, before the tree. (A function,
+/// not a closure: closures do not inherit the caller's target features, so
+/// the lanes' operations would not inline into one.)
+///
+/// # Safety
+/// k valid for reads of q.len() floats; the processor has L's set.
+#[inline(always)]
+unsafe fn dot_lanes<L: Lanes>(q: &[f32], k: *const f32) -> L {
+    let (full, rest) = (q.len() / LANES, q.len() % LANES);
+    let q = q.as_ptr();
+    // SAFETY: chunks stay below q.len(), the caller's promise for k.
+    unsafe {
+        let mut acc = L::zero();
+        for c in 0..full {
+            acc = acc.fma(L::load(q.add(c * LANES)), L::load(k.add(c * LANES)));
+        }
+        if rest > 0 {
+            let (qc, kc) = (q.add(full * LANES), k.add(full * LANES));
+            acc = acc.fma(L::load_part(qc, rest), L::load_part(kc, rest));
+        }
+        acc
+    }
+}
+
+/// [`attend`] compiled for AVX-512 and for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::matmul_invariant::x86::{Ymm2, Zmm};
+    use super::{attend_lanes, Scratch};
+
+    /// 8 of the 32 zmm hold outputs: a head of up to 128 in one pass.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn attend_avx512(
+        o: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        scale: f32,
+        scratch: &mut Scratch,
+    ) -> f32 {
+        // SAFETY: the caller's promises; the processor has AVX-512F.
+        unsafe { attend_lanes::<Zmm, 8>(o, q, k, v, scale, scratch) }
+    }
+
+    /// 4 pairs of the 16 ymm hold outputs: a head of 64 in one pass.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend_avx2(
+        o: &mut [f32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        scale: f32,
+        scratch: &mut Scratch,
+    ) -> f32 {
+        // SAFETY: the caller's promises; the processor has AVX2 and FMA.
+        unsafe { attend_lanes::<Ymm2, 4>(o, q, k, v, scale, scratch) }
+    }
 }

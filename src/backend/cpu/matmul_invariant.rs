@@ -183,6 +183,10 @@ pub(super) trait Lanes: Copy {
 
     /// p[0..n] and zeros after; p valid for reads of n < 16 floats.
     unsafe fn load_part(p: *const f32, n: usize) -> Self;
+    /// x in every lane.
+    unsafe fn splat(x: f32) -> Self;
+    /// Lanes 0..n to p[0..n]; p valid for writes of n ≤ 16 floats.
+    unsafe fn store_part(self, p: *mut f32, n: usize);
 
     /// `reduce` of four accumulators, for sets that can do them together.
     #[inline(always)]
@@ -209,6 +213,17 @@ impl Lanes for [f32; LANES] {
     unsafe fn load_part(p: *const f32, n: usize) -> Self {
         // SAFETY: p[..n] is inside the row, the caller's promise.
         std::array::from_fn(|l| if l < n { unsafe { *p.add(l) } } else { 0.0 })
+    }
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        [x; LANES]
+    }
+
+    #[inline(always)]
+    unsafe fn store_part(self, p: *mut f32, n: usize) {
+        // SAFETY: p[..n] is writable, the caller's promise.
+        unsafe { p.copy_from_nonoverlapping(self.as_ptr(), n) }
     }
 
     #[inline(always)]
@@ -402,6 +417,24 @@ pub(super) mod x86 {
 
         #[inline]
         #[target_feature(enable = "avx512f")]
+        unsafe fn splat(x: f32) -> Self {
+            Zmm(_mm512_set1_ps(x))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store_part(self, p: *mut f32, n: usize) {
+            let mask = if n >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << n) - 1) as u16
+            };
+            // SAFETY: only lanes under the mask, p[..n], are written.
+            unsafe { _mm512_mask_storeu_ps(p, mask, self.0) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
         unsafe fn fma(self, a: Self, b: Self) -> Self {
             Zmm(_mm512_fmadd_ps(a.0, b.0, self.0))
         }
@@ -481,6 +514,26 @@ pub(super) mod x86 {
             let hi = _mm256_cmpgt_epi32(n, _mm256_add_epi32(lanes, _mm256_set1_epi32(8)));
             // SAFETY: only lanes under the masks, p[..n], are read.
             unsafe { Ymm2(_mm256_maskload_ps(p, lo), _mm256_maskload_ps(p.add(8), hi)) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(x: f32) -> Self {
+            Ymm2(_mm256_set1_ps(x), _mm256_set1_ps(x))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store_part(self, p: *mut f32, n: usize) {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let n = _mm256_set1_epi32(n as i32);
+            let lo = _mm256_cmpgt_epi32(n, lanes);
+            let hi = _mm256_cmpgt_epi32(n, _mm256_add_epi32(lanes, _mm256_set1_epi32(8)));
+            // SAFETY: only lanes under the masks, p[..n], are written.
+            unsafe {
+                _mm256_maskstore_ps(p, lo, self.0);
+                _mm256_maskstore_ps(p.add(8), hi, self.1);
+            }
         }
 
         #[inline]

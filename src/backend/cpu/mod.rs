@@ -2,7 +2,7 @@
 //! through the `gemm` crate. It is the reference every other device is tested
 //! against, so its code stays plain.
 
-mod attention;
+pub mod attention;
 mod backward;
 mod encoder;
 mod lora;
