@@ -84,10 +84,11 @@ impl fmt::Display for ConvertSummary {
 /// non-empty folder is refused with [`Error::Invalid`], so a convert never
 /// deletes files it did not make.
 ///
-/// Refused inputs: those [`HfView::read`] refuses.
+/// Refused inputs: those [`HfView::read`] and [`HfView::tokenizer`] refuse.
 pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSummary> {
     let g = Gguf::open(input)?;
     let hf = HfView::read(&g)?;
+    let tokenizer = hf.tokenizer(&g)?;
     let mut config = hf.config.clone();
     config["torch_dtype"] = json!(dtype.hf_name());
     let mut n_params = 0;
@@ -96,8 +97,8 @@ pub fn convert(input: &Path, out_dir: &Path, dtype: DType) -> Result<ConvertSumm
         n_params = write_safetensors(&g, &hf.plan, dtype, &tmp.join("model.safetensors"))?;
         write_json(&tmp.join("config.json"), &config)?;
         write_json(&tmp.join("generation_config.json"), &hf.generation_config)?;
-        write_json(&tmp.join("tokenizer.json"), &hf.tokenizer.tokenizer)?;
-        write_json(&tmp.join("tokenizer_config.json"), &hf.tokenizer.config)?;
+        write_json(&tmp.join("tokenizer.json"), &tokenizer.tokenizer)?;
+        write_json(&tmp.join("tokenizer_config.json"), &tokenizer.config)?;
         let marker = tmp.join(MARKER);
         fs::write(&marker, format!("converted from {}\n", input.display()))
             .map_err(|e| Error::io(&marker, e))

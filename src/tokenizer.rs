@@ -39,7 +39,7 @@ impl Tokenizer {
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_file() {
             let g = Gguf::open(path)?;
-            let files = HfView::read(&g)?.tokenizer;
+            let files = HfView::read(&g)?.tokenizer(&g)?;
             let inner = tokenizers::Tokenizer::from_str(&files.tokenizer.to_string())
                 .map_err(|e| Error::format(path, format!("cannot build its tokenizer: {e}")))?;
             return Self::new(inner, Some(&files.config), path);

@@ -6,25 +6,16 @@ mod common;
 
 use common::{fixture, Golden};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 /// Runs engine; model commands get `--device cpu`, so that stderr holds only
 /// what the test is about (`auto` adds a line naming the device it chose).
 fn engine(args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_engine"));
-    cmd.args(args);
+    let mut cmd = common::engine_command(args);
     if matches!(args.first(), Some(&"generate" | &"score")) {
         cmd.args(["--device", "cpu"]);
     }
     cmd.output().unwrap()
-}
-
-/// Runs engine exactly as given.
-fn engine_raw(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 /// A copy of a tiny model folder with the test tokenizer, for tests that break it.
@@ -547,7 +538,7 @@ fn score_long_text_in_windows() {
 #[test]
 fn plain_generate_prints_no_device_line() {
     let (_tmp, dir) = model_copy("model");
-    let out = engine_raw(&[
+    let out = common::engine(&[
         "generate",
         "--model",
         s(&dir),
@@ -665,7 +656,7 @@ fn convert_bad_input() {
 fn device_choice() {
     let (_tmp, dir) = model_copy("model");
     // auto: a GPU if one can be used, else the CPU, saying which and why.
-    let out = engine_raw(&[
+    let out = common::engine(&[
         "score",
         "--model",
         s(&dir),
@@ -679,7 +670,7 @@ fn device_choice() {
     assert!(err.starts_with("device: "), "{err}");
     if engine::backend::cuda::real::unavailable_reason().is_some() {
         assert!(err.contains("device: cpu (no CUDA GPU: "), "{err}");
-        let out = engine_raw(&[
+        let out = common::engine(&[
             "score",
             "--model",
             s(&dir),

@@ -5,30 +5,11 @@
 
 mod common;
 
+use common::{engine, engine_command, engine_ok};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn embedder_dir() -> Option<PathBuf> {
     common::real_model("all-minilm-l6-v2", &["model.safetensors"])
-}
-
-/// Runs engine in the repository root (sources are named as given there).
-fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = engine(args);
-    assert!(
-        out.status.success(),
-        "engine {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Fails cleanly: exit code 1, one line of stderr holding every needle.
@@ -49,7 +30,7 @@ fn search_json(
     query: &str,
 ) -> Vec<serde_json::Value> {
     let k = k.to_string();
-    let out = ok(&[
+    let out = engine_ok(&[
         "index",
         "search",
         "--index",
@@ -73,7 +54,7 @@ fn every_example_question_finds_its_source_in_the_top_3() {
     let Some(emb) = embedder_dir() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let index = tmp.path().join("kb");
-    ok(&[
+    engine_ok(&[
         "index",
         "add",
         "--index",
@@ -139,13 +120,13 @@ fn add_replace_remove_and_list() {
     assert!(first.status.success());
     assert!(String::from_utf8_lossy(&first.stdout).contains("added 2 file(s)"));
     assert!(String::from_utf8_lossy(&first.stderr).contains("empty.txt: no text, skipped"));
-    assert!(ok(&add).contains("added 0 file(s) (0 chunks), 2 unchanged"));
+    assert!(engine_ok(&add).contains("added 0 file(s) (0 chunks), 2 unchanged"));
     std::fs::write(
         docs.join("a.md"),
         "# Alpha\n\nThe alpha valve now opens at 5 bar.\n",
     )
     .unwrap();
-    assert!(ok(&add).contains("added 1 file(s) (1 chunks), 1 unchanged"));
+    assert!(engine_ok(&add).contains("added 1 file(s) (1 chunks), 1 unchanged"));
     let search = |q: &str| search_json(&index, &emb, 5, "cpu", q);
     let hits = search("At what pressure does the alpha valve open?");
     assert_eq!(hits.len(), 2);
@@ -153,8 +134,8 @@ fn add_replace_remove_and_list() {
         hits[0]["text"].as_str().unwrap().contains("5 bar"),
         "{hits:?}"
     );
-    ok(&["index", "rm", "--index", s(&index), s(&docs.join("sub"))]);
-    let ls = ok(&["index", "ls", "--index", s(&index)]);
+    engine_ok(&["index", "rm", "--index", s(&index), s(&docs.join("sub"))]);
+    let ls = engine_ok(&["index", "ls", "--index", s(&index)]);
     assert!(
         ls.contains("1 chunk(s) from 1 file(s)") && ls.contains("a.md") && !ls.contains("b.txt"),
         "{ls}"
@@ -227,7 +208,7 @@ fn bad_input_fails_cleanly() {
     // weights under a changed configuration, so another identity).
     let good = tmp.path().join("good.md");
     std::fs::write(&good, "The gamma gate closes at dusk.\n").unwrap();
-    ok(&[
+    engine_ok(&[
         "index",
         "add",
         "--index",
@@ -277,7 +258,7 @@ fn bad_input_fails_cleanly() {
         &["index", "rm", "--index", s(&index), "not-there.md"],
         &["not-there.md"],
     );
-    assert!(ok(&["index", "ls", "--index", s(&index)]).contains("1 chunk(s) from 1 file(s)"));
+    assert!(engine_ok(&["index", "ls", "--index", s(&index)]).contains("1 chunk(s) from 1 file(s)"));
 }
 
 /// `engine ask --json`: the retrieved passages (numbered, with source,
@@ -291,7 +272,7 @@ fn ask_answers_from_passages_and_lists_citations() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let index = tmp.path().join("kb");
-    ok(&[
+    engine_ok(&[
         "index",
         "add",
         "--index",
@@ -301,7 +282,7 @@ fn ask_answers_from_passages_and_lists_citations() {
         "examples/quillmark-kb/docs",
     ]);
     let question = "What is the hotel limit per night in Tier-1 cities?";
-    let out = ok(&[
+    let out = engine_ok(&[
         "ask",
         "--model",
         s(&model),
@@ -379,7 +360,7 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
         .unwrap();
     }
     let base = tmp.path().join("base");
-    ok(&[
+    engine_ok(&[
         "index",
         "add",
         "--index",
@@ -408,7 +389,7 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
     let full = tmp.path().join("full");
     copy(&full);
     let start = std::time::Instant::now();
-    ok(&[
+    engine_ok(&[
         "index",
         "add",
         "--index",
@@ -425,20 +406,19 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
     for i in 0..6 {
         let dir = tmp.path().join(format!("kill{i}"));
         copy(&dir);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_engine"))
-            .args([
-                "index",
-                "add",
-                "--index",
-                s(&dir),
-                "--embedder",
-                s(&emb),
-                s(&more),
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = engine_command(&[
+            "index",
+            "add",
+            "--index",
+            s(&dir),
+            "--embedder",
+            s(&emb),
+            s(&more),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
         std::thread::sleep(window.mul_f64(i as f64 / 4.0));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -453,7 +433,7 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
         } else {
             saw_after += 1
         }
-        ok(&[
+        engine_ok(&[
             "index",
             "add",
             "--index",

@@ -7,7 +7,7 @@ use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::model::folder::short_f64;
 use crate::model::gguf::Gguf;
-use crate::model::gguf_tokenizer::TokenizerFiles;
+use crate::model::gguf_tokenizer::{SpecialIds, TokenizerFiles};
 use crate::model::llama::{LayerWeights, LlamaWeights};
 use crate::model::llama_gguf::{gguf_tensor_names, unpermute_rows, Hparams, TensorName};
 use crate::model::weight::Weight;
@@ -24,7 +24,6 @@ pub struct HfView {
     /// config.json, without `torch_dtype` (the caller's choice).
     pub config: Json,
     pub generation_config: Json,
-    pub tokenizer: TokenizerFiles,
     /// Every tensor, GGUF name → HF name.
     pub plan: Vec<TensorName>,
     pub vocab: usize,
@@ -32,11 +31,12 @@ pub struct HfView {
 }
 
 impl HfView {
-    /// Reads the hyperparameters, tokenizer and tensor names of `g`.
+    /// Reads the hyperparameters, special token ids and tensor names of `g`;
+    /// the tokenizer, the costly part, only when asked ([`HfView::tokenizer`]):
+    /// loading the weights needs just the config.
     ///
-    /// Refused: architectures other than `llama`, tokenizers other than
-    /// byte-level BPE (`tokenizer.ggml.model == "gpt2"`), RoPE scaling, and
-    /// any tensor without an HF Llama counterpart (e.g. Llama 3.1's
+    /// Refused: architectures other than `llama`, RoPE scaling, and any
+    /// tensor without an HF Llama counterpart (e.g. Llama 3.1's
     /// `rope_freqs`), each as [`Error::Unsupported`] naming it.
     pub fn read(g: &Gguf) -> Result<Self> {
         let arch = g.get_str("general.architecture")?.to_string();
@@ -50,7 +50,7 @@ impl HfView {
         let plan = gguf_tensor_names(g, &hp)?;
         let vocab = plan[0].shape[0];
         let tied = g.tensor_info("output.weight").is_none();
-        let tok = TokenizerFiles::build(g, hp.context_length)?;
+        let ids = SpecialIds::read(g)?;
 
         let config = json!({
             "architectures": ["LlamaForCausalLM"],
@@ -70,28 +70,34 @@ impl HfView {
             "vocab_size": vocab,
             "max_position_embeddings": hp.context_length,
             "tie_word_embeddings": tied,
-            "bos_token_id": tok.bos_id,
-            "eos_token_id": tok.eos_id,
-            "pad_token_id": tok.pad_id,
+            "bos_token_id": ids.bos,
+            "eos_token_id": ids.eos,
+            "pad_token_id": ids.pad,
             "initializer_range": 0.02,
             "pretraining_tp": 1,
             "use_cache": true,
         });
         let generation_config = json!({
-            "bos_token_id": tok.bos_id,
-            "eos_token_id": tok.eos_id,
-            "pad_token_id": tok.pad_id,
+            "bos_token_id": ids.bos,
+            "eos_token_id": ids.eos,
+            "pad_token_id": ids.pad,
         });
         Ok(HfView {
             arch,
             hparams: hp,
             config,
             generation_config,
-            tokenizer: tok,
             plan,
             vocab,
             tied,
         })
+    }
+
+    /// tokenizer.json and tokenizer_config.json of `g` (the file this view
+    /// was read from). Refused: tokenizers other than byte-level BPE
+    /// (`tokenizer.ggml.model == "gpt2"`), as [`Error::Unsupported`].
+    pub fn tokenizer(&self, g: &Gguf) -> Result<TokenizerFiles> {
+        TokenizerFiles::build(g, self.hparams.context_length)
     }
 }
 

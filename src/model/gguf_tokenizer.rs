@@ -1,6 +1,7 @@
 //! A byte-level BPE tokenizer both ways between GGUF's `tokenizer.ggml.*`
 //! metadata and HF's tokenizer.json + tokenizer_config.json:
-//! [`TokenizerFiles::build`] for `engine convert`, [`tokenizer_metadata`] for
+//! [`TokenizerFiles::build`] for `engine convert` and `--model FILE.gguf`
+//! ([`SpecialIds`] alone for the config), [`tokenizer_metadata`] for
 //! `engine quantize`. The pre-tokenizer is the one part that is named in GGUF
 //! (`tokenizer.ggml.pre`) and spelled out in tokenizer.json; `pre_tokenizer`
 //! is the table between the two.
@@ -14,9 +15,41 @@ use std::path::Path;
 pub struct TokenizerFiles {
     pub tokenizer: Json,
     pub config: Json,
-    pub bos_id: Option<u32>,
-    pub eos_id: Option<u32>,
-    pub pad_id: Option<u32>,
+}
+
+/// The special token ids of a GGUF vocabulary (`tokenizer.ggml.*_token_id`),
+/// each checked against its size: what config.json needs of the tokenizer,
+/// read without building it.
+pub struct SpecialIds {
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub pad: Option<u32>,
+    pub unk: Option<u32>,
+}
+
+impl SpecialIds {
+    pub fn read(g: &Gguf) -> Result<Self> {
+        let n_tokens = g.get_array("tokenizer.ggml.tokens")?.len();
+        let token_id = |key: &str| -> Result<Option<u32>> {
+            if g.get(key).is_none() {
+                return Ok(None);
+            }
+            let id = g.get_u32(key)?;
+            if id as usize >= n_tokens {
+                return Err(Error::format(
+                    g.path(),
+                    format!("{key} is {id}, past the vocabulary of {n_tokens} tokens"),
+                ));
+            }
+            Ok(Some(id))
+        };
+        Ok(SpecialIds {
+            bos: token_id("tokenizer.ggml.bos_token_id")?,
+            eos: token_id("tokenizer.ggml.eos_token_id")?,
+            pad: token_id("tokenizer.ggml.padding_token_id")?,
+            unk: token_id("tokenizer.ggml.unknown_token_id")?,
+        })
+    }
 }
 
 /// The Llama-3 ("llama-bpe") pre-tokenizer split pattern.
@@ -80,26 +113,12 @@ impl TokenizerFiles {
                 ),
             ));
         }
-        let token_id = |key: &str| -> Result<Option<u32>> {
-            if g.get(key).is_none() {
-                return Ok(None);
-            }
-            let id = g.get_u32(key)?;
-            if id as usize >= tokens.len() {
-                return Err(Error::format(
-                    path,
-                    format!(
-                        "{key} is {id}, past the vocabulary of {} tokens",
-                        tokens.len()
-                    ),
-                ));
-            }
-            Ok(Some(id))
-        };
-        let bos_id = token_id("tokenizer.ggml.bos_token_id")?;
-        let eos_id = token_id("tokenizer.ggml.eos_token_id")?;
-        let pad_id = token_id("tokenizer.ggml.padding_token_id")?;
-        let unk_id = token_id("tokenizer.ggml.unknown_token_id")?;
+        let SpecialIds {
+            bos: bos_id,
+            eos: eos_id,
+            pad: pad_id,
+            unk: unk_id,
+        } = SpecialIds::read(g)?;
         let flag = |key: &str, default: bool| -> Result<bool> {
             g.get(key).map_or(Ok(default), |_| g.get_bool(key))
         };
@@ -237,9 +256,6 @@ impl TokenizerFiles {
         Ok(TokenizerFiles {
             tokenizer,
             config: Json::Object(config),
-            bos_id,
-            eos_id,
-            pad_id,
         })
     }
 }

@@ -242,12 +242,18 @@ pub fn assert_fails_with(out: &std::process::Output, needles: &[&str]) {
     }
 }
 
+/// The engine binary with `args`, to run in the repository root: where
+/// cargo runs the tests, made explicit because relative paths in `args` (and
+/// the names an index keeps of its sources) are taken from there.
+pub fn engine_command(args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_engine"));
+    cmd.args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
 /// Runs the engine binary with `args` exactly as given.
 pub fn engine(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .output()
-        .unwrap()
+    engine_command(args).output().unwrap()
 }
 
 /// [`engine`], which must succeed: its stdout.
