@@ -60,12 +60,13 @@ const ROW_BLOCK: usize = 512;
 /// A pointer the tasks of one product share, each writing its own tile
 /// (here and in `matmul_invariant`).
 #[derive(Clone, Copy)]
-pub(super) struct SendPtr(pub(super) *mut f32);
-// SAFETY: the tasks write disjoint elements through it (see each use).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    pub(super) fn get(self) -> *mut f32 {
+pub(super) struct SendPtr<T = f32>(pub(super) *mut T);
+// SAFETY: the tasks write disjoint elements through it, or only read (see
+// each use).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    pub(super) fn get(self) -> *mut T {
         self.0
     }
 }

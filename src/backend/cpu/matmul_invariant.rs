@@ -59,7 +59,11 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             Isa::Portable => true,
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
@@ -94,18 +98,40 @@ pub fn matmul_nt_invariant_with(
     m: usize,
     k: usize,
 ) {
+    assert!(w.len() >= m * k);
+    // SAFETY: w holds m·k floats (asserted).
+    unsafe { matmul_nt_invariant_elems(isa, out, x, w.as_ptr(), n, m, k) }
+}
+
+/// [`matmul_nt_invariant_with`] for weights of any `Elem` type, each widened
+/// exactly to f32 as it is loaded: the same arithmetic on the widened
+/// values, so a bf16 or f16 matrix gives the bits of its f32 copy without
+/// the copy. Panics if the processor lacks `isa`.
+///
+/// # Safety
+/// w valid for reads of m·k elements (unaligned is fine).
+pub(super) unsafe fn matmul_nt_invariant_elems<W: Elem>(
+    isa: Isa,
+    out: &mut [f32],
+    x: &[f32],
+    w: *const W,
+    n: usize,
+    m: usize,
+    k: usize,
+) {
     assert!(
         isa.available(),
         "{isa:?} is not available on this processor"
     );
-    assert!(out.len() >= n * m && x.len() >= n * k && w.len() >= m * k);
+    assert!(out.len() >= n * m && x.len() >= n * k);
     if n == 0 || m == 0 {
         return;
     }
     // A whole number of the widest tile (4 columns), at least one tile.
-    let cols = (W_BLOCK_BYTES / (4 * k.max(1)) / 4 * 4).max(4);
+    let cols = (W_BLOCK_BYTES / (std::mem::size_of::<W>() * k.max(1)) / 4 * 4).max(4);
     let col_blocks = m.div_ceil(cols);
     let dst = SendPtr(out.as_mut_ptr());
+    let w = SendPtr(w.cast_mut());
     (0..n.div_ceil(ROW_BLOCK) * col_blocks)
         .into_par_iter()
         .for_each(|task| {
@@ -114,8 +140,8 @@ pub fn matmul_nt_invariant_with(
             // SAFETY: the task writes out[i, j] for i in i0..i0+rows, j in
             // j0..j0+width only (row stride m), disjoint from every other
             // task's block; it reads rows i0..i0+rows of x and j0..j0+width
-            // of w, all inside the lengths asserted above; the processor has
-            // `isa` (asserted above).
+            // of w, all inside the lengths asserted or promised above; the
+            // processor has `isa` (asserted above).
             unsafe {
                 block(
                     isa,
@@ -124,7 +150,7 @@ pub fn matmul_nt_invariant_with(
                         ldo: m,
                         x: x.as_ptr().add(i0 * k),
                         rows,
-                        w: w.as_ptr().add(j0 * k),
+                        w: w.get().add(j0 * k).cast_const(),
                         cols: width,
                         k,
                     },
@@ -133,15 +159,84 @@ pub fn matmul_nt_invariant_with(
         });
 }
 
+/// A weight element the product reads: loaded 16 at a time into f32 lanes,
+/// widened exactly.
+///
+/// # Safety
+/// As `Lanes`: call only where the processor has V's instruction set.
+pub(super) trait Elem: Copy + Send + Sync {
+    /// p[0..16]; p valid for reads of 16 elements.
+    unsafe fn load<V: Lanes>(p: *const Self) -> V;
+    /// p[0..n] and zeros after; p valid for reads of n < 16 elements.
+    unsafe fn load_part<V: Lanes>(p: *const Self, n: usize) -> V;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load<V: Lanes>(p: *const f32) -> V {
+        // SAFETY: the caller's promises.
+        unsafe { V::load(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_part<V: Lanes>(p: *const f32, n: usize) -> V {
+        // SAFETY: the caller's promises.
+        unsafe { V::load_part(p, n) }
+    }
+}
+
+impl Elem for half::bf16 {
+    #[inline(always)]
+    unsafe fn load<V: Lanes>(p: *const Self) -> V {
+        // SAFETY: the caller's promises.
+        unsafe { V::load_bf16(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_part<V: Lanes>(p: *const Self, n: usize) -> V {
+        // SAFETY: p[..n] readable, the caller's promise; the rest is ours.
+        unsafe { V::load_bf16(padded(p.cast(), n).as_ptr()) }
+    }
+}
+
+impl Elem for half::f16 {
+    #[inline(always)]
+    unsafe fn load<V: Lanes>(p: *const Self) -> V {
+        // SAFETY: the caller's promises.
+        unsafe { V::load_f16(p.cast()) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_part<V: Lanes>(p: *const Self, n: usize) -> V {
+        // SAFETY: p[..n] readable, the caller's promise; the rest is ours.
+        unsafe { V::load_f16(padded(p.cast(), n).as_ptr()) }
+    }
+}
+
+/// p[..n] of 16-bit values, then zeros (+0.0 in both half formats), by
+/// value: a loop, not a memcpy call between the accumulators.
+///
+/// # Safety
+/// p valid for reads of n ≤ 16 values (unaligned is fine).
+#[inline(always)]
+unsafe fn padded(p: *const u16, n: usize) -> [u16; LANES] {
+    let mut out = [0u16; LANES];
+    for (l, o) in out.iter_mut().enumerate().take(n) {
+        // SAFETY: l < n, the caller's promise.
+        *o = unsafe { p.add(l).read_unaligned() };
+    }
+    out
+}
+
 /// One task's block: out[i, j] (row stride `ldo`) for `rows` rows of x and
 /// `cols` rows of w, both of length k, contiguous.
 #[derive(Clone, Copy)]
-struct Block {
+struct Block<W> {
     out: *mut f32,
     ldo: usize,
     x: *const f32,
     rows: usize,
-    w: *const f32,
+    w: *const W,
     cols: usize,
     k: usize,
 }
@@ -151,15 +246,15 @@ struct Block {
 /// # Safety
 /// b.x and b.w valid for reads of rows·k and cols·k floats, b.out for
 /// writes at out[i·ldo + j] for i < rows, j < cols; the processor has `isa`.
-unsafe fn block(isa: Isa, b: Block) {
+unsafe fn block<W: Elem>(isa: Isa, b: Block<W>) {
     // SAFETY: the caller's promises, passed on.
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => x86::block_avx512(b),
+            Isa::Avx512 => x86::block_avx512::<W>(b),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => x86::block_avx2(b),
-            _ => block_tiles::<[f32; LANES], 2, 2>(b),
+            Isa::Avx2 => x86::block_avx2::<W>(b),
+            _ => block_tiles::<[f32; LANES], W, 2, 2>(b),
         }
     }
 }
@@ -183,6 +278,10 @@ pub(super) trait Lanes: Copy {
 
     /// p[0..n] and zeros after; p valid for reads of n < 16 floats.
     unsafe fn load_part(p: *const f32, n: usize) -> Self;
+    /// 16 bf16 values at p (unaligned), widened exactly.
+    unsafe fn load_bf16(p: *const u16) -> Self;
+    /// 16 f16 values at p (unaligned), widened exactly.
+    unsafe fn load_f16(p: *const u16) -> Self;
     /// x in every lane.
     unsafe fn splat(x: f32) -> Self;
     /// Lanes 0..n to p[0..n]; p valid for writes of n ≤ 16 floats.
@@ -213,6 +312,18 @@ impl Lanes for [f32; LANES] {
     unsafe fn load_part(p: *const f32, n: usize) -> Self {
         // SAFETY: p[..n] is inside the row, the caller's promise.
         std::array::from_fn(|l| if l < n { unsafe { *p.add(l) } } else { 0.0 })
+    }
+
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Self {
+        // SAFETY: 16 values at p, the caller's promise.
+        std::array::from_fn(|l| f32::from_bits((unsafe { p.add(l).read_unaligned() } as u32) << 16))
+    }
+
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Self {
+        // SAFETY: 16 values at p, the caller's promise.
+        std::array::from_fn(|l| half::f16::from_bits(unsafe { p.add(l).read_unaligned() }).to_f32())
     }
 
     #[inline(always)]
@@ -253,7 +364,7 @@ impl Lanes for [f32; LANES] {
 /// # Safety
 /// As [`block`], with the processor having V's instruction set.
 #[inline(always)]
-unsafe fn block_tiles<V: Lanes, const R: usize, const C: usize>(b: Block) {
+unsafe fn block_tiles<V: Lanes, W: Elem, const R: usize, const C: usize>(b: Block<W>) {
     let Block {
         out,
         ldo,
@@ -272,11 +383,11 @@ unsafe fn block_tiles<V: Lanes, const R: usize, const C: usize>(b: Block) {
             let (o, xi) = (out.add(i * ldo), x.add(i * k));
             let mut j = 0;
             while j + C <= cols {
-                tile_rows::<V, R, C>(r, o.add(j), ldo, xi, w.add(j * k), k);
+                tile_rows::<V, W, R, C>(r, o.add(j), ldo, xi, w.add(j * k), k);
                 j += C;
             }
             for j in j..cols {
-                tile_rows::<V, R, 1>(r, o.add(j), ldo, xi, w.add(j * k), k);
+                tile_rows::<V, W, R, 1>(r, o.add(j), ldo, xi, w.add(j * k), k);
             }
         }
         i += R;
@@ -288,21 +399,21 @@ unsafe fn block_tiles<V: Lanes, const R: usize, const C: usize>(b: Block) {
 /// # Safety
 /// As [`tile`] with r rows.
 #[inline(always)]
-unsafe fn tile_rows<V: Lanes, const R: usize, const C: usize>(
+unsafe fn tile_rows<V: Lanes, W: Elem, const R: usize, const C: usize>(
     r: usize,
     out: *mut f32,
     ldo: usize,
     x: *const f32,
-    w: *const f32,
+    w: *const W,
     k: usize,
 ) {
     // SAFETY: passed on, with the row count the caller promised.
     unsafe {
         match r {
-            1 => tile::<V, 1, C>(out, ldo, x, w, k),
-            2 if R > 2 => tile::<V, 2, C>(out, ldo, x, w, k),
-            3 if R > 3 => tile::<V, 3, C>(out, ldo, x, w, k),
-            _ => tile::<V, R, C>(out, ldo, x, w, k),
+            1 => tile::<V, W, 1, C>(out, ldo, x, w, k),
+            2 if R > 2 => tile::<V, W, 2, C>(out, ldo, x, w, k),
+            3 if R > 3 => tile::<V, W, 3, C>(out, ldo, x, w, k),
+            _ => tile::<V, W, R, C>(out, ldo, x, w, k),
         }
     }
 }
@@ -316,11 +427,11 @@ unsafe fn tile_rows<V: Lanes, const R: usize, const C: usize>(
 // Indices i (row), j (column) name the accumulator tile's cells plainly.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
+unsafe fn tile<V: Lanes, W: Elem, const R: usize, const C: usize>(
     out: *mut f32,
     ldo: usize,
     x: *const f32,
-    w: *const f32,
+    w: *const W,
     k: usize,
 ) {
     // SAFETY (whole body): chunk c of a row (c·16 + 16 ≤ k) and its last
@@ -331,7 +442,7 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
         for c in 0..full {
             let xs: [V; R] = std::array::from_fn(|i| V::load(x.add(i * k + c * LANES)));
             for j in 0..C {
-                let wv = V::load(w.add(j * k + c * LANES));
+                let wv = W::load::<V>(w.add(j * k + c * LANES));
                 for i in 0..R {
                     acc[i][j] = acc[i][j].fma(xs[i], wv);
                 }
@@ -345,7 +456,7 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
             let at = full * LANES;
             let xs: [V; R] = std::array::from_fn(|i| V::load_part(x.add(i * k + at), rest));
             for j in 0..C {
-                let wv = V::load_part(w.add(j * k + at), rest);
+                let wv = W::load_part::<V>(w.add(j * k + at), rest);
                 for i in 0..R {
                     acc[i][j] = acc[i][j].fma(xs[i], wv);
                 }
@@ -369,23 +480,23 @@ unsafe fn tile<V: Lanes, const R: usize, const C: usize>(
 /// enabled, on registers of those instruction sets.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{block_tiles, Block, Lanes};
+    use super::{block_tiles, Block, Elem, Lanes};
     use std::arch::x86_64::*;
 
     /// 32 zmm registers: 4×4 accumulators, 4 chunks of x, one of w. (6×4
     /// spilled accumulators and ran 40% slower; 5×4 ran no faster.)
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn block_avx512(b: Block) {
+    pub(super) unsafe fn block_avx512<W: Elem>(b: Block<W>) {
         // SAFETY: the caller's promises; the processor has AVX-512F.
-        unsafe { block_tiles::<Zmm, 4, 4>(b) }
+        unsafe { block_tiles::<Zmm, W, 4, 4>(b) }
     }
 
     /// 16 ymm registers, two per accumulator: 2×3 accumulators (12), and
     /// halves of x and w in the other four.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn block_avx2(b: Block) {
-        // SAFETY: the caller's promises; the processor has AVX2 and FMA.
-        unsafe { block_tiles::<Ymm2, 2, 3>(b) }
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn block_avx2<W: Elem>(b: Block<W>) {
+        // SAFETY: the caller's promises; the processor has AVX2, FMA and F16C.
+        unsafe { block_tiles::<Ymm2, W, 2, 3>(b) }
     }
 
     /// 16 lanes in one AVX-512 register.
@@ -413,6 +524,23 @@ pub(super) mod x86 {
         unsafe fn load_part(p: *const f32, n: usize) -> Self {
             // SAFETY: only lanes under the mask, p[..n], are read.
             Zmm(unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as u16, p) })
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_bf16(p: *const u16) -> Self {
+            // SAFETY: 16 values at p, the caller's promise.
+            let h = unsafe { _mm256_loadu_si256(p.cast()) };
+            Zmm(_mm512_castsi512_ps(_mm512_slli_epi32::<16>(
+                _mm512_cvtepu16_epi32(h),
+            )))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            // SAFETY: 16 values at p, the caller's promise.
+            Zmm(_mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p.cast()) }))
         }
 
         #[inline]
@@ -514,6 +642,23 @@ pub(super) mod x86 {
             let hi = _mm256_cmpgt_epi32(n, _mm256_add_epi32(lanes, _mm256_set1_epi32(8)));
             // SAFETY: only lanes under the masks, p[..n], are read.
             unsafe { Ymm2(_mm256_maskload_ps(p, lo), _mm256_maskload_ps(p.add(8), hi)) }
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_bf16(p: *const u16) -> Self {
+            // SAFETY: 16 values at p, the caller's promise.
+            let (lo, hi) = unsafe { (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(8).cast())) };
+            let widen = |h| _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+            Ymm2(widen(lo), widen(hi))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load_f16(p: *const u16) -> Self {
+            // SAFETY: 16 values at p, the caller's promise.
+            let (lo, hi) = unsafe { (_mm_loadu_si128(p.cast()), _mm_loadu_si128(p.add(8).cast())) };
+            Ymm2(_mm256_cvtph_ps(lo), _mm256_cvtph_ps(hi))
         }
 
         #[inline]
