@@ -237,6 +237,21 @@ impl Gguf {
             )));
         }
         let values = dequant::dequantize_vec(t.ggml_type, self.tensor_bytes(name)?, t.numel())?;
+        // The values are copied out: drop the file's pages from this
+        // process's resident memory (they stay in the page cache), so that a
+        // model widened from the file does not hold both at its peak (an f32
+        // GGUF peaked at 2x its size). A later read of these bytes faults
+        // them back in unchanged; a failed advice only costs memory.
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only map of a file: DONTNEED drops its
+        // pages, and any read after it sees the file's bytes again.
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.data_start + t.offset,
+                t.nbytes,
+            )
+        };
         Ok((t.shape(), values))
     }
 
