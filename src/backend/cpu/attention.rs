@@ -6,7 +6,7 @@
 //! products for the contiguous cache's prefill, where S = Q·Kᵀ and O = P·V
 //! are real GEMMs.
 
-use super::matmul_invariant::{Isa, Lanes, LANES};
+use super::matmul_invariant::{Isa, Lanes, LANES, MAGIC};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -318,7 +318,7 @@ struct Scratch {
 /// `paged`, fixed whatever the batch, the thread or the instruction set:
 /// - score_j = dot(q, k_j) · scale, the dot in `matmul_invariant`'s
 ///   arithmetic (16 lanes of fma over the head, then its fixed tree);
-/// - `softmax_in_place` over the scores in position order;
+/// - softmax over the scores (`softmax_lanes`);
 /// - o[d] = fma(p_j, v_j[d], o[d]) over j in position order, from +0.0.
 ///
 /// # Safety
@@ -379,7 +379,8 @@ unsafe fn attend_lanes<L: Lanes, const C: usize>(
         // SAFETY: as above.
         scores.push(unsafe { dot(row).reduce() } * scale);
     }
-    let lse = softmax_in_place(scores);
+    // SAFETY: the processor has L's set, the caller's promise.
+    let lse = unsafe { softmax_lanes::<L>(scores) };
     // The outputs up to C chunks a pass, each chunk's accumulator in a
     // register for the whole pass over the values; a partial last chunk
     // in a pass of its own.
@@ -408,6 +409,97 @@ unsafe fn attend_lanes<L: Lanes, const C: usize>(
         unsafe { weighted_pass::<L, 1>(o, v, at, scores, full * LANES, rest) };
     }
     lse
+}
+
+/// p = exp(s − max) / Σ exp(s − max) in place; returns the log-sum-exp,
+/// max + ln Σ exp(s − max). 16 scores a step: `exp_lanes` of each, summed
+/// into 16 lanes chunk by chunk in order (a last partial chunk's missing
+/// lanes add nothing) and then by the fixed tree; the max is exact in any
+/// order, and ln is taken once, of the sum.
+///
+/// # Safety
+/// The processor has L's set.
+#[inline(always)]
+unsafe fn softmax_lanes<L: Lanes>(s: &mut [f32]) -> f32 {
+    let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (full, rest) = (s.len() / LANES, s.len() % LANES);
+    // SAFETY (whole body): chunks stay inside s; L's set is the caller's.
+    unsafe {
+        let (neg_max, one) = (L::splat(-max), L::splat(1.0));
+        let p = s.as_mut_ptr();
+        let mut sum = L::zero();
+        for c in 0..full {
+            // (`acc.fma(a, b)` is acc + a·b: here s − max and sum + e.)
+            let e = exp_lanes(L::load(p.add(c * LANES)).fma(one, neg_max));
+            e.store_part(p.add(c * LANES), LANES);
+            sum = e.fma(one, sum);
+        }
+        if rest > 0 {
+            let at = p.add(full * LANES);
+            exp_lanes(L::load_part(at, rest).fma(one, neg_max)).store_part(at, rest);
+            sum = L::load_part(at, rest).fma(one, sum);
+        }
+        let sum = sum.reduce();
+        let inv = L::splat(1.0 / sum);
+        for c in 0..full {
+            let e = L::load(p.add(c * LANES));
+            L::zero().fma(e, inv).store_part(p.add(c * LANES), LANES);
+        }
+        if rest > 0 {
+            let at = p.add(full * LANES);
+            L::zero()
+                .fma(L::load_part(at, rest), inv)
+                .store_part(at, rest);
+        }
+        max + sum.ln()
+    }
+}
+
+/// e^x per lane for x ≤ 0, within 2 ulp, in one fixed sequence of exactly
+/// rounded operations (the same bits on every set):
+/// - x clamped to ≥ −80 (e^−80 ≈ 2e−35 is nothing beside a softmax's sum
+///   of at least 1, and keeps every result normal);
+/// - n = rint(x · log₂e), r = x − n·ln2 in two steps (Cody–Waite, ln2's
+///   high part exact in 9 bits), so |r| ≤ ln2 / 2 ≈ 0.347;
+/// - e^r by its Taylor series to r⁷ (error r⁸/8! < 6e−9), Horner with fma;
+/// - times 2ⁿ through the exponent field; a NaN x gives NaN.
+///
+/// # Safety
+/// The processor has L's set.
+#[inline(always)]
+unsafe fn exp_lanes<L: Lanes>(x: L) -> L {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4; // 355/512, exact
+    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
+    const TAYLOR: [f32; 8] = [
+        1.0 / 5040.0,
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+    // SAFETY: the caller's promise.
+    unsafe {
+        // (−80 first: max gives its second operand where the first is not
+        // greater, so a NaN x stays NaN.)
+        let x = L::splat(-80.0).max(x);
+        // (`acc.fma(a, b)` is acc + a·b, rounded once.)
+        let t = L::splat(MAGIC).fma(x, L::splat(LOG2E));
+        let n = t.fma(L::splat(1.0), L::splat(-MAGIC));
+        let r = x.fma(n, L::splat(-LN2_HI));
+        let r = r.fma(n, L::splat(-LN2_LO));
+        let mut p = L::splat(TAYLOR[0]);
+        for &c in &TAYLOR[1..] {
+            p = L::splat(c).fma(p, r);
+        }
+        // The exponent arithmetic would turn a NaN into a number: adding
+        // x · 0 (+0, or NaN where x is NaN) gives it back.
+        let nan_guard = L::zero().fma(x, L::zero());
+        p.ldexp_magic(t).fma(L::splat(1.0), nan_guard)
+    }
 }
 
 /// o[d..d + N·16] (or, with `width` < 16, the `width` values at d, N = 1):
@@ -503,5 +595,32 @@ mod x86 {
     ) -> f32 {
         // SAFETY: the caller's promises; the processor has AVX2 and FMA.
         unsafe { attend_lanes::<Ymm2, 4>(o, q, k, v, scale, scratch) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exp_lanes` (the portable build, which every set's bits equal)
+    /// against f64 over the range softmax uses, and at its edges.
+    #[test]
+    fn exp_lanes_is_within_two_ulp() {
+        let mut xs: Vec<f32> = (0..=160_000).map(|i| -(i as f32) / 2000.0).collect();
+        xs.extend([0.0, -0.0, -1e-30, -79.999, -80.0, -80.5, f32::NEG_INFINITY]);
+        for chunk in xs.chunks(LANES) {
+            let mut v = [0.0f32; LANES];
+            v[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: the portable lanes run anywhere.
+            let e = unsafe { exp_lanes::<[f32; LANES]>(v) };
+            for (&x, &e) in chunk.iter().zip(&e) {
+                let want = (x.max(-80.0) as f64).exp();
+                let ulp = (want as f32).to_bits().abs_diff(e.to_bits());
+                assert!(ulp <= 2, "exp({x}) = {e:e}, want {want:e}: {ulp} ulp");
+            }
+        }
+        // SAFETY: as above.
+        let nan = unsafe { exp_lanes::<[f32; LANES]>([f32::NAN; LANES]) };
+        assert!(nan.iter().all(|e| e.is_nan()));
     }
 }

@@ -34,6 +34,10 @@ use rayon::prelude::*;
 /// Lanes of the accumulators (one AVX-512 register of f32).
 pub const LANES: usize = 16;
 
+/// 1.5 · 2²³: x + MAGIC rounds x to an integer (ties to even) for |x| ≤ 2²²
+/// and keeps it in the low bits (`Lanes::ldexp_magic`).
+pub(super) const MAGIC: f32 = 12_582_912.0;
+
 /// The instruction sets the kernel is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -284,6 +288,12 @@ pub(super) trait Lanes: Copy {
     unsafe fn load_f16(p: *const u16) -> Self;
     /// x in every lane.
     unsafe fn splat(x: f32) -> Self;
+    /// Per lane `if self > b { self } else { b }` (so b where self is NaN).
+    unsafe fn max(self, b: Self) -> Self;
+    /// Per lane self · 2ⁿ with n = bits(t) − bits(1.5·2²³): the integer a
+    /// `t = x + 1.5·2²³` rounding left in t's low bits, added to self's
+    /// exponent field (exact while the result stays normal).
+    unsafe fn ldexp_magic(self, t: Self) -> Self;
     /// Lanes 0..n to p[0..n]; p valid for writes of n ≤ 16 floats.
     unsafe fn store_part(self, p: *mut f32, n: usize);
 
@@ -329,6 +339,19 @@ impl Lanes for [f32; LANES] {
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
         [x; LANES]
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, b: Self) -> Self {
+        std::array::from_fn(|l| if self[l] > b[l] { self[l] } else { b[l] })
+    }
+
+    #[inline(always)]
+    unsafe fn ldexp_magic(self, t: Self) -> Self {
+        std::array::from_fn(|l| {
+            let n = t[l].to_bits().wrapping_sub(MAGIC.to_bits());
+            f32::from_bits(self[l].to_bits().wrapping_add(n << 23))
+        })
     }
 
     #[inline(always)]
@@ -480,7 +503,7 @@ unsafe fn tile<V: Lanes, W: Elem, const R: usize, const C: usize>(
 /// enabled, on registers of those instruction sets.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{block_tiles, Block, Elem, Lanes};
+    use super::{block_tiles, Block, Elem, Lanes, MAGIC};
     use std::arch::x86_64::*;
 
     /// 32 zmm registers: 4×4 accumulators, 4 chunks of x, one of w. (6×4
@@ -547,6 +570,22 @@ pub(super) mod x86 {
         #[target_feature(enable = "avx512f")]
         unsafe fn splat(x: f32) -> Self {
             Zmm(_mm512_set1_ps(x))
+        }
+
+        /// vmaxps returns its second operand unless the first is greater.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn max(self, b: Self) -> Self {
+            Zmm(_mm512_max_ps(self.0, b.0))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn ldexp_magic(self, t: Self) -> Self {
+            let magic = _mm512_set1_epi32(MAGIC.to_bits() as i32);
+            let n = _mm512_sub_epi32(_mm512_castps_si512(t.0), magic);
+            let bits = _mm512_add_epi32(_mm512_castps_si512(self.0), _mm512_slli_epi32::<23>(n));
+            Zmm(_mm512_castsi512_ps(bits))
         }
 
         #[inline]
@@ -665,6 +704,25 @@ pub(super) mod x86 {
         #[target_feature(enable = "avx2,fma")]
         unsafe fn splat(x: f32) -> Self {
             Ymm2(_mm256_set1_ps(x), _mm256_set1_ps(x))
+        }
+
+        /// vmaxps returns its second operand unless the first is greater.
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn max(self, b: Self) -> Self {
+            Ymm2(_mm256_max_ps(self.0, b.0), _mm256_max_ps(self.1, b.1))
+        }
+
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn ldexp_magic(self, t: Self) -> Self {
+            let magic = _mm256_set1_epi32(MAGIC.to_bits() as i32);
+            let half = |p: __m256, t: __m256| {
+                let n = _mm256_sub_epi32(_mm256_castps_si256(t), magic);
+                let bits = _mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32::<23>(n));
+                _mm256_castsi256_ps(bits)
+            };
+            Ymm2(half(self.0, t.0), half(self.1, t.1))
         }
 
         #[inline]
