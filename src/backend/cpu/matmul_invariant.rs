@@ -85,6 +85,13 @@ const W_BLOCK_BYTES: usize = 32 * 1024;
 /// weights are read once; many rows split further for more tasks.
 const ROW_BLOCK: usize = 64;
 
+/// Column tiles of weights asked for ahead of the one being read (a tile's
+/// C rows are contiguous, so this is the same place in a later tile). Into
+/// L2 (`prefetch`): asked into L1, the lines in flight are too few for
+/// memory's bandwidth (one thread streamed 15 GB/s of the 31 it can read
+/// on the 2-core Zen 5 VM; into L2, 24).
+const PREFETCH_TILES: usize = 2;
+
 /// out[n, m] = x[n, k] · w[m, k]ᵀ, all row-major, batch-invariant (see the
 /// module doc), with the fastest instruction set of this processor.
 pub fn matmul_nt_invariant(out: &mut [f32], x: &[f32], w: &[f32], n: usize, m: usize, k: usize) {
@@ -381,8 +388,12 @@ impl Lanes for [f32; LANES] {
     }
 }
 
-/// The block in tiles of R rows × C columns; the last rows in one smaller
-/// tile, the last columns one at a time.
+/// The block in tiles of R rows × C columns, a column tile's row tiles in
+/// turn (the last rows in one smaller tile, the last columns one at a
+/// time). While its first row tile reads a column tile's weights, it asks
+/// for a later column tile's (past the block: the next task's), so the
+/// other row tiles compute while those arrive: with a few rows (a batched
+/// decode step) memory and arithmetic overlap instead of taking turns.
 ///
 /// # Safety
 /// As [`block`], with the processor having V's instruction set.
@@ -397,27 +408,37 @@ unsafe fn block_tiles<V: Lanes, W: Elem, const R: usize, const C: usize>(b: Bloc
         cols,
         k,
     } = b;
-    let mut i = 0;
-    while i < rows {
-        let r = R.min(rows - i);
-        // SAFETY: tiles stay inside the block: rows i..i+r ≤ rows, columns
-        // j..j+C ≤ cols (or j < cols for the single columns).
-        unsafe {
-            let (o, xi) = (out.add(i * ldo), x.add(i * k));
-            let mut j = 0;
-            while j + C <= cols {
-                tile_rows::<V, W, R, C>(r, o.add(j), ldo, xi, w.add(j * k), k);
-                j += C;
+    // SAFETY: tiles stay inside the block: rows i..i+r ≤ rows, columns
+    // j..j+C ≤ cols (or j < cols for the single columns); prefetches are
+    // hints, never dereferenced.
+    unsafe {
+        let column = |j: usize, c: usize| {
+            let mut i = 0;
+            while i < rows {
+                let (o, xi) = (out.add(i * ldo + j), x.add(i * k));
+                let wj = w.add(j * k);
+                let ahead = (i == 0).then(|| wj.wrapping_add(PREFETCH_TILES * C * k));
+                if c == C {
+                    tile_rows::<V, W, R, C>(R.min(rows - i), o, ldo, xi, wj, k, ahead)
+                } else {
+                    tile_rows::<V, W, R, 1>(R.min(rows - i), o, ldo, xi, wj, k, ahead)
+                }
+                i += R;
             }
-            for j in j..cols {
-                tile_rows::<V, W, R, 1>(r, o.add(j), ldo, xi, w.add(j * k), k);
-            }
+        };
+        let mut j = 0;
+        while j + C <= cols {
+            column(j, C);
+            j += C;
         }
-        i += R;
+        for j in j..cols {
+            column(j, 1);
+        }
     }
 }
 
-/// `tile` with r ≤ R rows (a compile-time row count per case).
+/// `tile` with r ≤ R rows (a compile-time row count per case), prefetching
+/// `ahead` when given.
 ///
 /// # Safety
 /// As [`tile`] with r rows.
@@ -429,24 +450,32 @@ unsafe fn tile_rows<V: Lanes, W: Elem, const R: usize, const C: usize>(
     x: *const f32,
     w: *const W,
     k: usize,
+    ahead: Option<*const W>,
 ) {
     // SAFETY: passed on, with the row count the caller promised.
     unsafe {
-        match r {
-            1 => tile::<V, W, 1, C>(out, ldo, x, w, k),
-            2 if R > 2 => tile::<V, W, 2, C>(out, ldo, x, w, k),
-            3 if R > 3 => tile::<V, W, 3, C>(out, ldo, x, w, k),
-            _ => tile::<V, W, R, C>(out, ldo, x, w, k),
+        let run = |ahead| match r {
+            1 => tile::<V, W, 1, C>(out, ldo, x, w, k, ahead),
+            2 if R > 2 => tile::<V, W, 2, C>(out, ldo, x, w, k, ahead),
+            3 if R > 3 => tile::<V, W, 3, C>(out, ldo, x, w, k, ahead),
+            _ => tile::<V, W, R, C>(out, ldo, x, w, k, ahead),
+        };
+        match ahead {
+            Some(p) => run(p),
+            None => run(std::ptr::null()),
         }
     }
 }
 
 /// out[i·ldo + j] = dot(x[i], w[j]) for i < R, j < C, by the module's
-/// arithmetic: all R·C accumulators in registers through the k loop.
+/// arithmetic: all R·C accumulators in registers through the k loop. With
+/// `ahead` not null, each chunk also asks for the cache line at the same
+/// place in `ahead`'s C rows.
 ///
 /// # Safety
 /// x valid for reads of R rows of k, w of C rows, out for writes at
-/// i·ldo + j; the processor has V's instruction set.
+/// i·ldo + j; the processor has V's instruction set. `ahead` is only
+/// prefetched, so it may point anywhere.
 // Indices i (row), j (column) name the accumulator tile's cells plainly.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
@@ -456,6 +485,7 @@ unsafe fn tile<V: Lanes, W: Elem, const R: usize, const C: usize>(
     x: *const f32,
     w: *const W,
     k: usize,
+    ahead: *const W,
 ) {
     // SAFETY (whole body): chunk c of a row (c·16 + 16 ≤ k) and its last
     // `rest` elements lie inside the row; the rest is the caller's promise.
@@ -465,6 +495,9 @@ unsafe fn tile<V: Lanes, W: Elem, const R: usize, const C: usize>(
         for c in 0..full {
             let xs: [V; R] = std::array::from_fn(|i| V::load(x.add(i * k + c * LANES)));
             for j in 0..C {
+                if !ahead.is_null() {
+                    prefetch(ahead.wrapping_add(j * k + c * LANES));
+                }
                 let wv = W::load::<V>(w.add(j * k + c * LANES));
                 for i in 0..R {
                     acc[i][j] = acc[i][j].fma(xs[i], wv);
@@ -497,6 +530,19 @@ unsafe fn tile<V: Lanes, W: Elem, const R: usize, const C: usize>(
             }
         }
     }
+}
+
+/// Asks for the cache line holding p into L2: a hint, which never faults.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching reads nothing architecturally; SSE is baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T2};
+        _mm_prefetch::<_MM_HINT_T2>(p.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The x86-64 versions: the generic code compiled with AVX-512 or AVX2 + FMA

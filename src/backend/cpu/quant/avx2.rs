@@ -92,8 +92,9 @@ impl Simd for Avx2 {
 
     #[inline(always)]
     fn prefetch(p: *const u8) {
+        // Into L2, as matmul_invariant's (see PREFETCH_TILES there).
         // SAFETY: SSE is x86-64's baseline; a prefetch never faults.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        unsafe { _mm_prefetch::<_MM_HINT_T2>(p.cast()) }
     }
 
     #[target_feature(enable = "avx2,fma")]
