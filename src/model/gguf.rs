@@ -236,12 +236,22 @@ impl Gguf {
                 dequant::unsupported_msg(t.ggml_type)
             )));
         }
-        let values = dequant::dequantize_vec(t.ggml_type, self.tensor_bytes(name)?, t.numel())?;
-        // The values are copied out: drop the file's pages from this
-        // process's resident memory (they stay in the page cache), so that a
-        // model widened from the file does not hold both at its peak (an f32
-        // GGUF peaked at 2x its size). A later read of these bytes faults
-        // them back in unchanged; a failed advice only costs memory.
+        let values = self.tensor_copy(name, |raw| {
+            dequant::dequantize_vec(t.ggml_type, raw, t.numel())
+        })??;
+        Ok((t.shape(), values))
+    }
+
+    /// `copy(bytes of tensor name)`, for a copy of the tensor made in
+    /// memory: then the file's pages of it are dropped from this process's
+    /// resident memory (they stay in the page cache), so that the process
+    /// does not hold both (an f32 GGUF widened whole peaked at 2x its size).
+    /// A later read of these bytes faults them back in unchanged (as do a
+    /// neighbour's first reads: Linux maps up to 64 KiB around a fault, so a
+    /// small tensor saves less); a failed advice only costs memory.
+    pub fn tensor_copy<T>(&self, name: &str, copy: impl FnOnce(&[u8]) -> T) -> Result<T> {
+        let t = self.require_tensor(name)?;
+        let out = copy(self.tensor_bytes(name)?);
         #[cfg(unix)]
         // SAFETY: the map is a read-only map of a file: DONTNEED drops its
         // pages, and any read after it sees the file's bytes again.
@@ -252,7 +262,7 @@ impl Gguf {
                 t.nbytes,
             )
         };
-        Ok((t.shape(), values))
+        Ok(out)
     }
 
     fn require_tensor(&self, name: &str) -> Result<&TensorInfo> {

@@ -135,10 +135,9 @@ pub fn load_weights<B: Backend>(be: &B, g: &Gguf, hf: &HfView) -> Result<LlamaWe
         }
         let bytes = match p.rope_heads {
             None => g.tensor_qbytes(&p.gguf)?,
-            Some(heads) => {
-                let raw = g.tensor_bytes(&p.gguf)?;
-                QBytes::Owned(unpermute_rows(raw, rows, raw.len() / rows, heads))
-            }
+            Some(heads) => QBytes::Owned(g.tensor_copy(&p.gguf, |raw| {
+                unpermute_rows(raw, rows, raw.len() / rows, heads)
+            })?),
         };
         match be.upload_quant(bytes, info.ggml_type, rows, cols) {
             Ok(q) => Ok(Weight::Quant(q)),
