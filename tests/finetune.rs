@@ -16,12 +16,15 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::atomic::AtomicBool;
 
+/// The engine binary with `args`, on the CPU.
+fn cpu_engine(args: &[&str]) -> Command {
+    let mut cmd = common::engine_command(args);
+    cmd.args(["--device", "cpu"]);
+    cmd
+}
+
 fn engine(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(args)
-        .args(["--device", "cpu"])
-        .output()
-        .unwrap()
+    cpu_engine(args).output().unwrap()
 }
 
 fn s(p: &Path) -> &str {
@@ -433,9 +436,7 @@ fn sigint_saves_a_checkpoint() {
     let mut args: Vec<&str> = vec!["finetune", "--model", s(&m), "--data", s(&data)];
     args.extend(LORA);
     args.extend(["--steps", "100000", "--save-every", "0", "--out", s(&out)]);
-    let child = Command::new(env!("CARGO_BIN_EXE_engine"))
-        .args(&args)
-        .args(["--device", "cpu"])
+    let child = cpu_engine(&args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
