@@ -269,7 +269,8 @@ fn attention_paged_is_batch_invariant() {
 
 /// The same bits on every instruction set this processor has: the
 /// arithmetic is defined lane by lane. Head widths of 64, of 40 (a partial
-/// chunk of 16 lanes) and of 144 (more chunks than one pass holds).
+/// chunk of 16 lanes) and of 144 (more chunks than one pass holds); groups
+/// of 3, 2, 6 and 1 query heads a key/value head.
 #[test]
 fn attention_paged_gives_the_same_bits_on_every_instruction_set() {
     let mut r = seeded_rng("PAGED_SEED");
@@ -279,7 +280,19 @@ fn attention_paged_gives_the_same_bits_on_every_instruction_set() {
         hd,
         block_size,
     };
-    for d in [SMOLLM2, odd(40, 3), odd(144, 5)] {
+    let groups = |heads, kv_heads| Dims {
+        heads,
+        kv_heads,
+        hd: 48,
+        block_size: 4,
+    };
+    for d in [
+        SMOLLM2,
+        odd(40, 3),
+        odd(144, 5),
+        groups(12, 2),
+        groups(3, 3),
+    ] {
         let seqs = ragged(&mut r, d);
         let b = Batch::new(&mut r, d, &seqs, 1);
         let mut rows = vec![None; b.n];
