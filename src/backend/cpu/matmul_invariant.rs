@@ -23,10 +23,12 @@
 //!
 //! Speed: an R×C tile of outputs keeps R·C accumulators in registers; each
 //! chunk loads R chunks of x and C of w for R·C fused multiply-adds. Tasks
-//! are blocks of rows × blocks of columns of out: a task's block of w (about
-//! `W_BLOCK_BYTES`) stays in L1 while its row tiles pass over it. A decode
-//! step (n ≤ `ROW_BLOCK`) has one block of rows, so each weight row is
-//! streamed from memory once per call and used for all n rows.
+//! are blocks of rows × blocks of columns of out (about `W_BLOCK_BYTES` of
+//! w); within one, each column tile's C rows of w stay in L1 while the row
+//! tiles pass over them, and later tiles' weights are asked for into L2
+//! meanwhile (`PREFETCH_TILES`). A decode step (n ≤ `ROW_BLOCK`) has one
+//! block of rows, so each weight row is streamed from memory once per call
+//! and used for all n rows.
 
 use super::matmul::SendPtr;
 use rayon::prelude::*;
