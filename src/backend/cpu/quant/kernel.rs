@@ -80,6 +80,27 @@ impl<S: Simd> Clone for Quad<S> {
 }
 impl<S: Simd> Copy for Quad<S> {}
 
+impl<S: Simd> Quad<S> {
+    /// The quad of two unpacked pairs, a then b: their codes split into
+    /// the halves, their per-4-value scales and mins to per-8-value lanes.
+    ///
+    /// # Safety
+    /// As `Simd`: the processor has S's set.
+    #[inline(always)]
+    unsafe fn of(a: Unpacked<S>, b: Unpacked<S>) -> Self {
+        // SAFETY: the caller's promise.
+        unsafe {
+            let (even, odd) = S::split(a.codes, b.codes);
+            Quad {
+                even,
+                odd,
+                sw: S::evens(a.sw, b.sw),
+                mw: S::evens(a.mw, b.mw),
+            }
+        }
+    }
+}
+
 /// How one weight type's pairs of blocks unpack in one instruction set.
 ///
 /// # Safety
@@ -283,13 +304,7 @@ unsafe fn last_quad<S: Simd, W: Format<S>>(w: *const u8, first: usize, rest: usi
             3 => alone::<S, W>(w, first + 1),
             _ => W::unpack(ZEROS.as_ptr(), 0),
         };
-        let (even, odd) = S::split(a.codes, b.codes);
-        Quad {
-            even,
-            odd,
-            sw: S::evens(a.sw, b.sw),
-            mw: S::evens(a.mw, b.mw),
-        }
+        Quad::of(a, b)
     }
 }
 
@@ -429,13 +444,7 @@ unsafe fn quad<S: Simd, W: Format<S>>(w: *const u8, q: usize) -> Quad<S> {
     // SAFETY: the caller's promise.
     unsafe {
         let (a, b) = (W::unpack(w, 2 * q), W::unpack(w, 2 * q + 1));
-        let (even, odd) = S::split(a.codes, b.codes);
-        Quad {
-            even,
-            odd,
-            sw: S::evens(a.sw, b.sw),
-            mw: S::evens(a.mw, b.mw),
-        }
+        Quad::of(a, b)
     }
 }
 
