@@ -388,16 +388,20 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
     // The whole add, timed, gives the after state and the kill window.
     let full = tmp.path().join("full");
     copy(&full);
+    // `engine index add` of the new documents into the index at `dir`.
+    fn add<'a>(dir: &'a Path, emb: &'a Path, more: &'a Path) -> [&'a str; 7] {
+        [
+            "index",
+            "add",
+            "--index",
+            s(dir),
+            "--embedder",
+            s(emb),
+            s(more),
+        ]
+    }
     let start = std::time::Instant::now();
-    engine_ok(&[
-        "index",
-        "add",
-        "--index",
-        s(&full),
-        "--embedder",
-        s(&emb),
-        s(&more),
-    ]);
+    engine_ok(&add(&full, &emb, &more));
     let window = start.elapsed();
     let after = sources(&full);
     assert_eq!(after.len(), before.len() + 20);
@@ -406,19 +410,11 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
     for i in 0..6 {
         let dir = tmp.path().join(format!("kill{i}"));
         copy(&dir);
-        let mut child = engine_command(&[
-            "index",
-            "add",
-            "--index",
-            s(&dir),
-            "--embedder",
-            s(&emb),
-            s(&more),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        let mut child = engine_command(&add(&dir, &emb, &more))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(window.mul_f64(i as f64 / 4.0));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
@@ -433,15 +429,7 @@ fn index_add_killed_at_any_moment_leaves_before_or_after() {
         } else {
             saw_after += 1
         }
-        engine_ok(&[
-            "index",
-            "add",
-            "--index",
-            s(&dir),
-            "--embedder",
-            s(&emb),
-            s(&more),
-        ]);
+        engine_ok(&add(&dir, &emb, &more));
         assert_eq!(sources(&dir), after, "kill {i}: the next add finishes");
     }
     eprintln!("killed 6 adds: {saw_before} left the before state, {saw_after} the after state");
