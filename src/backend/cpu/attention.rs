@@ -455,6 +455,24 @@ unsafe fn softmax_lanes<L: Lanes>(s: &mut [f32]) -> f32 {
     }
 }
 
+/// ln 2 in two parts for Cody–Waite's r = x − n·ln 2: the high part 355/512,
+/// 9 bits, so n·LN2_HI is exact for |n| < 2¹⁵; the low part ln 2 − LN2_HI.
+/// Shared with the encoder's scalar f32 exp, which computes the same way.
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// e^r's Taylor coefficients, 1/7! down to 1/0!, for Horner's rule.
+pub(super) const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// e^x per lane for x ≤ 0, within 2 ulp, in one fixed sequence of exactly
 /// rounded operations (the same bits on every set):
 /// - x clamped to ≥ −80 (e^−80 ≈ 2e−35 is nothing beside a softmax's sum
@@ -469,18 +487,6 @@ unsafe fn softmax_lanes<L: Lanes>(s: &mut [f32]) -> f32 {
 #[inline(always)]
 unsafe fn exp_lanes<L: Lanes>(x: L) -> L {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 355/512, exact
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-    const TAYLOR: [f32; 8] = [
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
     // SAFETY: the caller's promise.
     unsafe {
         // (−80 first: max gives its second operand where the first is not
@@ -491,8 +497,8 @@ unsafe fn exp_lanes<L: Lanes>(x: L) -> L {
         let n = t.fma(L::splat(1.0), L::splat(-MAGIC));
         let r = x.fma(n, L::splat(-LN2_HI));
         let r = r.fma(n, L::splat(-LN2_LO));
-        let mut p = L::splat(TAYLOR[0]);
-        for &c in &TAYLOR[1..] {
+        let mut p = L::splat(EXP_TAYLOR[0]);
+        for &c in &EXP_TAYLOR[1..] {
             p = L::splat(c).fma(p, r);
         }
         // The exponent arithmetic would turn a NaN into a number: adding

@@ -12,7 +12,8 @@
 //! below the ops' tolerances; a given machine always takes the same one, and
 //! the results never depend on the thread count.
 
-use super::attention::mm;
+use super::attention::{mm, EXP_TAYLOR, LN2_HI, LN2_LO};
+use super::matmul_invariant::MAGIC;
 use rayon::prelude::*;
 
 /// Rows per rayon task: enough work per task to amortise scheduling.
@@ -235,25 +236,13 @@ fn exp<const FMA: bool>(a: f64) -> f64 {
 /// below 1e-8 before rounding).
 #[inline(always)]
 fn exp_f32<const FMA: bool>(a: f32) -> f32 {
-    const ROUND: f32 = 12582912.0; // 1.5·2²³
-    const LN2_HI: f32 = 355.0 / 512.0; // ln 2 to 9 bits
-    const LN2_LO: f32 = -2.121_944_4e-4; // ln 2 − LN2_HI
-    const INV_FACT: [f32; 8] = [
-        1.0 / 5040.0,
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ];
+    const ROUND: f32 = MAGIC; // 1.5·2²³
     let a = a.clamp(-87.0, 0.0);
     let y = fma32::<FMA>(a, std::f32::consts::LOG2_E, ROUND);
     let k = y - ROUND;
     let r = fma32::<FMA>(-k, LN2_LO, fma32::<FMA>(-k, LN2_HI, a));
     let mut p = 0.0;
-    for c in INV_FACT {
+    for c in EXP_TAYLOR {
         p = fma32::<FMA>(p, r, c);
     }
     let k = (y.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
