@@ -165,8 +165,8 @@ fn quant_products(isa: QuantIsa, threads: &[usize], ns: &[usize], types: &[GgmlT
                         best_seconds(ms, |quant| {
                             if quant {
                                 qi = (qi + 1) % qcopies;
-                                let (o, x, w) = (&mut out.buf[..], &x.buf[..], &qs[qi].buf[..]);
-                                matmul_q_with(isa, ty, o, x, w, n, m, k);
+                                let (o, x) = (&mut out.buf[..], &x.buf[..]);
+                                matmul_q_with(isa, o, x, &qs[qi].buf, n);
                             } else {
                                 i = (i + 1) % copies;
                                 let (o, x, w) = (&mut out.buf[..], &x.buf[..], &ws[i].buf[..]);

@@ -420,8 +420,8 @@ fn backward_matches_cpu() {
         let dyc = Cpu.upload(dy.clone(), &[n, M], F32).unwrap();
         Cpu.matmul_q_backward(&mut want, &dyc, &wc).unwrap();
         let want = Cpu.download(&want).unwrap();
+        let w = dequantize_vec(ty, &bytes, M * k).unwrap();
         let wg = g.upload_quant(QBytes::Owned(bytes), ty, M, k).unwrap();
-        let w = dequantize_vec(ty, &wc.buf, M * k).unwrap();
         for dx_t in [F32, BF16] {
             let mut dx = g.upload(dx0.clone(), &[n, k], dx_t).unwrap();
             let dyg = g.upload(dy.clone(), &[n, M], BF16).unwrap();

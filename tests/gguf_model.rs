@@ -11,7 +11,7 @@ use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
 use engine::model::llama::Llama;
 use engine::model::weight::Weight;
-use engine::quant::{GgmlType, QBytes};
+use engine::quant::GgmlType;
 use engine::tensor::DType;
 use engine::tokenizer::{Message, Tokenizer};
 use std::path::{Path, PathBuf};
@@ -36,18 +36,21 @@ fn matrices_stay_in_the_files_formats() {
         panic!("w_gate was widened: {}", w.layers[0].w_gate.format())
     };
     assert_eq!((q.ty, q.rows, q.cols), (GgmlType::Q4_1, 1536, 576));
-    // Used where it lies in the memory map; q and k, whose rows llama.cpp
-    // permuted, are the only copies.
-    assert!(matches!(q.buf, QBytes::Mapped(..)));
+    // Packed at load (`cpu::quant::QWeight`), the file's pages let go.
+    assert!(q.buf.is_packed() && !q.buf.is_mapped());
     let Weight::Quant(q) = &w.layers[0].wq else {
         panic!("wq was widened")
     };
-    assert!(matches!(q.buf, QBytes::Owned(_)));
+    assert!(!q.buf.is_mapped());
     assert!(
         w.lm_head.is_none(),
         "SmolLM2 ties its head to the embedding"
     );
-    assert_eq!(w.embed.format(), "Q8_0");
+    let Weight::Quant(embed) = &w.embed else {
+        panic!("the embedding was widened")
+    };
+    assert_eq!(embed.ty, GgmlType::Q8_0);
+    assert!(embed.buf.is_packed() && !embed.buf.is_mapped());
     let err = model
         .weights
         .require_dense("full fine-tuning")

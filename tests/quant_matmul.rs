@@ -3,8 +3,9 @@
 //! the dequantized weights and the unquantized activations, within the
 //! error that quantizing the activations to 8 bits allows; batch invariance
 //! (a row's bits alone, in any batch, on 1 or 2 threads); the same bits on
-//! every instruction set, and the documented arithmetic re-implemented here
-//! for Q8_0 and Q4_0; bad uploads refused.
+//! every instruction set and from rows packed at load or as the file lays
+//! them out, and the documented arithmetic re-implemented here for Q8_0 and
+//! Q4_0; bad uploads refused.
 //!
 //! Weights are random valid blocks (tests/common/qblocks.rs). Seeds are
 //! printed; replay one with QUANT_MATMUL_SEED=SEED.
@@ -13,7 +14,7 @@ mod common;
 
 use common::qblocks::random_blocks;
 use common::{assert_spare_untouched, cpu_input, cpu_poisoned, seeded_rng};
-use engine::backend::cpu::quant::{matmul_q_with, Isa};
+use engine::backend::cpu::quant::{matmul_q_with, Isa, QWeight};
 use engine::backend::cpu::Cpu;
 use engine::backend::Backend;
 use engine::quant::dequant::dequantize_vec;
@@ -78,8 +79,12 @@ fn product(ty: GgmlType, x: &[f32], w: &[u8], n: usize, m: usize, k: usize) -> V
     out.buf[..n * m].to_vec()
 }
 
+/// out [n, m] on the set `isa`, from `w` as the CPU keeps it (`packed`:
+/// `QWeight::new`, which packs Q4_0 and Q8_0) or in the file's layout.
+#[allow(clippy::too_many_arguments)]
 fn product_with(
     isa: Isa,
+    packed: bool,
     ty: GgmlType,
     x: &[f32],
     w: &[u8],
@@ -87,8 +92,13 @@ fn product_with(
     m: usize,
     k: usize,
 ) -> Vec<f32> {
+    let bytes = QBytes::Owned(w.to_vec());
+    let w = match packed {
+        true => QWeight::new(ty, bytes, m, k),
+        false => QWeight::file_layout(ty, bytes, m, k),
+    };
     let mut out = vec![f32::NAN; n * m];
-    matmul_q_with(isa, ty, &mut out, x, w, n, m, k);
+    matmul_q_with(isa, &mut out, x, &w.unwrap(), n);
     out
 }
 
@@ -207,10 +217,11 @@ fn each_row_of_a_batch_equals_the_row_alone_on_any_thread_count() {
     }
 }
 
-/// AVX-512 VNNI, AVX2 and the portable build give the same bits (the sets
-/// this processor lacks are skipped, and named).
+/// AVX-512 VNNI, AVX2 and the portable build give the same bits, from rows
+/// packed at load or as the file lays them out (the sets this processor
+/// lacks are skipped, and named).
 #[test]
-fn every_instruction_set_gives_the_same_bits() {
+fn every_instruction_set_and_layout_gives_the_same_bits() {
     let mut rng = rng();
     let sets: Vec<Isa> = [Isa::Avx512Vnni, Isa::Avx2]
         .into_iter()
@@ -228,10 +239,13 @@ fn every_instruction_set_gives_the_same_bits() {
                     activations(&mut rng, n, k),
                     random_blocks(&mut rng, ty, m, k),
                 );
-                let want = product_with(Isa::Portable, ty, &x, &w, n, m, k);
-                for &isa in &sets {
-                    let got = product_with(isa, ty, &x, &w, n, m, k);
-                    assert_same_bits(&format!("{ty} {isa:?} n{n} m{m} k{k}"), &got, &want);
+                let want = product_with(Isa::Portable, false, ty, &x, &w, n, m, k);
+                for isa in sets.iter().copied().chain([Isa::Portable]) {
+                    for packed in [true, false] {
+                        let got = product_with(isa, packed, ty, &x, &w, n, m, k);
+                        let what = format!("{ty} {isa:?} packed {packed} n{n} m{m} k{k}");
+                        assert_same_bits(&what, &got, &want);
+                    }
                 }
             }
         }
@@ -298,6 +312,8 @@ fn embedding_rows_are_dequantized_rows() {
         let table = Cpu
             .upload_quant(QBytes::Owned(w.clone()), ty, vocab, d)
             .unwrap();
+        let packs = ty.block_size() == 32;
+        assert_eq!(table.buf.is_packed(), packs, "{ty} packed at upload");
         let mut out = cpu_poisoned(&[3, d]);
         Cpu.embedding_q(&mut out, &[7, 0, 7], &table).unwrap();
         let all = dequantize_vec(ty, &w, vocab * d).unwrap();
@@ -352,7 +368,7 @@ fn empty_rows_give_zeros() {
     for ty in TYPES {
         for isa in [Isa::Avx512Vnni, Isa::Avx2, Isa::Portable] {
             if isa.available() {
-                let got = product_with(isa, ty, &[], &[], 3, 2, 0);
+                let got = product_with(isa, true, ty, &[], &[], 3, 2, 0);
                 assert!(
                     got.iter().all(|v| v.to_bits() == 0),
                     "{ty} {isa:?}: {got:?}"

@@ -244,24 +244,13 @@ impl Gguf {
 
     /// `copy(bytes of tensor name)`, for a copy of the tensor made in
     /// memory: then the file's pages of it are dropped from this process's
-    /// resident memory (they stay in the page cache), so that the process
+    /// resident memory (`quant::drop_mapped_pages`), so that the process
     /// does not hold both (an f32 GGUF widened whole peaked at 2x its size).
-    /// A later read of these bytes faults them back in unchanged (as do a
-    /// neighbour's first reads: Linux maps up to 64 KiB around a fault, so a
-    /// small tensor saves less); a failed advice only costs memory.
     pub fn tensor_copy<T>(&self, name: &str, copy: impl FnOnce(&[u8]) -> T) -> Result<T> {
         let t = self.require_tensor(name)?;
         let out = copy(self.tensor_bytes(name)?);
-        #[cfg(unix)]
-        // SAFETY: the map is a read-only map of a file: DONTNEED drops its
-        // pages, and any read after it sees the file's bytes again.
-        let _ = unsafe {
-            self.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                self.data_start + t.offset,
-                t.nbytes,
-            )
-        };
+        let start = self.data_start + t.offset;
+        crate::quant::drop_mapped_pages(&self.mmap, start..start + t.nbytes);
         Ok(out)
     }
 

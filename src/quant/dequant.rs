@@ -50,14 +50,14 @@ macro_rules! ggml_types {
             }
 
             /// Values per block.
-            pub fn block_size(self) -> usize {
+            pub const fn block_size(self) -> usize {
                 match self {
                     $(GgmlType::$variant => $bs,)*
                 }
             }
 
             /// Bytes per block.
-            pub fn type_size(self) -> usize {
+            pub const fn type_size(self) -> usize {
                 match self {
                     $(GgmlType::$variant => $ts,)*
                 }

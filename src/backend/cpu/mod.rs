@@ -48,7 +48,7 @@ fn view_mut(t: &mut Tensor<Cpu>) -> &mut [f32] {
 
 impl Backend for Cpu {
     type Buf = Vec<f32>;
-    type QBuf = QBytes;
+    type QBuf = quant::QWeight;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -202,9 +202,8 @@ impl Backend for Cpu {
         rows: usize,
         cols: usize,
     ) -> Result<QTensor<Self>> {
-        quant::check(ty, data.len(), rows, cols)?;
         Ok(QTensor {
-            buf: data,
+            buf: quant::QWeight::new(ty, data, rows, cols)?,
             ty,
             rows,
             cols,
@@ -212,8 +211,8 @@ impl Backend for Cpu {
     }
 
     fn matmul_q(&self, out: &mut Tensor<Self>, x: &Tensor<Self>, w: &QTensor<Self>) -> Result<()> {
-        let (n, m, k) = shapes::matmul_q(out, x, w);
-        quant::matmul_q(w.ty, view_mut(out), view(x), &w.buf, n, m, k);
+        let (n, _, _) = shapes::matmul_q(out, x, w);
+        quant::matmul_q(view_mut(out), view(x), &w.buf, n);
         Ok(())
     }
 
@@ -223,8 +222,8 @@ impl Backend for Cpu {
         dy: &Tensor<Self>,
         w: &QTensor<Self>,
     ) -> Result<()> {
-        let (n, m, k) = shapes::matmul_q(dy, dx, w);
-        quant_backward::matmul_q_backward(w.ty, view_mut(dx), view(dy), &w.buf, n, m, k);
+        let (n, _, _) = shapes::matmul_q(dy, dx, w);
+        quant_backward::matmul_q_backward(view_mut(dx), view(dy), &w.buf, n);
         Ok(())
     }
 
@@ -235,8 +234,7 @@ impl Backend for Cpu {
         table: &QTensor<Self>,
     ) -> Result<()> {
         assert_eq!(out.shape, [ids.len(), table.cols]);
-        let (ty, vocab, d) = (table.ty, table.rows, table.cols);
-        quant::embedding_q(ty, view_mut(out), ids, &table.buf, vocab, d);
+        quant::embedding_q(view_mut(out), ids, &table.buf);
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //! quantized base.
 
 use super::backward::{gemm_acc, ROW_BLOCK};
-use crate::quant::{dequant, GgmlType};
+use super::quant::QWeight;
+use crate::quant::dequant;
 use rayon::prelude::*;
 
 /// Weight rows dequantized at a time: bounds the scratch (256 × 1536 f32 is
@@ -11,25 +12,19 @@ use rayon::prelude::*;
 const W_ROWS: usize = 256;
 
 /// dx [n, k] += dy [n, m] · deq(w [m, k]), a chunk of weight rows at a time.
-pub fn matmul_q_backward(
-    ty: GgmlType,
-    dx: &mut [f32],
-    dy: &[f32],
-    w: &[u8],
-    n: usize,
-    m: usize,
-    k: usize,
-) {
+pub fn matmul_q_backward(dx: &mut [f32], dy: &[f32], w: &QWeight, n: usize) {
+    let [m, k] = w.shape();
     assert!(dx.len() == n * k && dy.len() == n * m);
-    let row_bytes = ty.bytes_for(k).expect("checked at upload");
     let mut wf = vec![0f32; W_ROWS * k];
     for j0 in (0..m).step_by(W_ROWS) {
         let rows = W_ROWS.min(m - j0);
         let wf = &mut wf[..rows * k];
-        wf.par_chunks_mut(k).enumerate().for_each(|(j, row)| {
-            let at = (j0 + j) * row_bytes;
-            dequant::dequantize(ty, &w[at..at + row_bytes], row).expect("checked at upload");
-        });
+        wf.par_chunks_mut(k)
+            .enumerate()
+            .for_each_init(Vec::new, |scratch, (j, row)| {
+                let blocks = w.file_row(j0 + j, scratch);
+                dequant::dequantize(w.ty(), blocks, row).expect("checked at upload");
+            });
         let wf = &*wf;
         dx.par_chunks_mut(ROW_BLOCK * k)
             .enumerate()

@@ -8,7 +8,8 @@
 
 use super::super::matmul_invariant::x86::Ymm2;
 use super::activations::{self, Row};
-use super::kernel::{self, k4_scales_mins, Block, Format, Simd, Unpacked};
+use super::kernel::Unpacked;
+use super::kernel::{self, k4_scales_mins, Block, Format, Layout, PackedFormat, Quad, Simd};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
@@ -102,9 +103,9 @@ impl Simd for Avx2 {
         activations::quantize_row(x, row, offset)
     }
 
-    unsafe fn block<W: Format<Self>>(b: Block) {
+    unsafe fn block<W: Format<Self>, L: Layout<Self, W>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
-        unsafe { block_avx2::<W>(b) }
+        unsafe { block_avx2::<W, L>(b) }
     }
 }
 
@@ -121,9 +122,9 @@ fn lanes_of<const SEL: i32>(x: __m256, y: __m256) -> __m256 {
 /// 16 ymm registers: 2×2 accumulators of two each; codes, scales and mins
 /// are reloaded from the stack where they do not fit.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block_avx2<W: Format<Avx2>>(b: Block) {
+unsafe fn block_avx2<W: Format<Avx2>, L: Layout<Avx2, W>>(b: Block) {
     // SAFETY: the caller's promises; the processor has these features.
-    unsafe { kernel::block::<Avx2, W, 2, 2>(b) }
+    unsafe { kernel::block::<Avx2, W, L, 2, 2>(b) }
 }
 
 /// One block's unpacked codes, scale and min.
@@ -164,6 +165,81 @@ unsafe fn f16_at(p: *const u8) -> f32 {
     // SAFETY: the caller's promise.
     let bits = unsafe { u16_at(p) };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// The four f16 at p, widened, each over its block's 4 lanes.
+///
+/// # Safety
+/// p valid for reads of 8 bytes.
+#[inline(always)]
+unsafe fn f16_quarters(p: *const u8) -> Ymm2 {
+    // SAFETY: the caller's promise.
+    let four = _mm256_castps128_ps256(_mm_cvtph_ps(unsafe { _mm_loadl_epi64(p.cast()) }));
+    Ymm2(
+        _mm256_permutevar8x32_ps(four, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)),
+        _mm256_permutevar8x32_ps(four, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)),
+    )
+}
+
+/// A packed quad of a 4-bit (5-bit with FIVE) type: the halves are the low
+/// and the high nibbles, plus 16 where their fifth bit is set; then the
+/// scales, and the mins with MIN.
+///
+/// # Safety
+/// The quad lies at p.
+#[inline(always)]
+unsafe fn packed_nibbles<const FIVE: bool, const MIN: bool>(p: *const u8) -> Quad<Avx2> {
+    let mask = _mm256_set1_epi8(0x0F);
+    // SAFETY: the caller's promise; the offsets are inside the quad.
+    unsafe {
+        let (v0, v1) = (
+            _mm256_loadu_si256(p.cast()),
+            _mm256_loadu_si256(p.add(32).cast()),
+        );
+        let mut even = [_mm256_and_si256(v0, mask), _mm256_and_si256(v1, mask)];
+        let mut odd = [
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v0), mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(v1), mask),
+        ];
+        let mut at = 64;
+        if FIVE {
+            for (h, codes) in [&mut even, &mut odd].into_iter().enumerate() {
+                for (i, codes) in codes.iter_mut().enumerate() {
+                    *codes = _mm256_or_si256(*codes, bit_16s(u32_at(p.add(64 + 8 * h + 4 * i))));
+                }
+            }
+            at += 16;
+        }
+        let zero = _mm256_setzero_ps();
+        let mw = if MIN {
+            f16_quarters(p.add(at + 8))
+        } else {
+            Ymm2(zero, zero)
+        };
+        Quad::new(even, odd, f16_quarters(p.add(at)), mw)
+    }
+}
+
+kernel::packed_nibble_formats!(Avx2);
+
+/// A packed Q8_0 quad: the halves as stored, the signed weights `dot` takes.
+impl PackedFormat<Avx2> for Q8_0 {
+    #[inline(always)]
+    unsafe fn packed_quad(p: *const u8) -> Quad<Avx2> {
+        // SAFETY: the quad lies at p, the caller's promise.
+        unsafe {
+            let even = [
+                _mm256_loadu_si256(p.cast()),
+                _mm256_loadu_si256(p.add(32).cast()),
+            ];
+            let odd = [
+                _mm256_loadu_si256(p.add(64).cast()),
+                _mm256_loadu_si256(p.add(96).cast()),
+            ];
+            let zero = _mm256_setzero_ps();
+            Quad::new(even, odd, f16_quarters(p.add(128)), Ymm2(zero, zero))
+        }
+    }
 }
 
 /// The 4-bit codes of a 32-value block's 16 bytes at p: low nibbles, then

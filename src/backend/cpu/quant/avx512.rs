@@ -8,7 +8,8 @@
 use super::super::matmul_invariant::x86::Zmm;
 use super::super::matmul_invariant::Lanes;
 use super::activations::{self, Row};
-use super::kernel::{self, k4_scales_mins, Block, Format, Simd, Unpacked};
+use super::kernel::Unpacked;
+use super::kernel::{self, k4_scales_mins, Block, Format, Layout, PackedFormat, Quad, Simd};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use crate::quant::GgmlType;
 use std::arch::x86_64::*;
@@ -84,9 +85,9 @@ impl Simd for Avx512 {
         activations::quantize_row(x, row, offset)
     }
 
-    unsafe fn block<W: Format<Self>>(b: Block) {
+    unsafe fn block<W: Format<Self>, L: Layout<Self, W>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
-        unsafe { block_avx512::<W>(b) }
+        unsafe { block_avx512::<W, L>(b) }
     }
 }
 
@@ -101,13 +102,13 @@ fn even_odd() -> (__m512i, __m512i) {
 /// 32 zmm registers: 4×4 accumulators, 4 columns' codes and scales, a
 /// row's activations; types with a min need 4 more (mins), so 4×3.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn block_avx512<W: Format<Avx512>>(b: Block) {
+unsafe fn block_avx512<W: Format<Avx512>, L: Layout<Avx512, W>>(b: Block) {
     // SAFETY: the caller's promises; the processor has these features.
     unsafe {
         if W::MIN {
-            kernel::block::<Avx512, W, 4, 3>(b)
+            kernel::block::<Avx512, W, L, 4, 3>(b)
         } else {
-            kernel::block::<Avx512, W, 4, 4>(b)
+            kernel::block::<Avx512, W, L, 4, 4>(b)
         }
     }
 }
@@ -139,6 +140,63 @@ unsafe fn f16_halves(a: *const u8, b: *const u8) -> Zmm {
     let ab = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
     let idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     Zmm(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(ab)))
+}
+
+/// The four f16 at p, widened, each over its block's 4 lanes.
+///
+/// # Safety
+/// p valid for reads of 8 bytes.
+#[inline(always)]
+unsafe fn f16_quarters(p: *const u8) -> Zmm {
+    // SAFETY: the caller's promise.
+    let four = _mm_cvtph_ps(unsafe { _mm_loadl_epi64(p.cast()) });
+    let idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    Zmm(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(four)))
+}
+
+/// A packed quad of a 4-bit (5-bit with FIVE) type: the halves are the low
+/// and the high nibbles, plus 16 where their fifth bit is set; then the
+/// scales, and the mins with MIN.
+///
+/// # Safety
+/// The quad lies at p.
+#[inline(always)]
+unsafe fn packed_nibbles<const FIVE: bool, const MIN: bool>(p: *const u8) -> Quad<Avx512> {
+    let mask = _mm512_set1_epi8(0x0F);
+    // SAFETY: the caller's promise; the offsets are inside the quad.
+    unsafe {
+        let v = _mm512_loadu_si512(p.cast());
+        let mut even = _mm512_and_si512(v, mask);
+        let mut odd = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+        let mut at = 64;
+        if FIVE {
+            even = _mm512_or_si512(even, bit_16s(p.add(64).cast::<u64>().read_unaligned()));
+            odd = _mm512_or_si512(odd, bit_16s(p.add(72).cast::<u64>().read_unaligned()));
+            at += 16;
+        }
+        let mw = if MIN {
+            f16_quarters(p.add(at + 8))
+        } else {
+            Zmm::zero()
+        };
+        Quad::new(even, odd, f16_quarters(p.add(at)), mw)
+    }
+}
+
+kernel::packed_nibble_formats!(Avx512);
+
+/// A packed Q8_0 quad: the halves as stored, + 128 as `unpack`'s codes.
+impl PackedFormat<Avx512> for Q8_0 {
+    #[inline(always)]
+    unsafe fn packed_quad(p: *const u8) -> Quad<Avx512> {
+        let flip = _mm512_set1_epi8(-128);
+        // SAFETY: the quad lies at p, the caller's promise.
+        unsafe {
+            let even = _mm512_xor_si512(_mm512_loadu_si512(p.cast()), flip);
+            let odd = _mm512_xor_si512(_mm512_loadu_si512(p.add(64).cast()), flip);
+            Quad::new(even, odd, f16_quarters(p.add(128)), Zmm::zero())
+        }
+    }
 }
 
 /// The 4-bit codes of two 32-value blocks whose 16 bytes lie at a and b:

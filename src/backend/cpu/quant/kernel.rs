@@ -1,14 +1,17 @@
 //! The one tile loop every instruction set runs, generic over its registers
-//! (`Simd`) and over how a weight type unpacks a pair of blocks (`Format`).
-//! A step takes a quad of blocks (128 values): two pairs, split into the
-//! halves the activations are stored in (`activations::split_quad`), so
+//! (`Simd`), over how a weight type unpacks a pair of blocks (`Format`) and
+//! over the rows' layout (`Layout`: the file's blocks, or quads packed at
+//! load). A step takes a quad of blocks (128 values): two pairs, split into
+//! the halves the activations are stored in (`activations::split_quad`), so
 //! each lane sums its 8 values with two dot products into one i32. The
 //! arithmetic per output is the module doc's of `quant`; the sets differ
 //! only in the tile of outputs in flight together.
 
 use super::activations::{Acts, Row, BLOCK, GROUP, QUAD};
+use super::packed;
 use crate::backend::cpu::matmul_invariant::Lanes;
 use crate::quant::GgmlType;
+use std::marker::PhantomData;
 
 /// Lanes per quad of blocks (one accumulator).
 pub(super) const LANES: usize = QUAD / GROUP;
@@ -52,7 +55,7 @@ pub(super) trait Simd: Sized {
     /// `activations::quantize_row` compiled for the set.
     unsafe fn quantize_row(x: &[f32], row: Row, offset: i32);
     /// Computes `b` with this set's tiles (a function compiled for the set).
-    unsafe fn block<W: Format<Self>>(b: Block);
+    unsafe fn block<W: Format<Self>, L: Layout<Self, W>>(b: Block);
 }
 
 /// A pair of weight blocks unpacked in their order: codes, and the scale
@@ -81,6 +84,12 @@ impl<S: Simd> Clone for Quad<S> {
 impl<S: Simd> Copy for Quad<S> {}
 
 impl<S: Simd> Quad<S> {
+    /// A quad from its halves' codes and its lanes' scales and mins.
+    #[inline(always)]
+    pub(super) fn new(even: S::Bytes, odd: S::Bytes, sw: S::Floats, mw: S::Floats) -> Self {
+        Quad { even, odd, sw, mw }
+    }
+
     /// The quad of two unpacked pairs, a then b: their codes split into
     /// the halves, their per-4-value scales and mins to per-8-value lanes.
     ///
@@ -120,6 +129,102 @@ pub(super) trait Format<S: Simd> {
     unsafe fn dot(init: S::Ints, w: S::Bytes, x: S::Bytes) -> S::Ints {
         // SAFETY: the caller's promise (the processor has S).
         unsafe { S::dot(init, w, x) }
+    }
+}
+
+/// A format the CPU keeps packed (`packed`): how a set reads a packed quad.
+///
+/// # Safety
+/// As `Simd`.
+pub(super) trait PackedFormat<S: Simd>: Format<S> {
+    /// The packed quad at p (`packed::quad_bytes` bytes).
+    unsafe fn packed_quad(p: *const u8) -> Quad<S>;
+}
+
+/// `PackedFormat` of the 4- and 5-bit types on the set `$set`, through the
+/// set's `packed_nibbles::<FIVE, MIN>` (in scope where this is used).
+macro_rules! packed_nibble_formats {
+    ($set:ty) => {
+        kernel::packed_nibble_formats!($set: Q4_0 false false, Q4_1 false true,
+            Q5_0 true false, Q5_1 true true);
+    };
+    ($set:ty: $($ty:ident $five:literal $min:literal),*) => {$(
+        impl PackedFormat<$set> for $ty {
+            #[inline(always)]
+            unsafe fn packed_quad(p: *const u8) -> Quad<$set> {
+                // SAFETY: the caller's promise.
+                unsafe { packed_nibbles::<$five, $min>(p) }
+            }
+        }
+    )*};
+}
+pub(super) use packed_nibble_formats;
+
+/// How a matrix's rows are laid out, and where a step takes a quad from.
+pub(super) trait Layout<S: Simd, W: Format<S>> {
+    /// Bytes of a row of k values.
+    fn row_bytes(k: usize) -> usize;
+    /// A row of k values: its whole quads, and the blocks after them.
+    fn quads(k: usize) -> (usize, usize);
+    /// Quad q of the row at w.
+    ///
+    /// # Safety
+    /// The row holds quad q; the processor has S.
+    unsafe fn quad(w: *const u8, q: usize) -> Quad<S>;
+    /// The row's last `rest` (1..=3) blocks after `quads` whole quads, as
+    /// a quad with zero blocks.
+    ///
+    /// # Safety
+    /// As `quads` says of the row; the processor has S.
+    unsafe fn last(w: *const u8, quads: usize, rest: usize) -> Quad<S>;
+}
+
+/// Rows as the file lays them out: blocks in order.
+pub(super) struct FileLayout;
+
+impl<S: Simd, W: Format<S>> Layout<S, W> for FileLayout {
+    fn row_bytes(k: usize) -> usize {
+        W::TYPE.bytes_for(k).expect("k a whole number of blocks")
+    }
+
+    fn quads(k: usize) -> (usize, usize) {
+        let blocks = k / BLOCK;
+        (blocks / 4, blocks % 4)
+    }
+
+    #[inline(always)]
+    unsafe fn quad(w: *const u8, q: usize) -> Quad<S> {
+        // SAFETY: the caller's promise.
+        unsafe { quad::<S, W>(w, q) }
+    }
+
+    #[inline(always)]
+    unsafe fn last(w: *const u8, quads: usize, rest: usize) -> Quad<S> {
+        // SAFETY: the caller's promise.
+        unsafe { last_quad::<S, W>(w, 2 * quads, rest) }
+    }
+}
+
+/// Rows packed at load (`packed`): whole quads, ready for a step.
+pub(super) struct PackedLayout;
+
+impl<S: Simd, W: PackedFormat<S>> Layout<S, W> for PackedLayout {
+    fn row_bytes(k: usize) -> usize {
+        packed::row_bytes(W::TYPE, k)
+    }
+
+    fn quads(k: usize) -> (usize, usize) {
+        (k.div_ceil(QUAD), 0)
+    }
+
+    #[inline(always)]
+    unsafe fn quad(w: *const u8, q: usize) -> Quad<S> {
+        // SAFETY: the row holds quad q, the caller's promise.
+        unsafe { W::packed_quad(w.add(q * packed::quad_bytes(W::TYPE))) }
+    }
+
+    unsafe fn last(_: *const u8, _: usize, _: usize) -> Quad<S> {
+        unreachable!("packed rows hold whole quads")
     }
 }
 
@@ -167,18 +272,23 @@ pub(super) struct Block<'a> {
 /// reads of cols rows of row_bytes, each k values of W; rows row0.. of
 /// b.acts exist; the processor has S.
 #[inline(always)]
-pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize>(b: Block) {
+pub(super) unsafe fn block<S, W, L, const R: usize, const C: usize>(b: Block)
+where
+    S: Simd,
+    W: Format<S>,
+    L: Layout<S, W>,
+{
     let quads = (b.k / BLOCK).div_ceil(4);
     let mut buf = Vec::with_capacity(if b.rows > R { C * quads } else { 0 });
     let mut j = 0;
     // SAFETY: each column tile lies inside the block.
     unsafe {
         while j + C <= b.cols {
-            columns::<S, W, R, C>(b, j, &mut buf);
+            columns::<S, W, L, R, C>(b, j, &mut buf);
             j += C;
         }
         for j in j..b.cols {
-            columns::<S, W, R, 1>(b, j, &mut buf);
+            columns::<S, W, L, R, 1>(b, j, &mut buf);
         }
     }
 }
@@ -188,42 +298,49 @@ pub(super) unsafe fn block<S: Simd, W: Format<S>, const R: usize, const C: usize
 /// # Safety
 /// Columns j..j+C inside the block; the rest as [`block`].
 #[inline(always)]
-unsafe fn columns<S: Simd, W: Format<S>, const R: usize, const C: usize>(
+unsafe fn columns<S, W, L, const R: usize, const C: usize>(
     b: Block,
     j: usize,
     buf: &mut Vec<Quad<S>>,
-) {
-    let blocks = b.k / BLOCK;
-    let rows = Rows {
+) where
+    S: Simd,
+    W: Format<S>,
+    L: Layout<S, W>,
+{
+    let (quads, rest) = L::quads(b.k);
+    let rows = Rows::<L, C> {
         // SAFETY: rows j..j+C of w are inside the block (the caller's promise).
         w: std::array::from_fn(|c| unsafe { b.w.add((j + c) * b.row_bytes) }),
-        quads: blocks / 4,
-        rest: blocks % 4,
-        // Each row advances `step` bytes a quad; reading ahead keeps enough
-        // misses in flight for memory's bandwidth (unpacking is too much
-        // work a byte for the processor's window to do it alone).
-        step: b.row_bytes * 4 / blocks,
+        quads,
+        rest,
+        // Each row advances `step` bytes a quad (of 4 blocks); reading
+        // ahead keeps enough misses in flight for memory's bandwidth
+        // (unpacking is too much work a byte for the processor's window to
+        // do it alone).
+        step: b.row_bytes * 4 / (4 * quads + rest),
         ahead: PREFETCH_TILES * C * b.row_bytes,
+        layout: PhantomData,
     };
-    let tail = rows.rest > 0;
+    let tail = rest > 0;
     // SAFETY (whole body): the tiles' rows lie in the block, the buffer
     // holds every quad; the rest is the caller's promise.
     unsafe {
         if b.rows <= R {
-            tile_rows::<S, W, _, R, C>(b, b.rows, 0, j, tail, &rows);
+            tile_rows::<S, W, _, R, C>(b, b.rows, 0, j, (quads, tail), &rows);
             return;
         }
         buf.clear();
-        for q in 0..rows.quads {
+        for q in 0..quads {
             buf.extend_from_slice(&Source::<S, W, C>::quad(&rows, q));
         }
         if tail {
             buf.extend_from_slice(&Source::<S, W, C>::last(&rows));
         }
-        let unpacked = Buffer::<S, C>(buf.as_ptr(), rows.quads);
+        let unpacked = Buffer::<S, C>(buf.as_ptr(), quads);
         let mut i = 0;
         while i < b.rows {
-            tile_rows::<S, W, _, R, C>(b, R.min(b.rows - i), i, j, tail, &unpacked);
+            let r = R.min(b.rows - i);
+            tile_rows::<S, W, _, R, C>(b, r, i, j, (quads, tail), &unpacked);
             i += R;
         }
     }
@@ -237,8 +354,8 @@ trait Source<S: Simd, W: Format<S>, const C: usize> {
     unsafe fn last(&self) -> [Quad<S>; C];
 }
 
-/// The C rows of weights themselves.
-struct Rows<const C: usize> {
+/// The C rows of weights themselves, laid out as L says.
+struct Rows<L, const C: usize> {
     w: [*const u8; C],
     /// Whole quads of blocks per row, and blocks after them.
     quads: usize,
@@ -247,9 +364,15 @@ struct Rows<const C: usize> {
     step: usize,
     /// Bytes read ahead.
     ahead: usize,
+    layout: PhantomData<L>,
 }
 
-impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Rows<C> {
+impl<S, W, L, const C: usize> Source<S, W, C> for Rows<L, C>
+where
+    S: Simd,
+    W: Format<S>,
+    L: Layout<S, W>,
+{
     #[inline(always)]
     unsafe fn quad(&self, q: usize) -> [Quad<S>; C] {
         // Every line of the step's bytes (a quad spans 72 to 136).
@@ -261,22 +384,16 @@ impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Rows<C> {
             }
         }
         // SAFETY: the rows hold quad q (the caller's promise).
-        unsafe { unpack_all::<S, W, C>(&self.w, q) }
+        unsafe { unpack_all::<S, W, L, C>(&self.w, q) }
     }
 
-    /// The last 1 to 3 blocks (32-value types only) and zero blocks, whose
-    /// scale and min are 0 and whose activations are the zero pad, so
-    /// their lanes add exactly nothing (fma(±0, 0, acc) = acc; acc is never
-    /// −0). A whole pair is unpacked where it lies, a last block alone from
-    /// a copy followed by a zero block, an empty pair from zeros.
     #[inline(always)]
     unsafe fn last(&self) -> [Quad<S>; C] {
-        let first = 2 * self.quads;
-        // SAFETY: pairs are read from the row only where it holds them.
+        // SAFETY: the rows hold `rest` blocks after their whole quads.
         unsafe {
-            let mut ws = [last_quad::<S, W>(self.w[0], first, self.rest); C];
+            let mut ws = [L::last(self.w[0], self.quads, self.rest); C];
             for (ws, &w) in ws.iter_mut().zip(&self.w).skip(1) {
-                *ws = last_quad::<S, W>(w, first, self.rest);
+                *ws = L::last(w, self.quads, self.rest);
             }
             ws
         }
@@ -287,7 +404,12 @@ impl<S: Simd, W: Format<S>, const C: usize> Source<S, W, C> for Rows<C> {
 static ZEROS: [u8; 2 * MAX_BLOCK_BYTES] = [0; 2 * MAX_BLOCK_BYTES];
 
 /// The quad of pairs `first`, `first + 1` of the row at w, which holds
-/// `rest` (1..=3) blocks from pair `first` on (see `Rows::last`).
+/// `rest` (1..=3) blocks from pair `first` on: its last blocks (32-value
+/// types only) and zero blocks, whose scale and min are 0 and whose
+/// activations are the zero pad, so their lanes add exactly nothing
+/// (fma(±0, 0, acc) = acc; acc is never −0). A whole pair is unpacked where
+/// it lies, a last block alone from a copy followed by a zero block, an
+/// empty pair from zeros.
 ///
 /// # Safety
 /// As said; the processor has S.
@@ -352,26 +474,27 @@ unsafe fn tile_rows<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize,
     r: usize,
     i: usize,
     j: usize,
-    tail: bool,
+    quads: (usize, bool),
     src: &Src,
 ) {
     // SAFETY: passed on, with the row count the caller promised (the
     // last arm only for r = R: a smaller r there would write past the block).
     unsafe {
         match r {
-            1 => tile::<S, W, Src, 1, C>(b, i, j, tail, src),
-            2 if R > 2 => tile::<S, W, Src, 2, C>(b, i, j, tail, src),
-            3 if R > 3 => tile::<S, W, Src, 3, C>(b, i, j, tail, src),
+            1 => tile::<S, W, Src, 1, C>(b, i, j, quads, src),
+            2 if R > 2 => tile::<S, W, Src, 2, C>(b, i, j, quads, src),
+            3 if R > 3 => tile::<S, W, Src, 3, C>(b, i, j, quads, src),
             _ => {
                 assert_eq!(r, R, "tiles have at most 4 rows or exactly R");
-                tile::<S, W, Src, R, C>(b, i, j, tail, src)
+                tile::<S, W, Src, R, C>(b, i, j, quads, src)
             }
         }
     }
 }
 
 /// out for rows i..i+R and columns j..j+C of the block: all R·C
-/// accumulators in registers through the quads of blocks.
+/// accumulators in registers through the rows' whole quads and, where
+/// `tail`, their last blocks (`(quads, tail)`).
 ///
 /// # Safety
 /// Rows i..i+R and columns j..j+C inside the block, `src` holding their
@@ -382,12 +505,11 @@ unsafe fn tile<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, cons
     b: Block,
     i: usize,
     j: usize,
-    tail: bool,
+    (quads, tail): (usize, bool),
     src: &Src,
 ) {
     let a = b.acts;
     let rows: [usize; R] = std::array::from_fn(|r| b.row0 + i + r);
-    let quads = b.k / BLOCK / 4;
     // SAFETY (whole body): quad q of an activation row is inside kp;
     // out[(i + r)·ldo + j + c] is in the block; the rest is the caller's
     // promise.
@@ -413,23 +535,24 @@ unsafe fn tile<S: Simd, W: Format<S>, Src: Source<S, W, C>, const R: usize, cons
     }
 }
 
-/// Quad q (pairs 2q, 2q+1) of each of the C rows at `w`. (A loop, not
-/// `array::from_fn`: a closure is a function of its own, compiled without
-/// the set's features unless inlined, and then every intrinsic in it is a
-/// call.)
+/// Quad q of each of the C rows at `w`. (A loop, not `array::from_fn`: a
+/// closure is a function of its own, compiled without the set's features
+/// unless inlined, and then every intrinsic in it is a call.)
 ///
 /// # Safety
-/// As [`Format::unpack`] for each row.
+/// As [`Layout::quad`] for each row.
 #[inline(always)]
-unsafe fn unpack_all<S: Simd, W: Format<S>, const C: usize>(
-    w: &[*const u8; C],
-    q: usize,
-) -> [Quad<S>; C] {
+unsafe fn unpack_all<S, W, L, const C: usize>(w: &[*const u8; C], q: usize) -> [Quad<S>; C]
+where
+    S: Simd,
+    W: Format<S>,
+    L: Layout<S, W>,
+{
     // SAFETY: the caller's promise.
     unsafe {
-        let mut ws = [quad::<S, W>(w[0], q); C];
+        let mut ws = [L::quad(w[0], q); C];
         for c in 1..C {
-            ws[c] = quad::<S, W>(w[c], q);
+            ws[c] = L::quad(w[c], q);
         }
         ws
     }

@@ -30,7 +30,10 @@
 //! (`kernel`: a step is a quad of blocks, 8 values a lane summed by two
 //! 4-byte dot products, which halves the f32 work of 4-value lanes) and
 //! differ in how a pair of blocks unpacks (`portable`, `avx2`, `avx512`).
-//! F16, BF16 and F32 weights go through the f32 product (`float`).
+//! F16, BF16 and F32 weights go through the f32 product (`float`). The
+//! 32-value types' rows are repacked at load (`QWeight`, `packed`) so that
+//! a step loads its codes ready to multiply; the arithmetic, and so the
+//! bits, stay those of the file's layout.
 //!
 //! Speed: tasks are blocks of up to `ROW_BLOCK` rows × the columns whose
 //! weights fill about `W_BLOCK_BYTES`; a decode step (n ≤ `ROW_BLOCK`) reads
@@ -44,14 +47,15 @@ mod avx2;
 mod avx512;
 mod float;
 mod kernel;
+mod packed;
 mod portable;
 
 use super::matmul::SendPtr;
 use super::matmul_invariant as f32_product;
 use crate::error::{Error, Result};
-use crate::quant::{dequant, GgmlType};
+use crate::quant::{dequant, GgmlType, QBytes};
 use activations::Acts;
-use kernel::{Block, Format, Simd};
+use kernel::{Block, FileLayout, Format, Layout, PackedFormat, PackedLayout, Simd};
 use kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use rayon::prelude::*;
 
@@ -74,6 +78,89 @@ pub fn check(ty: GgmlType, len: usize, rows: usize, cols: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// A quantized weight [rows, cols] as the CPU keeps it (the CPU's `QBuf`):
+/// the file's blocks where they lie, or, for the types `packed` takes, the
+/// same bits repacked at load for the kernels.
+pub struct QWeight {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: QBytes,
+    packed: bool,
+}
+
+impl QWeight {
+    /// Checks `data` (`check`) and keeps it, packed where the type packs.
+    /// A mapped file's pages are let go as each chunk of rows is packed:
+    /// the packed copy is as large (plus the last quads' zero blocks), and
+    /// the process should not hold both.
+    pub fn new(ty: GgmlType, data: QBytes, rows: usize, cols: usize) -> Result<QWeight> {
+        let mut w = QWeight::file_layout(ty, data, rows, cols)?;
+        if !packed::packs(ty) {
+            return Ok(w);
+        }
+        let (file_row, packed_row) = (ty.bytes_for(cols).unwrap(), packed::row_bytes(ty, cols));
+        let mut out = vec![0u8; rows * packed_row];
+        let chunk = (PACK_CHUNK_BYTES / file_row.max(1)).max(1);
+        for r in (0..rows).step_by(chunk) {
+            let end = (r + chunk).min(rows);
+            let file = r * file_row..end * file_row;
+            let into = &mut out[r * packed_row..end * packed_row];
+            packed::pack(ty, &w.bytes[file.clone()], cols, into);
+            w.bytes.drop_pages(file);
+        }
+        (w.bytes, w.packed) = (QBytes::Owned(out), true);
+        Ok(w)
+    }
+
+    /// Checks `data` and keeps it in the file's layout, as every type
+    /// `packed` does not take is kept (tests compare the two layouts).
+    pub fn file_layout(ty: GgmlType, data: QBytes, rows: usize, cols: usize) -> Result<QWeight> {
+        check(ty, data.len(), rows, cols)?;
+        Ok(QWeight {
+            ty,
+            rows,
+            cols,
+            bytes: data,
+            packed: false,
+        })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// [rows, cols].
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    pub fn is_packed(&self) -> bool {
+        self.packed
+    }
+
+    /// Whether it is read where it lies in a file's memory map.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, QBytes::Mapped(..))
+    }
+
+    /// Row r as the file lays it out: where it lies, or unpacked into
+    /// `scratch`.
+    pub fn file_row<'a>(&'a self, r: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
+        let row_bytes = self.ty.bytes_for(self.cols).expect("checked by new");
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        if !self.packed {
+            return &self.bytes[r * row_bytes..(r + 1) * row_bytes];
+        }
+        scratch.resize(row_bytes, 0);
+        packed::unpack_row(self.ty, &self.bytes, r, self.cols, scratch);
+        scratch
+    }
+}
+
+/// File bytes packed before their pages are let go (`QWeight::new`).
+const PACK_CHUNK_BYTES: usize = 1 << 20;
 
 /// The instruction sets the integer kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,32 +213,21 @@ impl Isa {
     }
 }
 
-/// out [n, m] = x [n, k] · deq(w [m, k])ᵀ, w in `ty`'s blocks (checked by
-/// `check`), batch-invariant (see the module doc), with the fastest
-/// instruction set of this processor.
-pub fn matmul_q(ty: GgmlType, out: &mut [f32], x: &[f32], w: &[u8], n: usize, m: usize, k: usize) {
-    matmul_q_with(Isa::detect(), ty, out, x, w, n, m, k);
+/// out [n, m] = x [n, k] · deq(w [m, k])ᵀ, batch-invariant (see the module
+/// doc), with the fastest instruction set of this processor.
+pub fn matmul_q(out: &mut [f32], x: &[f32], w: &QWeight, n: usize) {
+    matmul_q_with(Isa::detect(), out, x, w, n);
 }
 
 /// [`matmul_q`] with the given instruction set (tests compare them). Panics
 /// if the processor lacks it or the sizes do not match.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_q_with(
-    isa: Isa,
-    ty: GgmlType,
-    out: &mut [f32],
-    x: &[f32],
-    w: &[u8],
-    n: usize,
-    m: usize,
-    k: usize,
-) {
+pub fn matmul_q_with(isa: Isa, out: &mut [f32], x: &[f32], w: &QWeight, n: usize) {
     assert!(
         isa.available(),
         "{isa:?} is not available on this processor"
     );
-    let row_bytes = ty.bytes_for(k).expect("k a whole number of blocks");
-    assert!(out.len() >= n * m && x.len() >= n * k && w.len() >= m * row_bytes);
+    let (ty, m, k) = (w.ty, w.rows, w.cols);
+    assert!(out.len() >= n * m && x.len() >= n * k);
     if n == 0 || m == 0 {
         return;
     }
@@ -161,43 +237,50 @@ pub fn matmul_q_with(
         return;
     }
     if matches!(ty, GgmlType::F16 | GgmlType::BF16 | GgmlType::F32) {
-        return float::matmul(isa.f32_isa(), ty, out, x, w, n, m, k);
+        return float::matmul(isa.f32_isa(), ty, out, x, &w.bytes, n, m, k);
     }
-    let args = (out, x, w, n, m, k);
+    let args = (out, x, &w.bytes[..], n, m, k);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => by_type::<avx512::Avx512>(ty, args),
+        Isa::Avx512Vnni => by_type::<avx512::Avx512>(ty, w.packed, args),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => by_type::<avx2::Avx2>(ty, args),
-        _ => by_type::<portable::Portable>(ty, args),
+        Isa::Avx2 => by_type::<avx2::Avx2>(ty, w.packed, args),
+        _ => by_type::<portable::Portable>(ty, w.packed, args),
     }
 }
 
-/// `matmul_q_with`'s checked arguments: out, x, w, n, m, k.
+/// `matmul_q_with`'s checked arguments: out, x, w's bytes, n, m, k.
 type Args<'a> = (&'a mut [f32], &'a [f32], &'a [u8], usize, usize, usize);
 
-/// The integer product of weight type `ty` on the set S.
-fn by_type<S: Simd>(ty: GgmlType, args: Args)
+/// The integer product of weight type `ty` on the set S, from rows packed
+/// or as the file lays them out.
+fn by_type<S: Simd>(ty: GgmlType, packed: bool, args: Args)
 where
-    Q8_0: Format<S>,
-    Q4_0: Format<S>,
-    Q4_1: Format<S>,
-    Q5_0: Format<S>,
-    Q5_1: Format<S>,
+    Q8_0: PackedFormat<S>,
+    Q4_0: PackedFormat<S>,
+    Q4_1: PackedFormat<S>,
+    Q5_0: PackedFormat<S>,
+    Q5_1: PackedFormat<S>,
     Q4_K: Format<S>,
     Q5_K: Format<S>,
     Q6_K: Format<S>,
 {
-    match ty {
-        GgmlType::Q8_0 => run::<S, Q8_0>(args),
-        GgmlType::Q4_0 => run::<S, Q4_0>(args),
-        GgmlType::Q4_1 => run::<S, Q4_1>(args),
-        GgmlType::Q5_0 => run::<S, Q5_0>(args),
-        GgmlType::Q5_1 => run::<S, Q5_1>(args),
-        GgmlType::Q4_K => run::<S, Q4_K>(args),
-        GgmlType::Q5_K => run::<S, Q5_K>(args),
-        GgmlType::Q6_K => run::<S, Q6_K>(args),
-        other => unreachable!("{other} is refused by check"),
+    type File = FileLayout;
+    match (ty, packed) {
+        (GgmlType::Q8_0, true) => run::<S, Q8_0, PackedLayout>(args),
+        (GgmlType::Q4_0, true) => run::<S, Q4_0, PackedLayout>(args),
+        (GgmlType::Q4_1, true) => run::<S, Q4_1, PackedLayout>(args),
+        (GgmlType::Q5_0, true) => run::<S, Q5_0, PackedLayout>(args),
+        (GgmlType::Q5_1, true) => run::<S, Q5_1, PackedLayout>(args),
+        (GgmlType::Q8_0, false) => run::<S, Q8_0, File>(args),
+        (GgmlType::Q4_0, false) => run::<S, Q4_0, File>(args),
+        (GgmlType::Q4_1, false) => run::<S, Q4_1, File>(args),
+        (GgmlType::Q5_0, false) => run::<S, Q5_0, File>(args),
+        (GgmlType::Q5_1, false) => run::<S, Q5_1, File>(args),
+        (GgmlType::Q4_K, false) => run::<S, Q4_K, File>(args),
+        (GgmlType::Q5_K, false) => run::<S, Q5_K, File>(args),
+        (GgmlType::Q6_K, false) => run::<S, Q6_K, File>(args),
+        (other, packed) => unreachable!("{other} (packed: {packed}) is refused by QWeight"),
     }
 }
 
@@ -212,10 +295,12 @@ const W_BLOCK_BYTES: usize = 16 * 1024;
 /// Columns per task are a multiple of this (every set's tile width divides it).
 const COL_ALIGN: usize = 12;
 
-/// The product for weight format W on the set S, tasks in parallel.
-fn run<S: Simd, W: Format<S>>((out, x, w, n, m, k): Args) {
+/// The product for weight format W laid out as L on the set S, tasks in
+/// parallel.
+fn run<S: Simd, W: Format<S>, L: Layout<S, W>>((out, x, w, n, m, k): Args) {
     let acts = Acts::new::<S>(x, n, k, W::OFFSET);
-    let row_bytes = W::TYPE.bytes_for(k).expect("checked by the caller");
+    let row_bytes = L::row_bytes(k);
+    assert!(w.len() >= m * row_bytes);
     let cols = (W_BLOCK_BYTES / row_bytes / COL_ALIGN * COL_ALIGN).max(COL_ALIGN);
     let col_blocks = m.div_ceil(cols);
     let dst = SendPtr(out.as_mut_ptr());
@@ -240,17 +325,17 @@ fn run<S: Simd, W: Format<S>>((out, x, w, n, m, k): Args) {
             // only (row stride m), disjoint from every other task's; it
             // reads its rows of acts and its whole rows of w, inside their
             // lengths; the caller checked that the processor has S.
-            unsafe { S::block::<W>(b) }
+            unsafe { S::block::<W, L>(b) }
         });
 }
 
 /// Rows `ids` of the quantized table `w` [vocab, d], dequantized into out.
-pub fn embedding_q(ty: GgmlType, out: &mut [f32], ids: &[u32], w: &[u8], vocab: usize, d: usize) {
-    let row_bytes = ty.bytes_for(d).expect("checked at upload");
+pub fn embedding_q(out: &mut [f32], ids: &[u32], w: &QWeight) {
+    let (vocab, d) = (w.rows, w.cols);
+    let mut scratch = Vec::new();
     for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
         let id = id as usize;
         assert!(id < vocab, "token id {id} outside vocabulary {vocab}");
-        dequant::dequantize(ty, &w[id * row_bytes..(id + 1) * row_bytes], row)
-            .expect("checked at upload");
+        dequant::dequantize(w.ty, w.file_row(id, &mut scratch), row).expect("checked at upload");
     }
 }

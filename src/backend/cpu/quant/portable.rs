@@ -3,7 +3,8 @@
 //! layouts (those of `quant::dequant`) that the vector sets must match.
 
 use super::activations::{self, split_quad, Row, QUAD};
-use super::kernel::{self, Block, Format, Simd, Unpacked, LANES, PAIR};
+use super::kernel::{self, Block, Format, Layout, PackedFormat, Quad, Simd, Unpacked};
+use super::kernel::{LANES, PAIR};
 use super::kernel::{Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0};
 use crate::quant::dequant::scale_min_k4;
 use crate::quant::GgmlType;
@@ -86,9 +87,9 @@ impl Simd for Portable {
         activations::quantize_row(x, row, offset)
     }
 
-    unsafe fn block<W: Format<Self>>(b: Block) {
+    unsafe fn block<W: Format<Self>, L: Layout<Self, W>>(b: Block) {
         // SAFETY: the caller's promises, passed on.
-        unsafe { kernel::block::<Self, W, 2, 2>(b) }
+        unsafe { kernel::block::<Self, W, L, 2, 2>(b) }
     }
 }
 
@@ -175,6 +176,60 @@ formats32! {
     Q4_1: 0, true;
     Q5_0: 16, false;
     Q5_1: 0, true;
+}
+
+/// 4 f16 of a packed quad (its scales or mins) at byte `at`, lane l taking
+/// block l / 4's.
+///
+/// # Safety
+/// p valid for reads of at + 8 bytes.
+unsafe fn packed_scales(p: *const u8, at: usize) -> Floats {
+    // SAFETY: the caller's promise.
+    let s = unsafe { bytes(p.add(at), 8) };
+    std::array::from_fn(|l| f16_at(s, 2 * (l / 4)))
+}
+
+/// A packed quad of a 4-bit (5-bit with FIVE) type: the halves are the low
+/// and the high nibbles, plus 16 where their fifth bit is set (bit t of a
+/// u64 per half); then the scales, and the mins with MIN.
+///
+/// # Safety
+/// The quad lies at p.
+unsafe fn packed_nibbles<const FIVE: bool, const MIN: bool>(p: *const u8) -> Quad<Portable> {
+    let at = PAIR + if FIVE { 16 } else { 0 };
+    // SAFETY: the caller's promise.
+    let (v, sw) = unsafe { (bytes(p, at), packed_scales(p, at)) };
+    let high = |h: usize, t: usize| match FIVE {
+        true => (v[PAIR + 8 * h + t / 8] >> (t % 8) & 1) << 4,
+        false => 0,
+    };
+    let mw = match MIN {
+        // SAFETY: the caller's promise.
+        true => unsafe { packed_scales(p, at + 8) },
+        false => [0.0; LANES],
+    };
+    Quad::new(
+        std::array::from_fn(|t| v[t] & 0x0F | high(0, t)),
+        std::array::from_fn(|t| v[t] >> 4 | high(1, t)),
+        sw,
+        mw,
+    )
+}
+
+kernel::packed_nibble_formats!(Portable);
+
+/// A packed Q8_0 quad: the halves as stored, + 128 as `unpack`'s codes.
+impl PackedFormat<Portable> for Q8_0 {
+    unsafe fn packed_quad(p: *const u8) -> Quad<Portable> {
+        // SAFETY: the quad lies at p, the caller's promise.
+        let (v, sw) = unsafe { (bytes(p, 2 * PAIR), packed_scales(p, 2 * PAIR)) };
+        Quad::new(
+            std::array::from_fn(|t| v[t] ^ 0x80),
+            std::array::from_fn(|t| v[PAIR + t] ^ 0x80),
+            sw,
+            [0.0; LANES],
+        )
+    }
 }
 
 /// Q4_K and Q5_K: sub-blocks 2t, 2t+1 of super-block c / 4 (t = c % 4),
