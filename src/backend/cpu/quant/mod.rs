@@ -80,8 +80,8 @@ pub fn check(ty: GgmlType, len: usize, rows: usize, cols: usize) -> Result<()> {
 }
 
 /// A quantized weight [rows, cols] as the CPU keeps it (the CPU's `QBuf`):
-/// the file's blocks where they lie, or, for the types `packed` takes, the
-/// same bits repacked at load for the kernels.
+/// the file's blocks, or, for the types `packed` takes, the same bits
+/// repacked at load for the kernels.
 pub struct QWeight {
     ty: GgmlType,
     rows: usize,
@@ -91,26 +91,36 @@ pub struct QWeight {
 }
 
 impl QWeight {
-    /// Checks `data` (`check`) and keeps it, packed where the type packs.
-    /// A mapped file's pages are let go as each chunk of rows is packed:
-    /// the packed copy is as large (plus the last quads' zero blocks), and
-    /// the process should not hold both.
+    /// Checks `data` (`check`) and keeps it in memory of its own, packed
+    /// where the type packs. A mapped file's pages are let go as each chunk
+    /// of rows is copied, so the process never holds both; and none are
+    /// read again (a fault on a mapped tensor maps its neighbours' pages
+    /// too: read in place, the K types of SmolLM2's Q4_K_M file raised the
+    /// peak RSS by 8 MB of packed tensors' pages).
     pub fn new(ty: GgmlType, data: QBytes, rows: usize, cols: usize) -> Result<QWeight> {
         let mut w = QWeight::file_layout(ty, data, rows, cols)?;
-        if !packed::packs(ty) {
+        let packs = packed::packs(ty);
+        if !packs && matches!(w.bytes, QBytes::Owned(_)) {
             return Ok(w);
         }
-        let (file_row, packed_row) = (ty.bytes_for(cols).unwrap(), packed::row_bytes(ty, cols));
-        let mut out = vec![0u8; rows * packed_row];
-        let chunk = (PACK_CHUNK_BYTES / file_row.max(1)).max(1);
+        let file_row = ty.bytes_for(cols).expect("checked");
+        let row = if packs {
+            packed::row_bytes(ty, cols)
+        } else {
+            file_row
+        };
+        let mut out = vec![0u8; rows * row];
+        let chunk = (COPY_CHUNK_BYTES / file_row.max(1)).max(1);
         for r in (0..rows).step_by(chunk) {
             let end = (r + chunk).min(rows);
-            let file = r * file_row..end * file_row;
-            let into = &mut out[r * packed_row..end * packed_row];
-            packed::pack(ty, &w.bytes[file.clone()], cols, into);
+            let (file, into) = (r * file_row..end * file_row, &mut out[r * row..end * row]);
+            match packs {
+                true => packed::pack(ty, &w.bytes[file.clone()], cols, into),
+                false => into.copy_from_slice(&w.bytes[file.clone()]),
+            }
             w.bytes.drop_pages(file);
         }
-        (w.bytes, w.packed) = (QBytes::Owned(out), true);
+        (w.bytes, w.packed) = (QBytes::Owned(out), packs);
         Ok(w)
     }
 
@@ -140,11 +150,6 @@ impl QWeight {
         self.packed
     }
 
-    /// Whether it is read where it lies in a file's memory map.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.bytes, QBytes::Mapped(..))
-    }
-
     /// Row r as the file lays it out: where it lies, or unpacked into
     /// `scratch`.
     pub fn file_row<'a>(&'a self, r: usize, scratch: &'a mut Vec<u8>) -> &'a [u8] {
@@ -159,8 +164,8 @@ impl QWeight {
     }
 }
 
-/// File bytes packed before their pages are let go (`QWeight::new`).
-const PACK_CHUNK_BYTES: usize = 1 << 20;
+/// File bytes copied before their pages are let go (`QWeight::new`).
+const COPY_CHUNK_BYTES: usize = 1 << 20;
 
 /// The instruction sets the integer kernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
