@@ -6,7 +6,7 @@
 //! products for the contiguous cache's prefill, where S = Q·Kᵀ and O = P·V
 //! are real GEMMs.
 
-use super::matmul_invariant::{Isa, Lanes, LANES, MAGIC};
+use super::matmul_invariant::{prefetch, Isa, Lanes, LANES, MAGIC};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -370,7 +370,16 @@ unsafe fn attend_lanes<L: Lanes, const C: usize>(
     // Four keys' trees at once where the set can (the same pairs, so the
     // same bits as one at a time).
     let mut quads = at.chunks_exact(4);
-    for quad in &mut quads {
+    for (i, quad) in (&mut quads).enumerate() {
+        // The keys two quads on, and these keys' values for the weighted
+        // pass: rows spread over the pool's blocks, which one thread
+        // otherwise waits on a line at a time.
+        for &row in at.iter().skip(4 * i + 8).take(4) {
+            lines(k.as_ptr().wrapping_add(row), hd);
+        }
+        for &row in quad {
+            lines(v.as_ptr().wrapping_add(row), hd);
+        }
         // SAFETY: the processor has L's set, the caller's promise.
         let s = unsafe { L::reduce4([dot(quad[0]), dot(quad[1]), dot(quad[2]), dot(quad[3])]) };
         scores.extend(s.map(|s| s * scale));
@@ -542,6 +551,14 @@ unsafe fn weighted_pass<L: Lanes, const N: usize>(
         for (c, acc) in acc.iter().enumerate() {
             acc.store_part(o.as_mut_ptr().add(d + c * LANES), width);
         }
+    }
+}
+
+/// Asks for the lines of the `n` floats at p (`matmul_invariant::prefetch`).
+#[inline(always)]
+fn lines(p: *const f32, n: usize) {
+    for at in (0..n).step_by(16) {
+        prefetch(p.wrapping_add(at));
     }
 }
 

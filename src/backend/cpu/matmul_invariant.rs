@@ -536,7 +536,7 @@ unsafe fn tile<V: Lanes, W: Elem, const R: usize, const C: usize>(
 
 /// Asks for the cache line holding p into L2: a hint, which never faults.
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(super) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetching reads nothing architecturally; SSE is baseline.
     unsafe {
