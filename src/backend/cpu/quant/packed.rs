@@ -10,7 +10,7 @@
 //! zero blocks, which add nothing (the kernel multiplies them either way;
 //! stored, they spare a step that widens a short quad).
 //!
-//! A packed quad of 4 blocks (128 values) is a row of pieces, in order:
+//! A packed quad of 4 blocks (128 values) holds, in order:
 //! - the codes, in the step's halves (`activations::split_quad`): value
 //!   8l + i of the quad (lane l, i < 4) at position 4l + i of the even half,
 //!   8l + 4 + i at 4l + i of the odd half. 4- and 5-bit types keep the low 4
